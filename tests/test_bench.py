@@ -1,0 +1,80 @@
+"""The speed paths of model.py agree with the plain ones, and bench.py runs end to end (tiny model)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from model import KVCache, SmolLM2, SmolLM2Config, chunked_cross_entropy
+
+TINY = SmolLM2Config(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                     num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return SmolLM2(TINY).eval()
+
+
+def test_chunked_cross_entropy_equals_full_loss_and_gradients_with_ignored_targets():
+    torch.manual_seed(0)
+    x = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[[3, 10, 36]] = -1
+    ref = F.cross_entropy(x @ w.t(), targets, ignore_index=-1)
+    gx, gw = torch.autograd.grad(ref * 3, (x, w))
+    loss = chunked_cross_entropy(x, w, targets, chunk_rows=8)  # 5 chunks, the last one short
+    cx, cw = torch.autograd.grad(loss * 3, (x, w))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(cx, gx)
+    torch.testing.assert_close(cw, gw)
+
+
+def test_forward_without_logits_gives_the_same_loss_and_gradients():
+    model = tiny_model().train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 33))
+    idx[0, 5] = -1  # an ignored target
+    logits, loss = model(idx[:, :-1].clamp(min=0), idx[:, 1:])
+    ref = torch.autograd.grad(loss, list(model.parameters()))
+    none, chunked = model(idx[:, :-1].clamp(min=0), idx[:, 1:], return_logits=False)
+    grads = torch.autograd.grad(chunked, list(model.parameters()))
+    assert logits.shape == (2, 32, TINY.vocab_size) and none is None
+    torch.testing.assert_close(chunked, loss)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager_logits_and_greedy_tokens():
+    model = tiny_model()
+    prompt = torch.randint(0, TINY.vocab_size, (20,)).tolist()
+    with torch.inference_mode():
+        cache = KVCache(TINY, 1, 64, "cpu", torch.float32)
+        model.hidden_states(torch.tensor([prompt]), cache)
+        idx, positions = torch.tensor([[7]]), torch.tensor([cache.pos])
+        eager = model.decode_step(idx, positions, cache)
+        compiled = model.compiled_decode_step()(idx, positions, cache)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert model.generate(prompt, 40, compile=True) == model.generate(prompt, 40)
+    # past the window (128 positions) the cache restarts; compiled and eager still agree
+    long_prompt = torch.randint(0, TINY.vocab_size, (100,)).tolist()
+    assert model.generate(long_prompt, 60, compile=True) == model.generate(long_prompt, 60)
+
+
+@pytest.mark.slow
+def test_bench_runs_on_a_tiny_model_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", "tiny", "--repeats", "1",
+                          "--warmup", "0", "--no-compile-generate", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["train"]["ours"]["tokens_per_s"] > 0 and res["train"]["hf"]["peak_memory_bytes"] > 0
+    assert res["generate"]["same_tokens_as_hf"] == {"ours_eager": True}
+    assert 0 < res["generate"]["bound"]["tokens_per_s"]
+    assert "tokens/s" in run.stdout and "ours/tf" in run.stdout
