@@ -1,0 +1,332 @@
+"""train.py as its users meet it: the CLI run in a subprocess on the tiny preset, a few steps each.
+
+Every run uses one thread (OMP_NUM_THREADS=1): on 2 shared cores it is the fastest setting, and a
+fixed thread count is what makes CPU matmuls, and so exact resume, reproducible.
+"""
+import json
+import math
+import re
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train import UsageError, build_parser, get_lr  # noqa: E402
+
+# A tiny run: 64 tokens per step, logging every step, no periodic checkpoints or samples.
+TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3", "--warmup", "2",
+        "--eval-iters", "2", "--eval-interval", "1000", "--log-interval", "1", "--sample-interval", "0",
+        "--ckpt-interval", "0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_cmd(*args):
+    return [sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)]
+
+
+def run_train(cwd, *args, check=True, timeout=300):
+    proc = subprocess.run(train_cmd(*args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(path):
+    return {r["step"]: r["loss"] for r in read_metrics(path)}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first 20,000 characters of tiny Shakespeare (about 6,000 tokens), tokenised once."""
+    folder = tmp_path_factory.mktemp("corpus")
+    with open(os.path.join(ROOT, "input.txt")) as f:
+        text = f.read(20_000)
+    path = folder / "shakespeare.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, corpus):
+    """A finished 3-step run with validation at every step and periodic checkpoints (keep 2)."""
+    folder = tmp_path_factory.mktemp("good")
+    proc = run_train(folder, *TINY, "--data", corpus, "--steps", 3, "--eval-interval", 1,
+                     "--ckpt-interval", 1, "--keep-last", 2)
+    return folder, proc
+
+
+# ----------------------------------------------------------------------------- LR schedule
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr_at_the_horizon():
+    lr = lambda step: get_lr(step, lr=1.0, min_lr=0.1, warmup=10, horizon=110)  # noqa: E731
+    assert [lr(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.55)  # half way through the cosine: the mean of lr and min_lr
+    assert all(lr(s) > lr(s + 1) for s in range(10, 109))
+    assert lr(109) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_lr_stays_at_min_lr_past_the_horizon_of_the_first_run():
+    assert [get_lr(s, 3e-4, 3e-5, 100, 5000) for s in (5000, 5001, 5049, 10**6)] == [3e-5] * 4
+
+
+# ----------------------------------------------------------------------------- a normal run
+def test_a_run_prints_summary_and_progress_and_writes_checkpoint_metrics_and_loss_curve(good_run):
+    folder, proc = good_run
+    out = proc.stdout
+    assert "total" in out and "4,915,680" in out and "FLOPs per token" in out
+    assert "tokens" in out and "unique_tokens" in out and "batches per epoch" in out
+    assert "cosine to 3e-05 at step 3" in out
+    assert "step 3/3 | loss " in out and "tok/s" in out and "ETA" in out and "grad" in out
+    assert proc.stderr == ""
+    with open(folder / "loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in folder.glob("*.pt")) == [
+        "checkpoint.pt", "checkpoint_step_2.pt", "checkpoint_step_3.pt"]  # --keep-last 2
+
+
+def test_metrics_jsonl_has_one_record_per_logged_step_with_val_loss_at_eval_steps(good_run):
+    folder, _ = good_run
+    records = read_metrics(folder / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tok_s", "val_loss"} <= set(r)
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("loss", "lr", "grad_norm", "tok_s", "val_loss"))
+    assert 10 < records[0]["loss"] < 12  # about ln(49152) = 10.8 at random init
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_everything_resume_needs(good_run):
+    folder, _ = good_run
+    ckpt = load(folder / "checkpoint.pt")
+    assert {"model", "config", "step", "val_loss", "optimizer", "lr_horizon", "data", "rng", "args"} <= set(ckpt)
+    assert ckpt["step"] == 3 and ckpt["lr_horizon"] == 3 and ckpt["args"]["model"] == "tiny"
+    assert ckpt["data"] == {"position": 3 * 2 * 32, "epoch": 0}
+    assert math.isfinite(ckpt["val_loss"])
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert load(folder / "checkpoint_step_2.pt")["step"] == 2
+
+
+# ----------------------------------------------------------------------------- exact resume
+def test_resume_from_step_n_reproduces_a_2n_step_run_bit_for_bit(tmp_path, corpus):
+    run_train(tmp_path, *TINY, "--data", corpus, "--steps", 6, "--ckpt-interval", 3,
+              "--save", "full/ckpt.pt", "--metrics", "full/metrics.jsonl")
+    proc = run_train(tmp_path, "--steps", 6, "--ckpt", "full/checkpoint_step_3.pt",
+                     "--save", "resumed/ckpt.pt", "--metrics", "resumed/metrics.jsonl")
+    assert "cosine to 3e-05 at step 6" in proc.stdout  # the first run's horizon
+    full, resumed = losses(tmp_path / "full/metrics.jsonl"), losses(tmp_path / "resumed/metrics.jsonl")
+    assert sorted(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]  # exact float equality
+    a, b = load(tmp_path / "full/ckpt.pt"), load(tmp_path / "resumed/ckpt.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["data"] == b["data"] and a["val_loss"] == b["val_loss"]
+
+
+def test_steps_past_the_first_runs_horizon_run_at_min_lr(tmp_path, good_run):
+    folder, _ = good_run
+    shutil.copy(folder / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    proc = run_train(tmp_path, "--steps", 5, "--ckpt", "checkpoint.pt")
+    assert "steps 4..5 are past the horizon" in proc.stdout
+    assert [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [3e-5, 3e-5]
+    assert load(tmp_path / "checkpoint.pt")["step"] == 5
+
+
+# ----------------------------------------------------------------------------- stopping
+@pytest.fixture(scope="module")
+def constant_lr_reference(tmp_path_factory, corpus):
+    """12 uninterrupted steps at a constant LR (so the horizon does not matter)."""
+    folder = tmp_path_factory.mktemp("reference")
+    run_train(folder, *TINY, "--data", corpus, "--steps", 12, "--lr", "2e-3", "--min-lr", "2e-3", "--warmup", 0)
+    return losses(folder / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_finishes_the_step_saves_prints_the_resume_command_and_resume_is_exact(
+        tmp_path, corpus, constant_lr_reference, signum):
+    proc = subprocess.Popen(train_cmd(*TINY, "--data", corpus, "--steps", 1000, "--lr", "2e-3",
+                                      "--min-lr", "2e-3", "--warmup", 0),
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if re.match(r"step +2/1000", line):
+            break
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum
+    assert "Traceback" not in err
+    step = load(tmp_path / "checkpoint.pt")["step"]
+    assert 2 <= step < 12 and f"step {step:>4}/1000" in out  # the step under way was finished
+    assert "python train.py --steps 1000 --ckpt checkpoint.pt" in out
+    run_train(tmp_path, "--steps", 12, "--ckpt", "checkpoint.pt")
+    got = losses(tmp_path / "metrics.jsonl")  # the records up to `step` are kept on resume
+    assert got == constant_lr_reference
+
+
+def slow_save_script(tmp_path):
+    """train.py with torch.save slowed down: it writes half the bytes, says so, then sleeps."""
+    script = tmp_path / "slow_save.py"
+    script.write_text(f"""
+import io, runpy, sys, time
+import torch
+real_save = torch.save
+def slow_save(obj, f, *args, **kwargs):
+    buf = io.BytesIO()
+    real_save(obj, buf, *args, **kwargs)
+    data = buf.getvalue()
+    f.write(data[:len(data) // 2])
+    f.flush()
+    print("HALF-WRITTEN", flush=True)
+    time.sleep(600)
+    f.write(data[len(data) // 2:])
+torch.save = slow_save
+sys.argv = ["train.py"] + sys.argv[1:]
+sys.path.insert(0, {ROOT!r})
+runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")
+""")
+    return script
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, good_run):
+    folder, _ = good_run
+    shutil.copy(folder / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    proc = subprocess.Popen([sys.executable, slow_save_script(tmp_path), "--steps", "5", "--ckpt", "checkpoint.pt",
+                             "--ckpt-interval", "0"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("HALF-WRITTEN"):
+            break
+    proc.kill()
+    proc.wait()
+    partial = list(tmp_path.glob(".checkpoint.pt.*.tmp"))
+    assert len(partial) == 1 and 0 < partial[0].stat().st_size < len(before)  # killed mid-write
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert load(tmp_path / "checkpoint.pt")["step"] == 3
+
+
+# ----------------------------------------------------------------------------- bad input
+DATA = ["--model", "tiny", "--data", "{corpus}"]
+BAD_INPUTS = {  # case -> (arguments, what the one-line error must say)
+    "missing data": (["--model", "tiny", "--data", "nope.txt"], "nope.txt"),
+    "empty data": (["--model", "tiny", "--data", "empty.txt"], "empty"),
+    "binary data": (["--model", "tiny", "--data", "binary.bin"], "binary"),
+    "non-UTF-8 data": (["--model", "tiny", "--data", "latin1.txt"], "UTF-8"),
+    "data shorter than one batch": (["--model", "tiny", "--data", "short.txt", "--batch-size", "2",
+                                     "--seq-len", "32"], "need 65 tokens"),
+    "validation split shorter than one batch": ([*DATA, "--val-frac", "0.001"], "--val-frac"),
+    "steps not above the checkpoint's": (["--steps", "3", "--ckpt", "checkpoint.pt"], "--steps 53"),
+    "missing checkpoint": (["--steps", "9", "--ckpt", "gone.pt"], "no such file"),
+    "truncated checkpoint": (["--steps", "9", "--ckpt", "truncated.pt"], "truncated or corrupt"),
+    "text file as checkpoint": (["--steps", "9", "--ckpt", "notes.pt"], "not a readable checkpoint"),
+    "weights-only file as checkpoint": (["--steps", "9", "--ckpt", "weights.pt"], "use --init"),
+    "checkpoint of another model": (["--steps", "9", "--ckpt", "checkpoint.pt", "--model", "smollm2-135m"],
+                                    "hidden_size 96 vs 576"),
+    "resume and init at once": (["--steps", "9", "--ckpt", "checkpoint.pt", "--init", "checkpoint.pt"], "--init"),
+    "zero batch size": ([*DATA, "--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
+    "negative lr": ([*DATA, "--lr", "-1"], "argument --lr: must be > 0, got -1"),
+    "seq len beyond the context window": ([*DATA, "--seq-len", "4096"], "context window"),
+    "unwritable save path": ([*DATA, "--save", "notes.pt/checkpoint.pt"], "cannot write"),
+}
+
+
+def snapshot(folder):
+    """name -> (inode, mtime, contents hash): a rewrite, a replace or a new file all show."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, hash(p.read_bytes()))
+            for p in folder.iterdir() if ".tokens." not in p.name}  # a cache of good data may appear
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, corpus, good_run):
+    """Every bad-input run, started at once, each in a folder holding (hard links to) a good
+    checkpoint as checkpoint.pt, the default --save."""
+    base = tmp_path_factory.mktemp("bad")
+    shutil.copy(good_run[0] / "checkpoint.pt", base / "checkpoint.pt")
+    good = load(base / "checkpoint.pt")
+    (base / "empty.txt").write_text("")
+    (base / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (base / "latin1.txt").write_bytes("naïve café façade ".encode("latin-1") * 50)
+    (base / "short.txt").write_text("To be, or not to be")
+    (base / "truncated.pt").write_bytes((base / "checkpoint.pt").read_bytes()[:1_000_000])
+    (base / "notes.pt").write_text("not a checkpoint")
+    torch.save({"model": good["model"], "config": good["config"]}, base / "weights.pt")
+    runs = {}
+    for i, (case, (args, expected)) in enumerate(BAD_INPUTS.items()):
+        folder = base / f"case{i}"
+        folder.mkdir()
+        for p in base.iterdir():
+            if p.is_file():
+                os.link(p, folder / p.name)
+        args = [a.format(corpus=corpus) for a in args]
+        proc = subprocess.Popen(train_cmd(*args), cwd=folder, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        runs[case] = (proc, expected, folder, snapshot(folder))
+    return runs
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_on_stderr_exit_2_and_writes_no_checkpoint(bad_runs, case):
+    proc, expected, folder, before = bad_runs[case]
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("train.py: error: ") and expected in err, err
+    assert snapshot(folder) == before  # nothing written, nothing overwritten
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size", "--seq-len", "--grad-accum", "--lr",
+                                  "--eval-interval", "--eval-iters", "--log-interval", "--sample-tokens"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_sizes_must_be_positive(flag, value):
+    with pytest.raises(UsageError, match=f"argument {flag}: must be > 0, got {value}"):
+        build_parser().parse_args([flag, value])
+
+
+@pytest.mark.parametrize("flag", ["--min-lr", "--warmup", "--weight-decay", "--grad-clip", "--val-frac",
+                                  "--ckpt-interval", "--keep-last", "--sample-interval"])
+def test_counts_and_rates_may_be_zero_but_not_negative(flag):
+    assert build_parser().parse_args([flag, "0"]) is not None
+    with pytest.raises(UsageError, match=f"argument {flag}: must be >= 0, got -1"):
+        build_parser().parse_args([flag, "-1"])
+
+
+# ----------------------------------------------------------------------------- dtype, compile
+def test_bf16_autocast_on_cpu_trains(tmp_path, corpus):
+    proc = run_train(tmp_path, *TINY, "--data", corpus, "--steps", 12, "--dtype", "bf16", "--eval-interval", 12)
+    assert "cpu, bf16" in proc.stdout
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+    assert first > 10.5 and last < first - 1.0
+    assert load(tmp_path / "checkpoint.pt")["model"]["lm_head.weight"].dtype == torch.float32
+
+
+def test_compile_on_cpu_trains_and_saves_a_checkpoint_without_orig_mod_prefixes(tmp_path, corpus):
+    run_train(tmp_path, *TINY, "--data", corpus, "--steps", 2, "--compile", "--val-frac", 0, timeout=600)
+    ckpt = load(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 2 and ckpt["args"]["compile"] is True
+    assert not any("_orig_mod" in k for k in ckpt["model"]) and "lm_head.weight" in ckpt["model"]
+
+
+# ----------------------------------------------------------------------------- real size
+@pytest.mark.slow
+def test_real_size_smollm2_135m_starts_near_ln_vocab_and_learns(tmp_path, corpus):
+    run_train(tmp_path, "--model", "smollm2-135m", "--data", corpus, "--steps", 5, "--batch-size", 1,
+              "--seq-len", 64, "--lr", "6e-4", "--warmup", 2, "--eval-iters", 2, "--eval-interval", 5,
+              "--log-interval", 1, "--sample-interval", 0, "--ckpt-interval", 0, timeout=600)
+    history = load(tmp_path / "checkpoint.pt")["history"]
+    assert history["val_step"] == [0, 5]
+    first_val, last_val = history["val_loss"]
+    assert abs(history["loss"][0] - math.log(49152)) < 1.0 and abs(first_val - math.log(49152)) < 1.0
+    assert last_val < first_val - 0.5, history

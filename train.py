@@ -1,0 +1,596 @@
+"""Train SmolLM2 from scratch or fine-tune it, nanoGPT-style, with exact resume and atomic checkpoints.
+
+    python train.py --steps 5000                             # train on input.txt -> checkpoint.pt
+    python train.py --steps 5050 --ckpt checkpoint.pt        # 50 more steps, as if never stopped
+    torchrun --nproc_per_node=8 train.py --steps 5000        # DDP: nccl on GPUs, gloo on CPU
+    python train.py --init model.gguf --steps 200 --lr 1e-4  # fine-tune from real SmolLM2 weights
+    python train.py --export checkpoint.pt out/              # HF-format directory for transformers
+
+A checkpoint is one torch.save'd dict of tensors and plain Python values (it loads with
+weights_only=True): model, config, step, val_loss, optimizer, lr_horizon, data (the loader's
+position), rng, args and history (the loss curve so far). It is written to a temporary file,
+fsynced, then renamed over the old one, so a crash at any moment leaves the previous one whole.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from model import PRESETS, ModelLoadError, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
+
+# Defaults. On resume, a setting not given on the command line comes from the checkpoint's run.
+DEFAULTS = dict(data="input.txt", model="smollm2-135m", batch_size=4, seq_len=256, grad_accum=1,
+                lr=3e-4, min_lr=3e-5, warmup=100, weight_decay=0.1, grad_clip=1.0, seed=1337,
+                dtype="auto", val_frac=0.05, eval_interval=250, eval_iters=20, log_interval=10,
+                save="checkpoint.pt", ckpt_interval=1000, keep_last=2, metrics="metrics.jsonl",
+                sample_interval=500, sample_prompt="The", sample_tokens=48)
+CKPT_KEYS = ("model", "config", "step", "optimizer", "lr_horizon", "data", "rng", "args")
+ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: reported as one line on stderr, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we promise one line
+        raise UsageError(message)
+
+
+def number(kind, positive):
+    """An argparse type: an int or float that is > 0 (positive) or >= 0."""
+    def parse(text):
+        value = kind(text)  # argparse turns a ValueError into "invalid parse value: 'x'"
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be {'> 0' if positive else '>= 0'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POS_INT, NONNEG_INT, POS_FLOAT, NONNEG_FLOAT = (number(int, True), number(int, False),
+                                                number(float, True), number(float, False))
+
+
+def build_parser():
+    p = OneLineParser(description=__doc__.split("\n")[0], epilog="Run-defining settings not given on "
+                      "resume are taken from the checkpoint.")
+    def add(flag, help, **kw):
+        name = flag[2:].replace("-", "_")
+        if name in DEFAULTS:
+            help += f" (default {DEFAULTS[name]})"
+        if kw.get("type") in (POS_INT, NONNEG_INT, POS_FLOAT, NONNEG_FLOAT):
+            kw.setdefault("metavar", "N" if kw["type"] in (POS_INT, NONNEG_INT) else "X")
+        p.add_argument(flag, help=help, **kw)
+    add("--steps", "total optimizer steps to reach; on resume it counts the steps already done "
+        "(default 5000)", type=POS_INT, default=5000)
+    add("--ckpt", "resume from this checkpoint", metavar="PATH")
+    add("--init", "start a new run from pretrained weights: an HF model directory, a .safetensors, "
+        ".gguf or checkpoint file, or a hub id", metavar="SOURCE")
+    add("--export", "write CKPT (or any --init source) as an HF-format directory OUT_DIR, then exit",
+        nargs=2, metavar=("CKPT", "OUT_DIR"))
+    add("--data", "text corpus: a file, a directory or a glob")
+    add("--model", "model preset", choices=sorted(PRESETS))
+    add("--batch-size", "sequences per micro-batch per process", type=POS_INT)
+    add("--seq-len", "tokens per sequence", type=POS_INT)
+    add("--grad-accum", "micro-batches per optimizer step", type=POS_INT)
+    add("--lr", "peak learning rate", type=POS_FLOAT)
+    add("--min-lr", "final learning rate of the cosine decay", type=NONNEG_FLOAT)
+    add("--warmup", "linear warmup steps", type=NONNEG_INT)
+    add("--weight-decay", "AdamW weight decay on matrices", type=NONNEG_FLOAT)
+    add("--grad-clip", "clip the gradient norm to this; 0 = no clipping", type=NONNEG_FLOAT)
+    add("--seed", "random seed", type=int)
+    add("--device", "auto picks cuda, then mps, then cpu", default="auto")
+    add("--dtype", "bf16 autocast or fp32; auto = bf16 on CUDA, else fp32 (for --export: bf16)",
+        choices=["auto", "fp32", "bf16"])
+    add("--compile", "torch.compile the model", action="store_true")
+    add("--val-frac", "held-out tail of the data for validation; 0 = none", type=NONNEG_FLOAT)
+    add("--eval-interval", "steps between validation losses", type=POS_INT)
+    add("--eval-iters", "batches per validation loss", type=POS_INT)
+    add("--log-interval", "steps between log lines and metrics records", type=POS_INT)
+    add("--save", "final checkpoint (also written on SIGINT/SIGTERM)", metavar="PATH")
+    add("--ckpt-interval", "steps between checkpoint_step_N.pt beside --save; 0 = none", type=NONNEG_INT)
+    add("--keep-last", "periodic checkpoints to keep; 0 = all", type=NONNEG_INT)
+    add("--metrics", "JSONL file of logged steps", metavar="PATH")
+    add("--plot", "loss-curve PNG (default loss.png beside --save)", metavar="PATH")
+    add("--sample-interval", "steps between printed samples; 0 = none", type=NONNEG_INT)
+    add("--sample-prompt", "prompt of the samples")
+    add("--sample-tokens", "tokens per sample", type=POS_INT)
+    return p
+
+
+def resolve_args(args, saved, world):
+    """Fill unset settings from the checkpoint's run (if any), then from DEFAULTS. Returns the
+    settings given on the command line that differ from the checkpoint's."""
+    given = {k for k in DEFAULTS if getattr(args, k) is not None}
+    for k, default in DEFAULTS.items():
+        if k not in given:
+            setattr(args, k, saved.get(k, default) if saved else default)
+    if saved and "grad_accum" not in given:  # keep the global batch under a new world size
+        total = saved["grad_accum"] * saved.get("world_size", 1)
+        args.grad_accum = total // world if total % world == 0 else args.grad_accum
+    args.plot = args.plot or os.path.join(os.path.dirname(args.save), "loss.png")
+    args.world_size = world
+    return sorted(k for k in given if saved and k in saved and saved[k] != getattr(args, k))
+
+
+def get_lr(step, lr, min_lr, warmup, horizon):
+    """LR of optimizer step `step` (0-based): linear warmup, cosine decay to min_lr at `horizon`
+    (the first run's --steps), min_lr after it."""
+    if step >= horizon:
+        return min_lr
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, horizon - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def atomic_write(path, write):
+    """write(file) into a temp file beside path, fsync, rename over path, fsync the directory."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    os.fsync(fd)
+    os.close(fd)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"--ckpt {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().split("\n")[0][:120]
+        raise UsageError(f"--ckpt {path}: not a readable checkpoint, truncated or corrupt "
+                         f"({type(e).__name__}: {reason})") from None
+    missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
+    if missing:
+        raise UsageError(f"--ckpt {path}: not a training checkpoint (no {', '.join(missing)}); "
+                         "to start a new run from a weights-only file use --init")
+    try:
+        SmolLM2Config(**ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--ckpt {path}: bad model config ({e})") from None
+    return ckpt
+
+
+def rng_state():
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, keys.tolist(), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, run, step):
+    ckpt = {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "step": step,
+            "val_loss": run.val_loss, "optimizer": run.optimizer.state_dict(),
+            "lr_horizon": run.horizon, "data": run.loader.state_dict(), "rng": rng_state(),
+            "args": vars(run.args), "history": run.history}
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+    plot_loss(run.history, run.args.plot)
+
+
+def save_periodic(run, step):
+    """checkpoint_step_{step}.pt beside --save; keep the newest --keep-last of the earlier ones."""
+    folder, keep = os.path.dirname(os.path.abspath(run.args.save)), run.args.keep_last
+    save_checkpoint(os.path.join(folder, f"checkpoint_step_{step}.pt"), run, step)
+    if keep:
+        found = (re.fullmatch(r"checkpoint_step_(\d+)\.pt", name) for name in os.listdir(folder))
+        older = sorted(int(m[1]) for m in found if m and int(m[1]) < step)  # later: an abandoned run
+        for n in older[:max(0, len(older) - (keep - 1))]:
+            os.remove(os.path.join(folder, f"checkpoint_step_{n}.pt"))
+
+
+def plot_loss(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(history["step"], history["loss"], lw=1, label="train")
+    if history["val_step"]:
+        ax.plot(history["val_step"], history["val_loss"], "o-", ms=3, label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="SmolLM2 training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- set-up
+class Dist:
+    """Where this process runs: torchrun's RANK/LOCAL_RANK/WORLD_SIZE, or a single process."""
+
+    def __init__(self, device):
+        self.rank, self.local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+        if device == "auto":
+            device = next(kind for kind, ok in available.items() if ok)
+        self.type = device.split(":")[0]
+        if not available.get(self.type):
+            raise UsageError(f"--device {device}: not available here; use auto, cpu, cuda, cuda:N or mps")
+        if self.type == "cuda" and self.world > 1:
+            device = f"cuda:{self.local_rank}"
+        self.device, self.master = torch.device(device), self.rank == 0
+
+    def start(self):
+        if self.world > 1:
+            if self.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.type == "cuda" else "gloo")
+
+    def all_sum(self, t):
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def check_args(args, ckpt):
+    """Refuse impossible requests before anything heavy is built."""
+    if ckpt and args.init:
+        raise UsageError("--init starts a new run from pretrained weights and --ckpt resumes one: use one")
+    if ckpt and args.steps <= ckpt["step"]:
+        raise UsageError(f"--steps {args.steps} is not above the checkpoint's step {ckpt['step']}: "
+                         f"nothing to train; e.g. --steps {ckpt['step'] + 50} trains 50 more")
+    if ckpt and args.model is not None:
+        problems = config_mismatch(ckpt["config"], asdict(PRESETS[args.model]))
+        if problems:
+            raise UsageError(f"--ckpt {args.ckpt} holds a different model than --model {args.model} "
+                             f"({problems}); drop --model to resume it as it is")
+    if args.init and not ckpt:
+        return  # the source's context window is checked once it is loaded
+    config = SmolLM2Config(**ckpt["config"]) if ckpt else PRESETS[args.model or DEFAULTS["model"]]
+    if (args.seq_len or 0) > config.max_position_embeddings:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context window of "
+                         f"{config.max_position_embeddings}")
+
+
+def check_writable(*paths):
+    """Refuse output paths that could not be written, rather than fail after hours of training."""
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):  # the nearest existing ancestor: we would create the rest
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write {path}: {folder} is not a writable directory")
+
+
+def config_mismatch(have, want):
+    return ", ".join(f"{k} {have.get(k)} vs {want[k]}" for k in ARCH if have.get(k) != want[k])
+
+
+def load_data(args, where):
+    if where.master:  # rank 0 tokenises (or finds the cache) first; the others then read the cache
+        tokens = data.tokenize_corpus(args.data, progress=sys.stderr.isatty())
+    if where.world > 1:
+        dist.barrier()
+    if not where.master:
+        tokens = data.tokenize_corpus(args.data, progress=False)
+    train, val = data.split_train_val(tokens, args.val_frac) if args.val_frac else (tokens, None)
+    loader = data.DataLoaderLite(train, args.batch_size, args.seq_len, where.rank, where.world)
+    if val is not None:
+        try:
+            data.DataLoaderLite(val, args.batch_size, args.seq_len)
+        except data.DataError as e:
+            raise data.DataError(f"validation split (--val-frac {args.val_frac}) of {args.data}: {e}; "
+                                 "raise --val-frac, or 0 for no validation") from None
+    return tokens, loader, val
+
+
+def build_model(args, ckpt, where):
+    torch.manual_seed(args.seed)
+    if ckpt:
+        model = SmolLM2(SmolLM2Config(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    elif args.init:
+        model = SmolLM2.from_pretrained(args.init)
+        if args.seq_len > model.config.max_position_embeddings:
+            raise UsageError(f"--seq-len {args.seq_len} exceeds the context window of {args.init}, "
+                             f"{model.config.max_position_embeddings}")
+    else:
+        model = SmolLM2(PRESETS[args.model])
+    return model.to(where.device).train()
+
+
+def make_optimizer(model, args, where):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # norms: no decay
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=True if where.type == "cuda" else None)
+
+
+def describe(run, tokens, where):
+    model, args, cfg = run.raw_model, run.args, run.raw_model.config
+    counts = param_breakdown(model)
+    print(f"model: {args.init or args.model} | {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, mlp {cfg.intermediate_size}, "
+          f"vocab {cfg.vocab_size}")
+    for label, n in counts.items():
+        print(f"  {label:32s} {n:>13,d}")
+    fpt = flops_per_token(cfg, args.seq_len, counts["total"])
+    print(f"training FLOPs per token at T={args.seq_len}: {fpt / 1e9:.3f} GFLOP")
+    stats = {"bytes": sum(os.path.getsize(f) for f in data.resolve_files(args.data)), **data.dataset_stats(tokens)}
+    print(f"data: {args.data} | {', '.join(f'{k} {v:,}' for k, v in stats.items())} | train batches per "
+          f"epoch {run.loader.batches_per_epoch:,}, validation tokens {len(run.val) if run.val is not None else 0:,}")
+    print(f"batch: {args.batch_size} x {args.seq_len} tokens x {args.grad_accum} micro-steps x "
+          f"{where.world} processes = {run.tokens_per_step:,} tokens per step | device {where.device}, "
+          f"{run.dtype}{', compiled' if args.compile else ''}")
+    print(f"LR: warmup {args.warmup} steps to {args.lr:g}, cosine to {args.min_lr:g} at step {run.horizon} "
+          f"(the horizon set by this run's first launch), {args.min_lr:g} after it")
+    if args.steps > run.horizon:
+        print(f"steps {max(run.step, run.horizon) + 1}..{args.steps} are past the horizon: LR stays at {args.min_lr:g}")
+
+
+# ----------------------------------------------------------------------------- training
+class Run:
+    """The model, optimizer, data and loop state: everything a checkpoint holds."""
+
+    def __init__(self, args, ckpt, where, loader, val):
+        self.args, self.where, self.loader, self.val = args, where, loader, val
+        self.dtype = ("bf16" if where.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32") \
+            if args.dtype == "auto" else args.dtype
+        self.autocast = torch.autocast(where.type, dtype=torch.bfloat16) if self.dtype == "bf16" \
+            else contextlib.nullcontext()
+        if where.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
+        self.raw_model = build_model(args, ckpt, where)
+        self.optimizer = make_optimizer(self.raw_model, args, where)
+        self.step, self.horizon, self.val_loss = 0, args.steps, None
+        self.history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+        if ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # may be overridden
+            loader.load_state_dict(ckpt["data"])
+            set_rng_state(ckpt["rng"])
+            self.step, self.horizon, self.val_loss = ckpt["step"], ckpt["lr_horizon"], ckpt.get("val_loss")
+            self.history = ckpt.get("history") or self.history
+        self.model = torch.compile(self.raw_model) if args.compile else self.raw_model
+        if where.world > 1:
+            self.model = DDP(self.model, device_ids=[where.local_rank] if where.type == "cuda" else None)
+        self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * where.world
+        self.signal = None
+
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) tensors."""
+        args, model = self.args, self.model
+        loss_sum = torch.zeros((), device=self.where.device)
+        for micro in range(args.grad_accum):
+            x, y = (t.to(self.where.device, non_blocking=True) for t in self.loader.next_batch())
+            if self.where.world > 1:  # all-reduce the gradients only in the last backward
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            with self.autocast:
+                _, loss = model(x, y, return_logits=False)  # chunked loss: no (B, T, V) logits
+            loss = loss / args.grad_accum  # the sum over micro-steps is the mean over the batch
+            loss_sum += loss.detach()
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.where.all_sum(loss_sum) / self.where.world, norm
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean loss over the first eval_iters batches of the validation split: the same batches
+        every time and under any world size (rank r takes batches r, r + world, ...)."""
+        loader = data.DataLoaderLite(self.val, self.args.batch_size, self.args.seq_len)
+        n = min(self.args.eval_iters, loader.batches_per_epoch)
+        total = torch.zeros((), device=self.where.device)
+        self.raw_model.eval()  # uncompiled, unwrapped: no recompilation, no gradient hooks
+        for i in range(n):
+            x, y = (t.to(self.where.device) for t in loader.next_batch())
+            if i % self.where.world == self.where.rank:
+                with self.autocast:
+                    total += self.raw_model(x, y, return_logits=False)[1]
+        self.raw_model.train()
+        self.val_loss = self.where.all_sum(total).item() / n
+        return self.val_loss
+
+    def sample(self):
+        tok = data.load_tokenizer()
+        prompt = tok.encode(self.args.sample_prompt).ids or [data.EOT_ID]
+        gen = torch.Generator(self.where.device).manual_seed(self.args.seed)  # leaves global RNG alone
+        self.raw_model.eval()
+        ids = self.raw_model.generate(prompt, self.args.sample_tokens, temperature=0.8, top_k=50, generator=gen)
+        self.raw_model.train()
+        print(f"sample: {self.args.sample_prompt + tok.decode(ids)!r}", flush=True)
+
+    def on_signal(self, signum, frame):
+        if self.signal == signum:  # the same signal twice (Ctrl-C Ctrl-C): stop now, no save
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.signal = signum
+        if self.where.master:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def should_stop(self):
+        if self.where.world == 1:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=self.where.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
+
+
+class Clock:
+    """Seconds of training since the last log line, not counting evaluation, samples and saves."""
+
+    def __init__(self, step):
+        self.start, self.step, self.paused = time.perf_counter(), step, 0.0
+
+    @contextlib.contextmanager
+    def pause(self):
+        t = time.perf_counter()
+        yield
+        self.paused += time.perf_counter() - t
+
+    def seconds_per_step(self, step):
+        return (time.perf_counter() - self.start - self.paused) / max(step - self.step, 1)
+
+
+def log_step(run, metrics, step, loss, norm, lr, val, clock):
+    loss, norm = loss.item(), float(norm)  # .item() waits for the device: the timing below is real
+    per_step = clock.seconds_per_step(step)
+    tok_s, eta = run.tokens_per_step / max(per_step, 1e-9), (run.args.steps - step) * per_step
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tok_s": round(tok_s, 1)}  # exact floats
+    run.history["step"].append(step)
+    run.history["loss"].append(loss)
+    if val is not None:
+        record["val_loss"] = val
+        run.history["val_step"].append(step)
+        run.history["val_loss"].append(val)
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    width = len(str(run.args.steps))
+    print(f"step {step:>{width}}/{run.args.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
+          f"{tok_s:,.0f} tok/s | ETA {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m{eta % 60:02.0f}s"
+          + (f" | val loss {val:.4f}" if val is not None else ""), flush=True)
+    if not math.isfinite(loss):
+        raise SystemExit(f"loss is {loss} at step {step}: training diverged; lower --lr or raise --warmup")
+
+
+def open_metrics(path, resume_step):
+    """On resume keep the records up to the checkpoint's step (any later ones were never resumed)."""
+    kept = []
+    if resume_step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError, AttributeError):
+                    if json.loads(line).get("step", math.inf) <= resume_step:
+                        kept.append(line)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    f = open(path, "w")
+    f.writelines(kept)
+    return f
+
+
+def train(run, metrics):
+    """The loop; returns the exit status: 0, or 128 + the signal that stopped it."""
+    args, master = run.args, run.where.master
+    if run.step == 0 and run.val is not None:
+        run.history["val_step"].append(0)
+        run.history["val_loss"].append(run.evaluate())
+        if master:
+            print(f"step 0 | val loss {run.val_loss:.4f}", flush=True)
+    clock = Clock(run.step)
+    while run.step < args.steps:
+        lr = get_lr(run.step, args.lr, args.min_lr, args.warmup, run.horizon)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        loss, norm = run.train_step()
+        run.step += 1
+        step, stop, last = run.step, run.should_stop(), run.step == args.steps
+        val = None
+        if run.val is not None and (step % args.eval_interval == 0 or last):
+            with clock.pause():
+                val = run.evaluate()
+        if master and (step % args.log_interval == 0 or last or stop or val is not None):
+            log_step(run, metrics, step, loss, norm, lr, val, clock)
+            clock = Clock(step)
+        with clock.pause():
+            if master and args.sample_interval and step % args.sample_interval == 0:
+                run.sample()
+            if master and args.ckpt_interval and step % args.ckpt_interval == 0:
+                save_periodic(run, step)
+        if stop and not last:
+            return 128 + (run.signal or signal.SIGTERM)
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.export:
+        return export(*args.export, args.dtype)
+    where = Dist(args.device)
+    ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
+    check_args(args, ckpt)
+    changed = resolve_args(args, ckpt["args"] if ckpt else None, where.world)
+    check_writable(args.save, args.metrics, args.plot)
+    where.start()
+    try:
+        tokens, loader, val = load_data(args, where)  # DataError: before anything heavy is built
+        run = Run(args, ckpt, where, loader, val)
+        del ckpt
+        if where.master:
+            if changed:
+                print(f"resuming with changed settings: {', '.join(f'{k}={getattr(args, k)}' for k in changed)}")
+            describe(run, tokens, where)
+        metrics = open_metrics(args.metrics, run.step) if where.master else None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, run.on_signal)
+        status = train(run, metrics)
+        if where.master:
+            save_checkpoint(args.save, run, run.step)
+            print(f"saved {args.save} at step {run.step}; loss curve {args.plot}", flush=True)
+            if status:
+                launcher = f"torchrun --nproc_per_node={where.world}" if where.world > 1 else "python"
+                print(f"stopped by {signal.Signals(status - 128).name}; resume with:\n  "
+                      f"{launcher} train.py --steps {args.steps} --ckpt {args.save}", flush=True)
+        return status
+    finally:
+        if where.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def export(source, out_dir, dtype):
+    """An HF-format directory (config.json, model.safetensors, tokenizer, generation_config.json)
+    from any source SmolLM2.from_pretrained reads; bf16 unless --dtype fp32."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--export: {out_dir} exists and is not a directory")
+    model = SmolLM2.from_pretrained(source)
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    model.save_pretrained(out_dir, dtype=torch_dtype)
+    info = {k: model.source_info.get(k) for k in ("source", "format", "step", "val_loss")}
+    with open(os.path.join(out_dir, "training_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"exported {source} (step {info['step']}, val loss {info['val_loss']}) to {out_dir} in "
+          f"{str(torch_dtype).removeprefix('torch.')}: config.json, model.safetensors, tokenizer files")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (UsageError, data.DataError, ModelLoadError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("train.py: interrupted before training started; nothing saved", file=sys.stderr)
+        sys.exit(130)
