@@ -344,7 +344,11 @@ class SmolLM2(nn.Module):
             size = -(-size // 256) * 256
         cache = KVCache(self.config, 1, min(window, size), device, self.lm_head.weight.dtype)
         step = self.compiled_decode_step() if compile else None
-        logits = self.lm_head(self.hidden_states(ids[None], cache)[:, -1])  # (1, V): the last position's
+
+        def last_logits(new_ids):  # add new_ids to the cache; (1, V) logits of the last one
+            return self.lm_head(self.hidden_states(new_ids[None], cache)[:, -1])
+
+        logits = last_logits(ids)
         for _ in range(max_new_tokens):
             scores = logits[0].float()
             if repetition_penalty != 1.0:
@@ -359,11 +363,11 @@ class SmolLM2(nn.Module):
             if cache.pos == cache.max_len:  # window full: restart from the last half of the text
                 ids = ids[-(window // 2):]
                 cache.pos = 0
-                logits = self.lm_head(self.hidden_states(ids[None], cache)[:, -1])
+                logits = last_logits(ids)
             elif step is not None:
                 logits, step = self._compiled_next(step, ids[-1:][None], cache)
             else:
-                logits = self.lm_head(self.hidden_states(ids[-1:][None], cache)[:, -1])
+                logits = last_logits(ids[-1:])
 
     def _compiled_next(self, step, idx, cache):
         """(logits, step) for one token through the compiled step; (eager logits, None) if it fails."""
