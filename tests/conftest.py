@@ -1,6 +1,9 @@
-"""Shared fixtures: the repo on sys.path, fp32 defaults, and the real SmolLM2 weights (offline)."""
+"""Shared fixtures: the repo on sys.path, fp32 defaults, the real SmolLM2 weights (offline), and
+train.py run as its users run it, in a subprocess."""
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -45,3 +48,53 @@ def hf_real_model(gguf_path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=GGUF_NAME,
                                                 dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------- train.py runs
+# One thread per process (OMP_NUM_THREADS=1): on 2 shared cores it is the fastest setting, and a fixed
+# thread count is what makes CPU matmuls, and so exact resume, reproducible.
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TRAIN_PY = os.path.join(ROOT, "train.py")
+# A tiny run: 64 tokens per step, logging every step, no periodic checkpoints or samples.
+TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3", "--warmup", "2",
+        "--eval-iters", "2", "--eval-interval", "1000", "--log-interval", "1", "--sample-interval", "0",
+        "--ckpt-interval", "0"]
+
+
+def train_cmd(*args):
+    return [sys.executable, TRAIN_PY, *map(str, args)]
+
+
+def run_cmd(cwd, *cmd, status=0, timeout=600):
+    """Run cmd in cwd with TRAIN_ENV; assert its exit status, showing its output if it differs."""
+    proc = subprocess.run([*map(str, cmd)], cwd=cwd, env=TRAIN_ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == status, f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def run_train(cwd, *args, status=0, timeout=600):
+    return run_cmd(cwd, *train_cmd(*args), status=status, timeout=timeout)
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(path):
+    """{step: loss} of a metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in read_metrics(path)}
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The first 20,000 characters of tiny Shakespeare (about 6,000 tokens), tokenised once."""
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    with open(os.path.join(ROOT, "input.txt")) as f:
+        path.write_text(f.read(20_000))
+    return path

