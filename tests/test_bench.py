@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from model import KVCache, SmolLM2, SmolLM2Config, chunked_cross_entropy
+import model as model_module
+from model import KVCache, Linear, SmolLM2, SmolLM2Config, chunked_cross_entropy
 
 TINY = SmolLM2Config(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
@@ -33,6 +34,72 @@ def test_chunked_cross_entropy_equals_full_loss_and_gradients_with_ignored_targe
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(cx, gx)
     torch.testing.assert_close(cw, gw)
+
+
+def test_chunked_cross_entropy_backward_runs_once_or_says_why():
+    x, w = torch.randn(8, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    loss = chunked_cross_entropy(x, w, torch.randint(0, 10, (8,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        loss.backward()
+
+
+def onednn_calls(fn):
+    """(fn's result, how many times it called our oneDNN matmul)."""
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "smollm2::onednn_matmul_nt")
+
+
+@pytest.mark.skipif(not model_module.ONEDNN, reason="oneDNN matmuls are used on x86 CPUs only")
+def test_onednn_linear_equals_f_linear_in_value_and_gradients():
+    torch.manual_seed(0)
+    layer = Linear(96, 160)
+    x = torch.randn(3, 17, 96, requires_grad=True)  # 3-D, as in the model
+    y, calls = onednn_calls(lambda: layer(x))
+    ref = F.linear(x, layer.weight)
+    assert calls == 1  # the fast path was taken, not F.linear again
+    dy = torch.randn_like(ref)
+    (gx, gw), calls = onednn_calls(lambda: torch.autograd.grad(y, (x, layer.weight), dy))
+    rx, rw = torch.autograd.grad(ref, (x, layer.weight), dy)
+    assert calls == 2  # d/dx and d/dweight
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
+@pytest.mark.skipif(not model_module.ONEDNN, reason="oneDNN matmuls are used on x86 CPUs only")
+def test_inference_and_autocast_keep_f_linear_bit_for_bit():
+    torch.manual_seed(0)
+    layer, x = Linear(96, 160), torch.randn(4, 96)
+    with torch.no_grad():  # inference: MKL, so logits stay identical to transformers'
+        y, calls = onednn_calls(lambda: layer(x))
+        assert calls == 0 and torch.equal(y, F.linear(x, layer.weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 matmul, not an fp32 one
+        y, calls = onednn_calls(lambda: layer(x))
+        assert calls == 0 and y.dtype == torch.bfloat16
+
+
+def test_training_step_without_onednn_gives_the_same_gradients(monkeypatch):
+    model = tiny_model().train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 33))
+    fast = torch.autograd.grad(model(idx[:, :-1], idx[:, 1:], return_logits=False)[1], list(model.parameters()))
+    monkeypatch.setattr(model_module, "ONEDNN", False)
+    plain = torch.autograd.grad(model(idx[:, :-1], idx[:, 1:], return_logits=False)[1], list(model.parameters()))
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager_loss_and_gradients():
+    model = tiny_model().train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 33))
+    eager = model(idx[:, :-1], idx[:, 1:], return_logits=False)[1]
+    compiled = torch.compile(model)(idx[:, :-1], idx[:, 1:], return_logits=False)[1]
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled, list(model.parameters())),
+                    torch.autograd.grad(eager, list(model.parameters()))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_forward_without_logits_gives_the_same_loss_and_gradients():
@@ -75,6 +142,8 @@ def test_bench_runs_on_a_tiny_model_and_writes_json(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["train"]["ours"]["tokens_per_s"] > 0 and res["train"]["hf"]["peak_memory_bytes"] > 0
+    if model_module.ONEDNN:  # ours with MKL matmuls too, and MFU against the measured matmul peak
+        assert res["train"]["ours-mkl"]["tokens_per_s"] > 0 and 0 < res["train"]["ours"]["mfu"] < 1
     assert res["generate"]["same_tokens_as_hf"] == {"ours_eager": True}
     assert 0 < res["generate"]["bound"]["tokens_per_s"]
     assert "tokens/s" in run.stdout and "ours/tf" in run.stdout
