@@ -93,9 +93,12 @@ def _setup(device, threads):
 
 
 def _load(impl, weights, device, dtype):
-    """Our SmolLM2 or transformers' LlamaForCausalLM from the same HF-format directory."""
-    if impl == "ours":
+    """Our SmolLM2 or transformers' LlamaForCausalLM from the same HF-format directory. "ours-mkl" is
+    ours with model.ONEDNN off: its fp32 CPU matmuls on MKL, as transformers' are."""
+    if impl.startswith("ours"):
         sys.path.insert(0, HERE)
+        import model as ours
+        ours.ONEDNN = ours.ONEDNN and impl != "ours-mkl"
         from model import SmolLM2
         model = SmolLM2.from_pretrained(weights, dtype=dtype, device=device)
     else:
@@ -165,7 +168,7 @@ class Trainer:
         """Seconds for one full training step."""
         t0 = _now(self.device)
         with self.autocast:
-            if self.impl == "ours":  # chunked loss: no (B, T, V) logits
+            if self.impl.startswith("ours"):  # chunked loss: no (B, T, V) logits
                 loss = self.fwd(self.idx, self.targets, return_logits=False)[1]
             else:  # transformers shifts the labels itself: same inputs, same compute
                 loss = self.fwd(input_ids=self.idx, labels=self.idx).loss
@@ -178,6 +181,24 @@ class Trainer:
         """6N + 12*L*d*T (ours only: model.flops_per_token)."""
         from model import flops_per_token
         return flops_per_token(self.model.config, seq_len, self.n_params)
+
+    def matmul_peak(self, n=2048, reps=10):
+        """FLOP/s of an (n, n) @ (n, n) fp32 product, the best this CPU does: through MKL (what
+        torch's matmul calls) and through oneDNN (ours: model.matmul_nt), median of reps."""
+        from model import ONEDNN, onednn_matmul_nt
+        torch = self.torch
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = {}
+        for name, fn in (("mkl", lambda: a @ b.t()), ("onednn", lambda: onednn_matmul_nt(a, b))):
+            if name == "onednn" and not ONEDNN:
+                continue
+            times = []
+            for _ in range(reps + 2):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[name] = 2 * n ** 3 / median(times[2:])
+        return out
 
     def peak_memory(self):
         """Peak bytes while training: weights, gradients, optimizer state and activations."""
@@ -275,8 +296,11 @@ def bench_training(args, weights, log):
     B, T = 4, 256
     log(f"training: B={B}, T={T}, {'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
         f"AdamW step included{', torch.compile' if args.compile else ''}")
+    sys.path.insert(0, HERE)
+    from model import ONEDNN, flops_per_token
+    impls = ("ours", "ours-mkl", "hf") if args.device == "cpu" and ONEDNN else ("ours", "hf")
     workers = [Remote("train", impl=impl, weights=weights, device=args.device, threads=args.threads,
-                      batch_size=B, seq_len=T, compile=args.compile) for impl in ("ours", "hf")]
+                      batch_size=B, seq_len=T, compile=args.compile) for impl in impls]
     try:
         for w in workers:
             w.ready()
@@ -284,17 +308,23 @@ def bench_training(args, weights, log):
         first = {w.name: w("step") for w in workers}  # a warm-up step; with --compile, compilation
         times = interleaved(workers, "step", args.repeats, max(0, args.warmup - 1), log)
         memory = {w.name: w("peak_memory") for w in workers}
+        peak = workers[0]("matmul_peak") if args.device == "cpu" else {}
+        fpt = workers[0]("flops_per_token", seq_len=T)
     finally:
         for w in workers:
             w.close()
     out = {"batch_size": B, "seq_len": T, "first_step_s": first, "compiled": args.compile,
-           "precision": "bf16 autocast" if args.device == "cuda" else "fp32"}
-    for name in ("ours", "hf"):
+           "precision": "bf16 autocast" if args.device == "cuda" else "fp32", "flops_per_token": fpt}
+    for name in impls:
         step = median(times[name])
         out[name] = {"step_s": step, "tokens_per_s": B * T / step, "step_s_all": times[name],
                      "peak_memory_bytes": memory[name]["peak_bytes"], "memory_measure": memory[name]["what"]}
     out["speedup"] = out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
     out["memory_ratio"] = out["ours"]["peak_memory_bytes"] / out["hf"]["peak_memory_bytes"]
+    if peak:  # the CPU's MFU: model FLOP/s over the best fp32 matmul FLOP/s measured on it
+        out["matmul_peak_flops"] = peak
+        for name in impls:
+            out[name]["mfu"] = out[name]["tokens_per_s"] * fpt / max(peak.values())
     return out
 
 
@@ -454,9 +484,18 @@ def report(res):
         how = t["precision"] + (", compiled" if t["compiled"] else "")
         rows.append((f"training B={t['batch_size']} T={t['seq_len']}, {how}, AdamW step", "ours", "transformers", "ours/tf"))
         rows.append(("  tokens/s", fmt(t["ours"]["tokens_per_s"]), fmt(t["hf"]["tokens_per_s"]), f"{t['speedup']:.2f}x"))
+        if "ours-mkl" in t:
+            rows.append(("  tokens/s, ours with MKL matmuls as transformers", fmt(t["ours-mkl"]["tokens_per_s"]),
+                         fmt(t["hf"]["tokens_per_s"]), f"{t['ours-mkl']['tokens_per_s'] / t['hf']['tokens_per_s']:.2f}x"))
         rows.append(("  step time (s)", fmt(t["ours"]["step_s"]), fmt(t["hf"]["step_s"]), ""))
         rows.append(("  peak memory (GiB)", fmt(t["ours"]["peak_memory_bytes"], "GiB"),
                      fmt(t["hf"]["peak_memory_bytes"], "GiB"), f"{t['memory_ratio']:.2f}x"))
+        if "matmul_peak_flops" in t:
+            peak = t["matmul_peak_flops"]
+            rows.append((f"  fp32 matmul peak (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak.items()),
+                         "", "", ""))
+            rows.append((f"  MFU: model FLOP/s ({t['flops_per_token'] / 1e9:.2f} GFLOP/token) / best peak",
+                         f"{t['ours']['mfu']:.0%}", f"{t['hf']['mfu']:.0%}", ""))
     if "generate" in res:
         g = res["generate"]
         rows.append((f"generation, batch 1, greedy, {g['prompt_tokens']}+{g['new_tokens']} tokens, {g['dtype']}",
