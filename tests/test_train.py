@@ -273,6 +273,31 @@ def test_compile_on_cpu_trains_and_saves_a_checkpoint_without_orig_mod_prefixes(
     assert not any("_orig_mod" in k for k in ckpt["model"]) and "lm_head.weight" in ckpt["model"]
 
 
+# ----------------------------------------------------------------------------- memory
+RSS_AFTER_FREE = """
+import sys, torch, train
+if sys.argv[1] == "keep":
+    assert train.keep_freed_memory()
+def rss_mb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+before = rss_mb()
+x = torch.ones(100 * 2**20 // 4)  # 100 MB, written
+del x
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_keeps_a_freed_block_for_the_next_step():
+    def kept_mb(mode):
+        out = subprocess.run([sys.executable, "-c", RSS_AFTER_FREE, mode], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+    assert kept_mb("default") < 20  # glibc hands a freed 100 MB block back to the kernel...
+    assert kept_mb("keep") >= 95  # ...unless told to keep it: no page faults to get it back
+
+
 # ----------------------------------------------------------------------------- real size
 @pytest.mark.slow
 def test_real_size_smollm2_135m_starts_near_ln_vocab_and_learns(tmp_path, corpus):
