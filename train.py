@@ -266,8 +266,8 @@ class Dist:
 def keep_freed_memory():
     """Have glibc's malloc keep what a training step frees, for the next step to reuse. By default it
     hands blocks over 32 MB and a free heap top back to the kernel, so every step faults the same
-    pages in again: 150k-350k page faults a step for the 135M model on CPU, 0.3-1.3 s of a 2.7 s
-    step on a 2-core VM. Returns False (and changes nothing) where libc is not glibc."""
+    pages in again: 150k-350k page faults a step for the 135M model on CPU, which made a 2.7 s step
+    take 3.0-4.3 s on a 2-core VM. Returns False (and changes nothing) where libc is not glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
