@@ -110,7 +110,7 @@ class KVCache:
 # Training on x86 CPUs: fp32 products go through oneDNN instead of MKL, torch's default BLAS there.
 # MKL picks its kernels by CPU vendor and on AMD CPUs with AVX-512 runs at less than half the speed
 # that oneDNN (shipped in torch, picking kernels by instruction set) reaches on the same cores: on a
-# 2-core Zen 5, 190-220 against 400-515 GFLOP/s for every matmul shape of a training step. Same fp32
+# 2-core Zen 5, 190-220 against 370-515 GFLOP/s for every matmul shape of a training step. Same fp32
 # arithmetic, another summation order (within 1e-6 relative). Inference keeps MKL, so logits stay
 # bit-identical to transformers'. Set model.ONEDNN = False to compare (bench.py does).
 ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
