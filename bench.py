@@ -40,9 +40,13 @@ TARGETS = {"train_speedup": 1.25, "gen_speedup": 2.0, "gen_fraction_of_bound": 0
 
 
 # ------------------------------------------------------------------------------- worker processes
-def _serve(conn, kind, init):
+def _serve(conn, kind, init, keep_memory):
     """Worker main loop: build the object, then run the methods the parent asks for."""
     try:
+        if keep_memory:  # train.py's own malloc setting, so that both run as train.py does
+            sys.path.insert(0, HERE)
+            from train import keep_freed_memory
+            keep_freed_memory()
         obj = {"train": Trainer, "gen": Generator}[kind](**init)
         conn.send(("ok", None))
         while True:
@@ -57,10 +61,11 @@ def _serve(conn, kind, init):
 class Remote:
     """One implementation in its own process (spawned, so CUDA works and memory peaks are its own)."""
 
-    def __init__(self, kind, **init):
+    def __init__(self, kind, keep_memory, **init):
         self.name = init["impl"]
         self.conn, child = mp.get_context("spawn").Pipe()
-        self.proc = mp.get_context("spawn").Process(target=_serve, args=(child, kind, init), daemon=True)
+        self.proc = mp.get_context("spawn").Process(target=_serve, args=(child, kind, init, keep_memory),
+                                                    daemon=True)
         self.proc.start()
 
     def ready(self):
@@ -300,10 +305,10 @@ def bench_training(args, weights, log):
     log(f"training: B={B}, T={T}, {'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
         f"AdamW step included{', torch.compile' if args.compile else ''}")
     sys.path.insert(0, HERE)
-    from model import ONEDNN, flops_per_token
+    from model import ONEDNN
     impls = ("ours", "ours-mkl", "hf") if args.device == "cpu" and ONEDNN else ("ours", "hf")
-    workers = [Remote("train", impl=impl, weights=weights, device=args.device, threads=args.threads,
-                      batch_size=B, seq_len=T, compile=args.compile) for impl in impls]
+    workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device=args.device,
+                      threads=args.threads, batch_size=B, seq_len=T, compile=args.compile) for impl in impls]
     try:
         for w in workers:
             w.ready()
@@ -336,8 +341,8 @@ def bench_mfu(args, weights, peak, log):
     out = {}
     for B, T in ((4, 2048), (4, 256)):
         log(f"MFU: B={B}, T={T}, bf16 autocast{', torch.compile' if args.compile else ''}")
-        workers = [Remote("train", impl=impl, weights=weights, device="cuda", threads=args.threads,
-                          batch_size=B, seq_len=T, compile=args.compile) for impl in ("ours", "hf")]
+        workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device="cuda",
+                          threads=args.threads, batch_size=B, seq_len=T, compile=args.compile) for impl in ("ours", "hf")]
         try:
             for w in workers:
                 w.ready()
@@ -367,8 +372,8 @@ def bench_generation(args, weights, log):
     prompt = [rng.randrange(1000, 40000) for _ in range(32)]
     n_new = 128
     log(f"generation: batch 1, greedy, {len(prompt)}-token prompt + {n_new} new tokens, {args.dtype} weights")
-    workers = [Remote("gen", impl=impl, weights=weights, device=args.device, threads=args.threads,
-                      dtype=args.dtype, prompt=prompt) for impl in ("ours", "hf")]
+    workers = [Remote("gen", args.keep_memory, impl=impl, weights=weights, device=args.device,
+                      threads=args.threads, dtype=args.dtype, prompt=prompt) for impl in ("ours", "hf")]
     ours, hf = workers
     out = {"prompt_tokens": len(prompt), "new_tokens": n_new, "dtype": args.dtype}
     try:
@@ -585,8 +590,7 @@ def main():
     args.warmup = 1 if args.warmup is None else args.warmup
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    if args.device == "cpu" and not args.default_malloc:  # every worker, as train.py's keep_freed_memory()
-        os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
+    args.keep_memory = args.device == "cpu" and not args.default_malloc  # in every worker
     start = time.perf_counter()
 
     def log(msg):
