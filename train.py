@@ -559,6 +559,7 @@ def main(argv=None):
     changed = resolve_args(args, ckpt["args"] if ckpt else None, where.world)
     check_writable(args.save, args.metrics, args.plot)
     where.start()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         tokens, loader, val = load_data(args, where)  # DataError: before anything heavy is built
         if where.type == "cpu":
@@ -570,9 +571,11 @@ def main(argv=None):
                 print(f"resuming with changed settings: {', '.join(f'{k}={getattr(args, k)}' for k in changed)}")
             describe(run, tokens, where)
         metrics = open_metrics(args.metrics, run.step) if where.master else None
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in handlers:
             signal.signal(signum, run.on_signal)
         status = train(run, metrics)
+        if metrics:
+            metrics.close()
         if where.master:
             save_checkpoint(args.save, run, run.step)
             print(f"saved {args.save} at step {run.step}; loss curve {args.plot}", flush=True)
@@ -582,8 +585,8 @@ def main(argv=None):
                       f"{launcher} train.py --steps {args.steps} --ckpt {args.save}", flush=True)
         return status
     finally:
-        if where.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        for signum, handler in handlers.items():  # theirs again, and run can be freed
+            signal.signal(signum, handler)
 
 
 def export(source, out_dir, dtype):
@@ -602,12 +605,26 @@ def export(source, out_dir, dtype):
     return 0
 
 
+def exit_process(status):
+    """sys.exit, but a torchrun process leaves with os._exit once its output is flushed. A gloo
+    thread that has finished an all-reduce then needs the GIL to let go of the tensor: if Python is
+    shutting down by then the process aborts (SIGABRT; a third to half of 2-process CPU runs here),
+    and freeing the process group first can deadlock on that GIL (torch 2.13; see
+    pytorch/pytorch#190489). Everything is saved by now; the OS closes the group's sockets."""
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except (UsageError, data.DataError, ModelLoadError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print("train.py: interrupted before training started; nothing saved", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    exit_process(code)

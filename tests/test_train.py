@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TRAIN_ENV, TRAIN_PY, load_ckpt, losses, read_metrics, run_train, train_cmd
+from conftest import (ROOT, TINY, TRAIN_ENV, TRAIN_PY, load_ckpt, losses, read_metrics, run_cmd, run_train,
+                      train_cmd)
 from train import UsageError, build_parser, get_lr
 
 
@@ -285,6 +286,18 @@ x = torch.ones(100 * 2**20 // 4)  # 100 MB, written
 del x
 print(rss_mb() - before)
 """
+
+
+def test_main_gives_the_signal_handlers_back(tmp_path, corpus):
+    """train.main installs its own SIGINT/SIGTERM handlers (they hold the run) for the loop only."""
+    script = tmp_path / "handlers.py"
+    script.write_text(f"import signal, sys\nsys.path.insert(0, {ROOT!r})\nimport train\n"
+                      "before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]\n"
+                      "assert train.main(sys.argv[1:]) == 0\n"
+                      "assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before\n"
+                      "print('handlers restored')\n")
+    proc = run_cmd(tmp_path, sys.executable, script, *TINY, "--steps", "2", "--data", corpus, "--save", "ckpt.pt")
+    assert "handlers restored" in proc.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
