@@ -32,6 +32,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # model.py and train.py, here and in every spawned worker
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # dense bf16 peak of known GPUs (FLOP/s); others need --peak-flops
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
@@ -44,7 +45,6 @@ def _serve(conn, kind, init, keep_memory):
     """Worker main loop: build the object, then run the methods the parent asks for."""
     try:
         if keep_memory:  # train.py's own malloc setting, so that both run as train.py does
-            sys.path.insert(0, HERE)
             from train import keep_freed_memory
             keep_freed_memory()
         obj = {"train": Trainer, "gen": Generator}[kind](**init)
@@ -104,11 +104,9 @@ def _load(impl, weights, device, dtype):
     """Our SmolLM2 or transformers' LlamaForCausalLM from the same HF-format directory. "ours-mkl" is
     ours with model.ONEDNN off: its fp32 CPU matmuls on MKL, as transformers' are."""
     if impl.startswith("ours"):
-        sys.path.insert(0, HERE)
         import model as ours
         ours.ONEDNN = ours.ONEDNN and impl != "ours-mkl"
-        from model import SmolLM2
-        model = SmolLM2.from_pretrained(weights, dtype=dtype, device=device)
+        model = ours.SmolLM2.from_pretrained(weights, dtype=dtype, device=device)
     else:
         from transformers import LlamaForCausalLM
         model = LlamaForCausalLM.from_pretrained(weights, dtype=dtype).to(device)
@@ -304,7 +302,6 @@ def bench_training(args, weights, log):
     B, T = 4, 256
     log(f"training: B={B}, T={T}, {'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
         f"AdamW step included{', torch.compile' if args.compile else ''}")
-    sys.path.insert(0, HERE)
     from model import ONEDNN
     impls = ("ours", "ours-mkl", "hf") if args.device == "cpu" and ONEDNN else ("ours", "hf")
     workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device=args.device,
@@ -448,7 +445,6 @@ def prepare_weights(args, folder, log):
     """An HF-format directory with the weights both implementations load."""
     import importlib.util
     import torch
-    sys.path.insert(0, HERE)
     from model import PRESETS, SmolLM2
     source = args.weights
     if source == "auto" and args.model != "smollm2-135m":

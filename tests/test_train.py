@@ -172,6 +172,24 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, go
     assert load_ckpt(tmp_path / "checkpoint.pt")["step"] == 3
 
 
+HANDLERS_AROUND_MAIN = """
+import signal, sys
+sys.path.insert(0, {root!r})
+import train
+before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+assert train.main(sys.argv[1:]) == 0
+assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+print("handlers restored")
+"""
+
+
+def test_main_gives_the_signal_handlers_back(tmp_path, corpus):
+    """train.main installs its own SIGINT/SIGTERM handlers (they hold the run) for the loop only."""
+    proc = run_cmd(tmp_path, sys.executable, "-c", HANDLERS_AROUND_MAIN.format(root=ROOT), *TINY, "--steps", "2",
+                   "--data", corpus, "--save", "ckpt.pt")
+    assert "handlers restored" in proc.stdout
+
+
 # ----------------------------------------------------------------------------- bad input
 DATA = ["--model", "tiny", "--data", "{corpus}"]
 BAD_INPUTS = {  # case -> (arguments, what the one-line error must say)
@@ -286,18 +304,6 @@ x = torch.ones(100 * 2**20 // 4)  # 100 MB, written
 del x
 print(rss_mb() - before)
 """
-
-
-def test_main_gives_the_signal_handlers_back(tmp_path, corpus):
-    """train.main installs its own SIGINT/SIGTERM handlers (they hold the run) for the loop only."""
-    script = tmp_path / "handlers.py"
-    script.write_text(f"import signal, sys\nsys.path.insert(0, {ROOT!r})\nimport train\n"
-                      "before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]\n"
-                      "assert train.main(sys.argv[1:]) == 0\n"
-                      "assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before\n"
-                      "print('handlers restored')\n")
-    proc = run_cmd(tmp_path, sys.executable, script, *TINY, "--steps", "2", "--data", corpus, "--save", "ckpt.pt")
-    assert "handlers restored" in proc.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
