@@ -2,8 +2,8 @@
 
 tokenize_corpus() streams the files through the SmolLM2 tokenizer piece by piece (never the whole
 corpus in RAM), giving exactly the ids of tokenizer.encode() on each whole file, and caches them
-beside the data, keyed by a hash of the files' contents and of tokenizer.json, so a second run
-starts at once. Each file is one document; <|endoftext|> (id 0) goes between files.
+beside the data, keyed by a hash of the files' contents and of tokenizer.json (fingerprint()), so a
+second run starts at once; the cache's header holds a checksum, and a damaged cache is rebuilt. Each file is one document; <|endoftext|> (id 0) goes between files.
 DataLoaderLite serves contiguous windows from the memory-mapped tokens, sharded across DDP ranks
 the way nanoGPT does, with a state (a global token offset) for exact resume.
 """
@@ -12,6 +12,7 @@ import glob
 import hashlib
 import os
 import re
+import struct
 import sys
 
 import numpy as np
@@ -23,7 +24,11 @@ DEFAULT_TOKENIZER = os.path.join(HERE, "tokenizer")
 EOT_ID = 0  # <|endoftext|>
 CHUNK_BYTES = 1 << 20  # text read and encoded at a time
 SEGMENT_CACHE = 1_000_000  # distinct segments remembered (~150 MB) before it starts over
-CACHE_FORMAT = b"smollm2-tokens-v1: uint16, EOT between files"  # bump if the layout changes
+CACHE_FORMAT = b"smollm2-tokens-v2: header, uint16, EOT between files"  # bump if the layout changes
+# A cache file starts with its magic, its token count and a blake2b of the ids' bytes, checked at
+# every load (reading it back costs next to nothing beside tokenising): a damaged one is rebuilt.
+CACHE_HEADER = struct.Struct("<8sQ16s")
+CACHE_MAGIC = b"SMOLTOK2"
 _CACHE_NAME = re.compile(r".*\.tokens\..*\.bin$")  # our cache files (and .gitignore's pattern)
 # Safe cut: before a single " " or "\n" between two non-space characters. The byte-level
 # pre-tokeniser's regex never joins a non-space character to the whitespace after it, and a lone
@@ -74,19 +79,37 @@ def _file_digest(path, h):
             h.update(block)
 
 
+def fingerprint(spec, tokenizer_dir=DEFAULT_TOKENIZER):
+    """The data's identity, the token cache's key: a hex blake2b over CACHE_FORMAT, tokenizer.json
+    and every file's size and bytes. Checkpoints record it to tell when the data has changed."""
+    return _digest(resolve_files(spec), _tokenizer_file(tokenizer_dir))
+
+
+_DIGESTS = {}  # (files, their stats) -> digest: the cache and the checkpoint hash a corpus once
+
+
+def _digest(files, tokenizer_file):
+    stats = tuple((f, s.st_size, s.st_mtime_ns, s.st_ino) for f in (tokenizer_file, *files)
+                  for s in [os.stat(f)])
+    if stats not in _DIGESTS:
+        h = hashlib.blake2b(CACHE_FORMAT, digest_size=8)
+        _file_digest(tokenizer_file, h)
+        for f in files:
+            h.update(os.path.getsize(f).to_bytes(8, "little"))
+            _file_digest(f, h)
+        _DIGESTS[stats] = h.hexdigest()
+    return _DIGESTS[stats]
+
+
 def _cache_path(files, tokenizer_file, cache_dir):
     """<name>.tokens.<hash>.bin, the hash over the tokenizer and every file's size and bytes."""
-    h = hashlib.blake2b(CACHE_FORMAT, digest_size=8)
-    _file_digest(tokenizer_file, h)
-    for f in files:
-        h.update(os.path.getsize(f).to_bytes(8, "little"))
-        _file_digest(f, h)
+    digest = _digest(files, tokenizer_file)
     name = os.path.basename(files[0]) if len(files) == 1 else "corpus"
     if cache_dir is None:
         cache_dir = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
         if not os.access(cache_dir, os.W_OK):  # read-only data: cache in the user's home instead
             cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "smollm2_tokens")
-    return os.path.join(cache_dir, f"{name}.tokens.{h.hexdigest()}.bin")
+    return os.path.join(cache_dir, f"{name}.tokens.{digest}.bin")
 
 
 def _text_pieces(path, chunk_bytes):
@@ -141,11 +164,34 @@ def tokenize_corpus(spec, tokenizer_dir=DEFAULT_TOKENIZER, cache_dir=None, progr
         if os.path.getsize(f) == 0:
             raise DataError(f"{f} is empty (expected a text file with at least one token)")
     cache = _cache_path(files, _tokenizer_file(tokenizer_dir), cache_dir)
-    if not os.path.exists(cache):
+    if not os.path.exists(cache) or not _cache_is_whole(cache):
         _tokenize_to(cache, files, tokenizer, chunk_bytes, progress)
     elif progress:
         print(f"tokens from cache {cache}", file=sys.stderr)
-    return np.memmap(cache, dtype=np.uint16, mode="r")
+    return np.memmap(cache, dtype=np.uint16, mode="r", offset=CACHE_HEADER.size)
+
+
+def _cache_is_whole(cache):
+    """Whether the cache's header, size and checksum agree; if not, says so on stderr."""
+    problem = None
+    try:
+        with open(cache, "rb") as f:
+            head, size = f.read(CACHE_HEADER.size), os.fstat(f.fileno()).st_size
+            magic, count, digest = CACHE_HEADER.unpack(head) if len(head) == CACHE_HEADER.size else (b"", 0, b"")
+            if magic != CACHE_MAGIC or count == 0:
+                problem = "no valid header"
+            elif size != CACHE_HEADER.size + 2 * count:
+                problem = f"{size:,} bytes where its header says {CACHE_HEADER.size + 2 * count:,}"
+            else:
+                h = hashlib.blake2b(digest_size=16)
+                while block := f.read(1 << 24):
+                    h.update(block)
+                problem = None if h.digest() == digest else "the checksum of its ids does not match"
+    except OSError as e:
+        problem = f"unreadable: {e}"
+    if problem:
+        print(f"token cache {cache} is damaged ({problem}): rebuilding it", file=sys.stderr, flush=True)
+    return problem is None
 
 
 class _SegmentEncoder:
@@ -179,15 +225,21 @@ def _tokenize_to(cache, files, tokenizer, chunk_bytes, progress):
     tmp = cache[: -len(".bin")] + f".{os.getpid()}.tmp.bin"  # still matches .gitignore's pattern
     bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True,
                desc="tokenizing", disable=not progress, file=sys.stderr)
-    encode, n_bytes = _SegmentEncoder(tokenizer), 0
+    encode, n_bytes, h = _SegmentEncoder(tokenizer), 0, hashlib.blake2b(digest_size=16)
+    def put(ids):
+        h.update(ids)
+        return out.write(ids)
     try:
         with open(tmp, "wb") as out:
+            out.write(bytes(CACHE_HEADER.size))  # filled in once the count and checksum are known
             for i, path in enumerate(files):
                 if i > 0:  # documents are separated, not terminated, by <|endoftext|>
-                    n_bytes += out.write(np.array([EOT_ID], dtype=np.uint16).tobytes())
+                    n_bytes += put(np.array([EOT_ID], dtype=np.uint16).tobytes())
                 for n_read, text in _text_pieces(path, chunk_bytes):
-                    n_bytes += out.write(encode(text))
+                    n_bytes += put(encode(text))
                     bar.update(n_read)
+            out.seek(0)
+            out.write(CACHE_HEADER.pack(CACHE_MAGIC, n_bytes // 2, h.digest()))
             out.flush()
             os.fsync(out.fileno())
         if n_bytes == 0:

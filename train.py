@@ -17,19 +17,18 @@ import ctypes
 import json
 import math
 import os
-import random
-import re
 import signal
 import sys
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+from checkpoint import (CheckpointError, Saver, check_disk_space, data_change, find_latest, load_checkpoint,
+                        set_rng_state)
 from model import PRESETS, ModelLoadError, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
 
 # Defaults. On resume, a setting not given on the command line comes from the checkpoint's run.
@@ -38,7 +37,6 @@ DEFAULTS = dict(data="input.txt", model="smollm2-135m", batch_size=4, seq_len=25
                 dtype="auto", val_frac=0.05, eval_interval=250, eval_iters=20, log_interval=10,
                 save="checkpoint.pt", ckpt_interval=1000, keep_last=2, metrics="metrics.jsonl",
                 sample_interval=500, sample_prompt="The", sample_tokens=48)
-CKPT_KEYS = ("model", "config", "step", "optimizer", "lr_horizon", "data", "rng", "args")
 ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads")
 
@@ -79,7 +77,8 @@ def build_parser():
         p.add_argument(flag, help=help, **kw)
     add("--steps", "total optimizer steps to reach; on resume it counts the steps already done "
         "(default 5000)", type=POS_INT, default=5000)
-    add("--ckpt", "resume from this checkpoint", metavar="PATH")
+    add("--ckpt", "resume from this checkpoint; auto = the newest one beside --save, or a new run "
+        "if there is none", metavar="PATH")
     add("--init", "start a new run from pretrained weights: an HF model directory, a .safetensors, "
         ".gguf or checkpoint file, or a hub id", metavar="SOURCE")
     add("--export", "write CKPT (or any --init source) as an HF-format directory OUT_DIR, then exit",
@@ -138,100 +137,6 @@ def get_lr(step, lr, min_lr, warmup, horizon):
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, horizon - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def atomic_write(path, write):
-    """write(file) into a temp file beside path, fsync, rename over path, fsync the directory."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    os.fsync(fd)
-    os.close(fd)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UsageError(f"--ckpt {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).strip().split("\n")[0][:120]
-        raise UsageError(f"--ckpt {path}: not a readable checkpoint, truncated or corrupt "
-                         f"({type(e).__name__}: {reason})") from None
-    missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
-    if missing:
-        raise UsageError(f"--ckpt {path}: not a training checkpoint (no {', '.join(missing)}); "
-                         "to start a new run from a weights-only file use --init")
-    try:
-        SmolLM2Config(**ckpt["config"])
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--ckpt {path}: bad model config ({e})") from None
-    return ckpt
-
-
-def rng_state():
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, keys.tolist(), pos, has_gauss, gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, run, step):
-    ckpt = {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "step": step,
-            "val_loss": run.val_loss, "optimizer": run.optimizer.state_dict(),
-            "lr_horizon": run.horizon, "data": run.loader.state_dict(), "rng": rng_state(),
-            "args": vars(run.args), "history": run.history}
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-    plot_loss(run.history, run.args.plot)
-
-
-def save_periodic(run, step):
-    """checkpoint_step_{step}.pt beside --save; keep the newest --keep-last of the earlier ones."""
-    folder, keep = os.path.dirname(os.path.abspath(run.args.save)), run.args.keep_last
-    save_checkpoint(os.path.join(folder, f"checkpoint_step_{step}.pt"), run, step)
-    if keep:
-        found = (re.fullmatch(r"checkpoint_step_(\d+)\.pt", name) for name in os.listdir(folder))
-        older = sorted(int(m[1]) for m in found if m and int(m[1]) < step)  # later: an abandoned run
-        for n in older[:max(0, len(older) - (keep - 1))]:
-            os.remove(os.path.join(folder, f"checkpoint_step_{n}.pt"))
-
-
-def plot_loss(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(history["step"], history["loss"], lw=1, label="train")
-    if history["val_step"]:
-        ax.plot(history["val_step"], history["val_loss"], "o-", ms=3, label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="SmolLM2 training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -516,7 +421,7 @@ def open_metrics(path, resume_step):
     return f
 
 
-def train(run, metrics):
+def train(run, metrics, saver):
     """The loop; returns the exit status: 0, or 128 + the signal that stopped it."""
     args, master = run.args, run.where.master
     if run.step == 0 and run.val is not None:
@@ -542,8 +447,10 @@ def train(run, metrics):
         with clock.pause():
             if master and args.sample_interval and step % args.sample_interval == 0:
                 run.sample()
+            if master and val is not None:
+                saver.keep_best(run, step, val)
             if master and args.ckpt_interval and step % args.ckpt_interval == 0:
-                save_periodic(run, step)
+                saver.periodic(run, step)
         if stop and not last:
             return 128 + (run.signal or signal.SIGTERM)
     return 0
@@ -554,7 +461,13 @@ def main(argv=None):
     if args.export:
         return export(*args.export, args.dtype)
     where = Dist(args.device)
-    ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
+    if args.ckpt == "auto":
+        ckpt = resume_latest(args, where)
+        if ckpt and ckpt["step"] >= args.steps:
+            print(f"--ckpt auto: {args.ckpt} is at step {ckpt['step']} already (--steps {args.steps}): nothing to train")
+            return 0
+    else:
+        ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
     check_args(args, ckpt)
     changed = resolve_args(args, ckpt["args"] if ckpt else None, where.world)
     check_writable(args.save, args.metrics, args.plot)
@@ -562,10 +475,15 @@ def main(argv=None):
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         tokens, loader, val = load_data(args, where)  # DataError: before anything heavy is built
+        fingerprint = data.fingerprint(args.data)
+        if ckpt and (notice := data_change(ckpt, fingerprint, args.data)) and where.master:
+            print(notice, file=sys.stderr, flush=True)
         if where.type == "cpu":
             keep_freed_memory()
         run = Run(args, ckpt, where, loader, val)
+        run.data_fingerprint, saver = fingerprint, Saver(args, args.ckpt, ckpt)
         del ckpt
+        check_disk_space(args.save, run.raw_model, run.optimizer)  # before hours of training, not after
         if where.master:
             if changed:
                 print(f"resuming with changed settings: {', '.join(f'{k}={getattr(args, k)}' for k in changed)}")
@@ -573,11 +491,12 @@ def main(argv=None):
         metrics = open_metrics(args.metrics, run.step) if where.master else None
         for signum in handlers:
             signal.signal(signum, run.on_signal)
-        status = train(run, metrics)
+        status = train(run, metrics, saver)
         if metrics:
             metrics.close()
         if where.master:
-            save_checkpoint(args.save, run, run.step)
+            if not saver.final(run, run.step):
+                return 1
             print(f"saved {args.save} at step {run.step}; loss curve {args.plot}", flush=True)
             if status:
                 launcher = f"torchrun --nproc_per_node={where.world}" if where.world > 1 else "python"
@@ -587,6 +506,19 @@ def main(argv=None):
     finally:
         for signum, handler in handlers.items():  # theirs again, and run can be freed
             signal.signal(signum, handler)
+
+
+def resume_latest(args, where):
+    """--ckpt auto: the newest checkpoint beside --save that loads (args.ckpt becomes its path), or
+    None for a new run. The same command line, re-run after a crash, so continues the run."""
+    save = args.save or DEFAULTS["save"]
+    args.ckpt, ckpt = find_latest(save, say=where.master)
+    if where.master:
+        print(f"--ckpt auto: resuming from {args.ckpt} at step {ckpt['step']}" if ckpt else
+              f"--ckpt auto: no checkpoint at {save} or beside it: starting a new run", flush=True)
+    if ckpt:
+        args.init = None  # the checkpoint already holds the weights --init started the run from
+    return ckpt
 
 
 def export(source, out_dir, dtype):
@@ -621,7 +553,7 @@ def exit_process(status):
 if __name__ == "__main__":
     try:
         code = main()
-    except (UsageError, data.DataError, ModelLoadError) as e:
+    except (UsageError, CheckpointError, data.DataError, ModelLoadError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
