@@ -243,8 +243,10 @@ class Saver:
         """checkpoint_step_{step}.pt beside --save; keep the newest --keep-last of the earlier ones."""
         failed = self._write(os.path.join(self.folder, f"checkpoint_step_{step}.pt"), run, step)
         if failed:
-            print(f"train.py: warning: {failed}; training goes on, the next try is at step "
-                  f"{step + self.args.ckpt_interval}", file=sys.stderr, flush=True)
+            retry = step + self.args.ckpt_interval
+            print(f"train.py: warning: {failed}; training goes on"
+                  + (f", the next try is at step {retry}" if retry <= self.args.steps else ""),
+                  file=sys.stderr, flush=True)
             return
         if keep := self.args.keep_last:
             found = (PERIODIC.fullmatch(name) for name in os.listdir(self.folder or "."))

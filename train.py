@@ -2,14 +2,15 @@
 
     python train.py --steps 5000                             # train on input.txt -> checkpoint.pt
     python train.py --steps 5050 --ckpt checkpoint.pt        # 50 more steps, as if never stopped
+    python train.py --steps 5000 --ckpt auto                 # resume from the newest checkpoint, if any
     torchrun --nproc_per_node=8 train.py --steps 5000        # DDP: nccl on GPUs, gloo on CPU
     python train.py --init model.gguf --steps 200 --lr 1e-4  # fine-tune from real SmolLM2 weights
     python train.py --export checkpoint.pt out/              # HF-format directory for transformers
 
-A checkpoint is one torch.save'd dict of tensors and plain Python values (it loads with
-weights_only=True): model, config, step, val_loss, optimizer, lr_horizon, data (the loader's
-position), rng, args and history (the loss curve so far). It is written to a temporary file,
-fsynced, then renamed over the old one, so a crash at any moment leaves the previous one whole.
+A checkpoint (checkpoint.py) is one torch.save'd dict that loads with weights_only=True: the model,
+optimizer, step, LR horizon, the loader's position and the data's fingerprint, every RNG state and
+the run's arguments. Each is written atomically; best.pt keeps the lowest validation loss; the
+disk's free space is checked before training and a failed save is one line, not a lost run.
 """
 import argparse
 import contextlib

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+from conftest import TINY, losses, run_train
 from data import DataError, DataLoaderLite, split_train_val, tokenize_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,6 +109,63 @@ def test_second_call_hits_the_cache_and_a_changed_file_misses_it(tmp_path, monke
     changed = tokenize_corpus(path, progress=False)
     assert len(calls) == 1
     assert changed.tolist() != again.tolist()
+
+
+def damage_cache(cache, how):
+    body = bytearray(open(cache, "rb").read())
+    if how == "random bytes":
+        body = random.Random(0).randbytes(len(body))
+    elif how == "truncated":
+        body = body[:len(body) // 3]
+    else:  # one id changed: header and size still agree, only the checksum catches it
+        body[data.CACHE_HEADER.size + 100] ^= 1
+    with open(cache, "wb") as f:
+        f.write(body)
+
+
+@pytest.mark.parametrize("how", ["random bytes", "truncated", "one id changed"])
+def test_a_damaged_cache_is_rebuilt_with_a_notice(tmp_path, capsys, how):
+    path = write(tmp_path / "story.txt", "Once upon a time there was a cache.\n" * 50)
+    clean = tokenize_corpus(path, progress=False).tolist()
+    (cache,) = tmp_path.glob("story.txt.tokens.*.bin")
+    assert cache.stat().st_size == data.CACHE_HEADER.size + 2 * len(clean)  # the header, then the ids
+    damage_cache(cache, how)
+    capsys.readouterr()
+    assert tokenize_corpus(path, progress=False).tolist() == clean
+    err = capsys.readouterr().err
+    assert f"token cache {cache} is damaged (" in err and "): rebuilding it" in err
+    assert tokenize_corpus(path, progress=False).tolist() == clean
+    assert "damaged" not in capsys.readouterr().err  # rebuilt whole: trusted again
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, corpus):
+    """Losses of 3 tiny steps on the corpus with a freshly built cache."""
+    folder = tmp_path_factory.mktemp("clean")
+    shutil.copy(corpus, folder / "text.txt")
+    run_train(folder, *TINY, "--data", "text.txt", "--steps", 3, "--save", "run/ckpt.pt", "--metrics", "run/m.jsonl")
+    return folder, losses(folder / "run/m.jsonl")
+
+
+@pytest.mark.parametrize("how", ["random bytes", "truncated"])
+def test_training_on_a_damaged_cache_rebuilds_it_and_trains_on_the_clean_tokens(clean_run, how):
+    folder, clean = clean_run
+    (cache,) = folder.glob("text.txt.tokens.*.bin")
+    damage_cache(cache, how)
+    proc = run_train(folder, *TINY, "--data", "text.txt", "--steps", 3, "--save", f"{how}/ckpt.pt",
+                     "--metrics", f"{how}/m.jsonl")
+    assert "is damaged" in proc.stderr and "rebuilding it" in proc.stderr and "Traceback" not in proc.stderr
+    assert losses(folder / how / "m.jsonl") == clean  # exactly the same tokens
+
+
+def test_fingerprint_is_the_cache_key_and_changes_with_the_data(tmp_path):
+    path = write(tmp_path / "story.txt", "Once upon a time.")
+    tokenize_corpus(path, progress=False)
+    (cache,) = tmp_path.glob("story.txt.tokens.*.bin")
+    assert cache.name == f"story.txt.tokens.{data.fingerprint(path)}.bin"
+    before = data.fingerprint(path)
+    write(path, "Once upon a time, again.")
+    assert data.fingerprint(path) != before
 
 
 def test_bad_inputs_raise_one_line_data_errors(tmp_path):
