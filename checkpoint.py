@@ -133,6 +133,7 @@ def find_latest(save, say=True):
     (None, None) when there is none."""
     folder = os.path.dirname(save)
     names = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
+    _remove_stale_temps(folder, names, say)
     periodic = sorted(((int(m[1]), m[0]) for m in map(PERIODIC.fullmatch, names) if m), reverse=True)
     found, newest = (None, None), -1
     for name in (os.path.basename(save), BEST):  # their steps are only known once loaded
@@ -147,6 +148,27 @@ def find_latest(save, say=True):
         if ckpt := _try_load(path, say):
             return path, ckpt
     return found
+
+
+def _remove_stale_temps(folder, names, say):
+    """Temporary files of saves that a crash cut short (their process is gone): up to a checkpoint
+    each, and nothing can finish them."""
+    stale = []
+    for name in names:
+        m = re.fullmatch(r"\..+\.(?:pt|png)\.(\d+)\.tmp", name)  # atomic_write's names
+        if m and int(m[1]) != os.getpid():
+            try:
+                os.kill(int(m[1]), 0)
+            except ProcessLookupError:
+                stale.append(name)
+            except OSError:  # PermissionError: another user's live process
+                pass
+    for name in stale:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+    if stale and say:
+        print(f"train.py: --ckpt auto: removed {len(stale)} temporary file(s) of interrupted saves: "
+              f"{', '.join(stale)}", file=sys.stderr, flush=True)
 
 
 def _try_load(path, say):

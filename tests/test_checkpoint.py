@@ -59,6 +59,7 @@ def test_ckpt_auto_after_sigkill_the_same_command_continues_step_for_step(tmp_pa
     resumed = re.search(r"--ckpt auto: resuming from checkpoint_step_(\d+)\.pt at step (\d+)", again.stdout)
     assert resumed and resumed[1] == resumed[2] and int(resumed[1]) in (4, 8), (kill_after, again.stdout)
     assert losses(tmp_path / "metrics.jsonl") == reference[2]  # exact floats, every step
+    assert not list(tmp_path.glob(".*.tmp"))  # a save the kill cut short leaves nothing behind
     final, ref = load_ckpt(tmp_path / "checkpoint.pt"), load_ckpt(reference[0] / "checkpoint.pt")
     assert all(torch.equal(final["model"][k], ref["model"][k]) for k in ref["model"])
 
