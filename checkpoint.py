@@ -274,7 +274,8 @@ class Saver:
             found = (PERIODIC.fullmatch(name) for name in os.listdir(self.folder or "."))
             older = sorted(int(m[1]) for m in found if m and int(m[1]) < step)  # later: an abandoned run
             for n in older[:max(0, len(older) - (keep - 1))]:
-                os.remove(os.path.join(self.folder, f"checkpoint_step_{n}.pt"))
+                with contextlib.suppress(OSError):  # one left over is no reason to stop training
+                    os.remove(os.path.join(self.folder, f"checkpoint_step_{n}.pt"))
 
     def keep_best(self, run, step, val_loss):
         """best.pt when val_loss is the lowest so far."""
