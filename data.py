@@ -3,7 +3,8 @@
 tokenize_corpus() streams the files through the SmolLM2 tokenizer piece by piece (never the whole
 corpus in RAM), giving exactly the ids of tokenizer.encode() on each whole file, and caches them
 beside the data, keyed by a hash of the files' contents and of tokenizer.json (fingerprint()), so a
-second run starts at once; the cache's header holds a checksum, and a damaged cache is rebuilt. Each file is one document; <|endoftext|> (id 0) goes between files.
+second run starts at once; its header holds a checksum, and a damaged cache is rebuilt. Each file
+is one document; <|endoftext|> (id 0) goes between files.
 DataLoaderLite serves contiguous windows from the memory-mapped tokens, sharded across DDP ranks
 the way nanoGPT does, with a state (a global token offset) for exact resume.
 """

@@ -465,7 +465,8 @@ def main(argv=None):
     if args.ckpt == "auto":
         ckpt = resume_latest(args, where)
         if ckpt and ckpt["step"] >= args.steps:
-            print(f"--ckpt auto: {args.ckpt} is at step {ckpt['step']} already (--steps {args.steps}): nothing to train")
+            print(f"--ckpt auto: {args.ckpt} is at step {ckpt['step']} already (--steps {args.steps}): "
+                  "nothing to train")
             return 0
     else:
         ckpt = load_checkpoint(args.ckpt) if args.ckpt else None

@@ -204,9 +204,9 @@ def test_a_newer_checkpoint_format_is_refused_and_versionless_ones_still_load(tm
     assert ckpt["format_version"] == checkpoint.FORMAT_VERSION
     torch.save({**ckpt, "format_version": checkpoint.FORMAT_VERSION + 1}, tmp_path / "newer.pt")
     proc = run_train(tmp_path, "--steps", 6, "--ckpt", "newer.pt", status=2)
-    assert proc.stderr.strip() == (f"train.py: error: --ckpt newer.pt: checkpoint format {checkpoint.FORMAT_VERSION + 1} "
-                                   f"is newer than this code's {checkpoint.FORMAT_VERSION}: resume it with the "
-                                   "version of train.py that wrote it")
+    version = checkpoint.FORMAT_VERSION
+    assert proc.stderr.strip() == (f"train.py: error: --ckpt newer.pt: checkpoint format {version + 1} is newer "
+                                   f"than this code's {version}: resume it with the version of train.py that wrote it")
     del ckpt["format_version"], ckpt["data_fingerprint"], ckpt["best"]  # as checkpoints were before
     torch.save(ckpt, tmp_path / "old.pt")
     run_train(tmp_path, "--steps", 5, "--ckpt", "old.pt")

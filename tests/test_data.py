@@ -143,7 +143,8 @@ def clean_run(tmp_path_factory, corpus):
     """Losses of 3 tiny steps on the corpus with a freshly built cache."""
     folder = tmp_path_factory.mktemp("clean")
     shutil.copy(corpus, folder / "text.txt")
-    run_train(folder, *TINY, "--data", "text.txt", "--steps", 3, "--save", "run/ckpt.pt", "--metrics", "run/m.jsonl")
+    run_train(folder, *TINY, "--data", "text.txt", "--steps", 3, "--save", "run/ckpt.pt",
+              "--metrics", "run/m.jsonl")
     return folder, losses(folder / "run/m.jsonl")
 
 
