@@ -238,12 +238,12 @@ class _Lane:
         self.tokens = np.concatenate(pieces) if len(pieces) > 1 else self.tokens
 
     def state_dict(self):
-        return {"dataset": self.dataset.state_dict(), "tokens": torch.from_numpy(self.tokens.copy()),
+        return {"dataset": self.dataset.state_dict(), "tokens": self.tokens.tobytes(),  # uint16
                 "started": self.started, "epoch": self.epoch}
 
     def load_state_dict(self, state):
         self.iterator.close()
-        self.tokens = state["tokens"].numpy().astype(np.uint16)
+        self.tokens = np.frombuffer(state["tokens"], dtype=np.uint16).copy()
         self.started, self.epoch = bool(state["started"]), int(state["epoch"])
         self._restart(state["dataset"])
 
