@@ -169,25 +169,31 @@ def open_stream(spec):
     """The IterableDataset of hf:NAME[:CONFIG] (its train split), or a one-line DataError."""
     name, _, config = spec[len("hf:"):].partition(":")
     if not name:
-        raise data.DataError(f"--data {spec}: expected hf:NAME[:CONFIG], e.g. hf:HuggingFaceTB/"
+        raise data.DataError(f"{spec}: expected hf:NAME[:CONFIG], e.g. hf:HuggingFaceTB/"
                              "smollm-corpus:cosmopedia-v2, or hf:./folder of parquet/JSONL shards")
     local = name.startswith((".", "/", "~"))
     if local and not os.path.isdir(os.path.expanduser(name)):
-        raise data.DataError(f"--data {spec}: no such directory {name}")
+        raise data.DataError(f"{spec}: no such directory {name}")
     try:
         import datasets
     except ImportError:
-        raise data.DataError(f"--data {spec}: hf: sources need the datasets package "
+        raise data.DataError(f"{spec}: hf: sources need the datasets package "
                              "(pip install datasets)") from None
-    try:
+    from datasets.data_files import EmptyDatasetError
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach us as exceptions,
+    try:  # which we report in one line: its log lines would only repeat them on stderr
         return datasets.load_dataset(os.path.expanduser(name), config or None, split="train",
                                      streaming=True)
+    except (EmptyDatasetError, StopIteration) as e:  # no data files; files of no rows
+        raise data.DataError(f"{spec}: the stream is empty ({_reason(e)})") from None
     except Exception as e:  # the library raises many kinds (hub, config, file errors): say which
-        raise data.DataError(f"--data {spec}: cannot stream it ({_reason(e)})") from None
+        raise data.DataError(f"{spec}: cannot stream it ({_reason(e)})") from None
 
 
 def _reason(e):
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+    """The library's reason in a few words: the exception's kind and its message's first line."""
+    message = str(e).strip()
+    return f"{type(e).__name__}: {message.splitlines()[0][:160]}" if message else type(e).__name__
 
 
 def _digest(text):
@@ -272,7 +278,7 @@ def stream_head(spec, n_tokens, column="text", dataset=None, tokenizer=None):
         have += len(pieces[-1])
     it.close()
     if not digests:
-        raise data.DataError(f"--data {spec}: the stream is empty (no examples in its train split)")
+        raise data.DataError(f"{spec}: the stream is empty (no examples in its train split)")
     return np.concatenate(pieces).astype(np.uint16)[:n_tokens], digests
 
 
@@ -304,7 +310,9 @@ class StreamLoader:
         self._share()
 
     def too_few(self):
-        return (f"--data {self.spec}: a lane of {self.lanes} (world size x grad accum) gets no documents"
+        if self.lanes == 1 and not self.held_out:
+            return f"{self.spec}: the stream is empty (no documents in its train split)"
+        return (f"{self.spec}: a lane of {self.lanes} (world size x grad accum) gets no documents"
                 f"{' once the validation documents are held out' if self.held_out else ''}; "
                 "the stream has too few documents for this many lanes")
 
