@@ -215,6 +215,8 @@ class _Lane:
                                              world_size=self.loader.lanes)
         if dataset_state is not None:
             self.dataset.load_state_dict(dataset_state)
+        # Kept by us: until its first example, a loaded dataset's state_dict() is its initial one
+        self.dataset_state = dataset_state or self.dataset.state_dict()
         self.iterator = iter(self.dataset)
         _OPEN_ITERATORS.add(self.iterator)
 
@@ -223,6 +225,7 @@ class _Lane:
         pieces, have, fresh_epoch_tokens = [self.tokens], len(self.tokens), None
         while have < need:
             example = _next(self.iterator, self.loader.spec)
+            self.dataset_state = self.dataset.state_dict()  # resume after this example
             if example is None:  # end of this lane's documents: start it over
                 if fresh_epoch_tokens == 0:
                     raise data.DataError(self.loader.too_few())
@@ -244,7 +247,7 @@ class _Lane:
         self.tokens = np.concatenate(pieces) if len(pieces) > 1 else self.tokens
 
     def state_dict(self):
-        return {"dataset": self.dataset.state_dict(), "tokens": self.tokens.tobytes(),  # uint16
+        return {"dataset": self.dataset_state, "tokens": self.tokens.tobytes(),  # uint16
                 "started": self.started, "epoch": self.epoch}
 
     def load_state_dict(self, state):

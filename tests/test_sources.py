@@ -183,9 +183,11 @@ def test_a_stream_state_resumes_exactly_across_the_end_of_its_documents(tmp_path
     torch.save(loader.state_dict(), tmp_path / "state.pt")
     resumed = StreamLoader(spec, batch_size=3, seq_len=5)
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    again = StreamLoader(spec, batch_size=3, seq_len=5)  # resumed twice, with no read in between
+    again.load_state_dict(resumed.state_dict())
     for _ in range(120):
-        for a, b in zip(loader.next_batch(), resumed.next_batch()):
-            assert torch.equal(a, b)
+        for a, b, c in zip(loader.next_batch(), resumed.next_batch(), again.next_batch()):
+            assert torch.equal(a, b) and torch.equal(a, c)
     with pytest.raises(DataError, match=r"read 1 lanes .* this run has 2"):
         StreamLoader(spec, 3, 5, grad_accum=2).load_state_dict(loader.state_dict())
     with pytest.raises(DataError, match="trained on token files"):
