@@ -91,8 +91,8 @@ def build_parser():
         "of them, or hf:NAME[:CONFIG] (or hf:./folder of parquet/JSONL shards) streamed with datasets")
     add("--text-column", "the text column (parquet) or field (JSONL, hf:) of each document",
         metavar="NAME")
-    add("--val-data", "validate on this source (any --data kind) instead of the training data's tail",
-        metavar="SOURCE")
+    add("--val-data", "validation data, any --data kind; None = held out of --data (--val-frac of "
+        "files, --val-tokens of a stream)", metavar="SOURCE")
     add("--val-tokens", "validation tokens of an hf: stream: its first N, held out of training; "
         "0 = none", type=NONNEG_INT)
     add("--model", "model preset", choices=sorted(PRESETS))
