@@ -158,21 +158,23 @@ def test_stream_validation_is_its_first_val_tokens_and_their_documents_never_tra
     assert set(trained) == set(docs) - set(held)
 
 
-def test_two_ranks_read_disjoint_documents_and_what_one_process_reads_with_grad_accum_2(files, docs,
-                                                                                       tokenizer):
+@pytest.mark.parametrize("world", [2, 3])  # 4 shards: whole shards per rank, or every 3rd example
+def test_ranks_read_disjoint_documents_and_what_one_process_reads_with_grad_accum(files, docs,
+                                                                                  tokenizer, world):
     spec = stream(files)
-    single = StreamLoader(spec, batch_size=2, seq_len=8, grad_accum=2)
-    ranks = [StreamLoader(spec, batch_size=2, seq_len=8, rank=r, world_size=2) for r in range(2)]
-    seen = [[], []]
-    for _ in range(60):  # one step: micro-step m of one process is rank m of two
-        for r in range(2):
+    single = StreamLoader(spec, batch_size=2, seq_len=8, grad_accum=world)
+    ranks = [StreamLoader(spec, batch_size=2, seq_len=8, rank=r, world_size=world) for r in range(world)]
+    seen = [[] for _ in ranks]
+    for _ in range(120):  # one step: micro-step m of one process is rank m of `world`; > 2 epochs
+        for r in range(world):
             x1, y1 = single.next_batch()
             x2, y2 = ranks[r].next_batch()
             assert torch.equal(x1, x2) and torch.equal(y1, y2)
             seen[r].append(x2)
     read = [set(lane_documents(windows, tokenizer)) for windows in seen]
-    assert read[0] and read[1] and not read[0] & read[1]
-    assert read[0] | read[1] <= set(docs)
+    for r in range(world):
+        assert read[r] and not read[r] & set().union(*read[:r], *read[r + 1:])
+    assert set().union(*read) == set(docs)
 
 
 def test_a_stream_state_resumes_exactly_across_the_end_of_its_documents(tmp_path, files):
