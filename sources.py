@@ -364,6 +364,9 @@ class StreamLoader:
             raise data.DataError(f"the checkpoint read {len(state['lanes'])} lanes of {state['stream']}; "
                                  f"this run has {self.lanes} (world size x --grad-accum): keep their "
                                  "product as it was for an exact resume")
+        if any(state["lanes"][i] is None for i in self.own):  # saved by ranks that never shared
+            raise data.DataError(f"the checkpoint lacks some lanes of {self.spec}: it was not saved "
+                                 "by a run of train.py")
         for i, lane in self.own.items():
             lane.load_state_dict(state["lanes"][i])
         self.others = {i: s for i, s in enumerate(state["lanes"]) if i not in self.own}
