@@ -3,7 +3,9 @@
 Builds a ~100 MB corpus from input.txt (shuffled paragraphs and changed case per copy, so it is not
 one text repeated), then runs each measurement in its own process, so one's memory cannot show in
 another's peak RSS. Whole-text encoding is slow and memory-hungry at 100 MB, so it runs on a prefix
-(--whole-mb); its MB/s only flatters it, as it gets slower per MB the longer the text.
+(--whole-mb); its MB/s only flatters it, as it gets slower per MB the longer the text. The same
+corpus as one parquet file of documents of about 4 kB (rows, in row groups of 1,000) measures the
+parquet path (pyarrow needed), its MB being those of its text, not of the compressed file.
 
     python bench_tokenize.py [--corpus-mb 100] [--whole-mb 16] [--json]
 """
@@ -36,6 +38,26 @@ def build_corpus(directory, total_mb, n_files=10):
                 copy += 1
 
 
+def build_parquet(corpus, path, doc_bytes=4000, group_rows=1000):
+    """The corpus's text as one parquet file of ~doc_bytes documents; returns the text's bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema, rows, n_bytes = pa.schema([("text", pa.string())]), [], 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for name in sorted(os.listdir(corpus)):
+            with open(os.path.join(corpus, name), encoding="utf-8") as f:
+                text = f.read()
+            for start in range(0, len(text), doc_bytes):  # ASCII: chars = bytes
+                rows.append(text[start:start + doc_bytes])
+                n_bytes += len(rows[-1])
+                if len(rows) == group_rows:
+                    writer.write_table(pa.table({"text": rows}, schema=schema))
+                    rows = []
+        if rows:
+            writer.write_table(pa.table({"text": rows}, schema=schema))
+    return n_bytes
+
+
 def _cpu_seconds():
     usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
     return usage.ru_utime + usage.ru_stime
@@ -59,11 +81,12 @@ def child(mode, path):
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def measure(mode, path, single_thread=False):
+def measure(mode, path, single_thread=False, text_bytes=None):
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false" if single_thread else "true")
     out = subprocess.run([sys.executable, __file__, "--child", mode, path], env=env,
                          capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
+    result["bytes"] = text_bytes or result["bytes"]  # parquet: its text, not its compressed size
     result["mb_per_s"] = result["bytes"] / 1e6 / result["seconds"]
     return result
 
@@ -94,11 +117,16 @@ def main():
             "tokenize_corpus, 1 thread (prefix)": measure("stream", prefix, single_thread=True),
             f"tokenize_corpus, {os.cpu_count()} cores (corpus)": measure("stream", corpus),
         }
-    whole, streamed = runs["whole-text encode (prefix)"], list(runs.values())[-1]
+        parquet = os.path.join(tmp, "corpus.parquet")
+        text_bytes = build_parquet(corpus, parquet)
+        runs[f"tokenize_corpus, {os.cpu_count()} cores (parquet)"] = measure(
+            "stream", parquet, text_bytes=text_bytes)
+    names = list(runs)  # whole, 1 thread, text corpus, parquet
+    whole, streamed, parquet = runs[names[0]], runs[names[2]], runs[names[3]]
     cpu_rate = {name: r["bytes"] / r["cpu_seconds"] for name, r in runs.items()}
     summary = {"cpu_count": os.cpu_count(), "speedup": streamed["mb_per_s"] / whole["mb_per_s"],
-               "cpu_speedup": cpu_rate[list(runs)[-1]] / cpu_rate[list(runs)[0]], "runs": runs,
-               "load_average": os.getloadavg()[0]}
+               "cpu_speedup": cpu_rate[names[2]] / cpu_rate[names[0]], "runs": runs,
+               "parquet_vs_text": parquet["mb_per_s"] / streamed["mb_per_s"], "load_average": os.getloadavg()[0]}
     if args.json:
         print(json.dumps(summary, indent=2))
         return
@@ -112,6 +140,8 @@ def main():
     print(f"streaming speed-up over whole-text encode: {summary['speedup']:.1f}x wall-clock "
           f"(target >= 4x), {summary['cpu_speedup']:.1f}x per CPU-second; "
           f"streaming peak RSS {streamed['peak_rss_mb']:.0f} MB (target < 1024)")
+    print(f"parquet: {parquet['mb_per_s']:.2f} MB/s of text, {parquet['mb_per_s'] / streamed['mb_per_s']:.2f}x "
+          f"the text files' (target >= 1x); peak RSS {parquet['peak_rss_mb']:.0f} MB (target < 1024)")
     print(f"load average at the end: {summary['load_average']:.1f} on {os.cpu_count()} cores "
           "(other processes on the machine slow the wall-clock figures, not the CPU ones)")
 

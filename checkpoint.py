@@ -186,7 +186,7 @@ def data_change(ckpt, fingerprint, spec):
     saved = ckpt.get("data_fingerprint")
     if saved is None or saved == fingerprint:  # checkpoints before fingerprints: trust them
         return None
-    ckpt["data"] = {"position": 0, "epoch": 0}
+    ckpt["data"] = None  # the loader keeps its start
     return (f"train.py: the data changed since the checkpoint ({spec} is {fingerprint}, the checkpoint "
             f"was trained on {saved}): the loader starts at the beginning of the new data (exact "
             "resume needs the same data)")

@@ -1,14 +1,14 @@
-"""Training data: text files -> a cached uint16 token file -> (x, y) batches for train.py.
+"""Training data: text, parquet or JSONL files -> a cached uint16 token file -> (x, y) batches.
 
-tokenize_corpus() streams the files through the SmolLM2 tokenizer piece by piece (never the whole
-corpus in RAM), giving exactly the ids of tokenizer.encode() on each whole file, and caches them
-beside the data, keyed by a hash of the files' contents and of tokenizer.json (fingerprint()), so a
-second run starts at once; its header holds a checksum, and a damaged cache is rebuilt. Each file
-is one document; <|endoftext|> (id 0) goes between files.
+tokenize_corpus() streams the files' documents (sources.py reads them: a text file is one, each
+parquet or JSONL row is one) through the SmolLM2 tokenizer piece by piece (never the whole corpus
+in RAM), giving exactly the ids of tokenizer.encode() on each whole document, and caches them
+beside the data, keyed by a hash of the files' contents, of tokenizer.json and of the text column
+(fingerprint()), so a second run starts at once; its header holds a checksum, and a damaged cache is
+rebuilt. <|endoftext|> (id 0) goes between documents.
 DataLoaderLite serves contiguous windows from the memory-mapped tokens, sharded across DDP ranks
 the way nanoGPT does, with a state (a global token offset) for exact resume.
 """
-import codecs
 import glob
 import hashlib
 import os
@@ -19,6 +19,8 @@ import sys
 import numpy as np
 import torch
 from tokenizers import Tokenizer
+
+import sources  # sources imports us too: only its attributes at call time, never at import
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TOKENIZER = os.path.join(HERE, "tokenizer")
@@ -70,7 +72,7 @@ def resolve_files(spec):
     files = sorted(f for f in files
                    if os.path.isfile(f) and not _CACHE_NAME.match(os.path.basename(f)))
     if not files:
-        raise DataError(f"no data files in {spec} (expected text files)")
+        raise DataError(f"no data files in {spec} (expected text, .parquet or .jsonl[.gz] files)")
     return files
 
 
@@ -80,21 +82,27 @@ def _file_digest(path, h):
             h.update(block)
 
 
-def fingerprint(spec, tokenizer_dir=DEFAULT_TOKENIZER):
-    """The data's identity, the token cache's key: a hex blake2b over CACHE_FORMAT, tokenizer.json
-    and every file's size and bytes. Checkpoints record it to tell when the data has changed."""
-    return _digest(resolve_files(spec), _tokenizer_file(tokenizer_dir))
+def fingerprint(spec, tokenizer_dir=DEFAULT_TOKENIZER, column="text"):
+    """The data's identity, the token cache's key: a hex blake2b over CACHE_FORMAT, tokenizer.json,
+    every file's size and bytes and (for parquet/JSONL) the text column. Checkpoints record it to
+    tell when the data has changed. A hub stream (hf:...) has no files to hash: its name is its identity."""
+    if sources.is_stream(spec):
+        return f"{spec} (column {column})"
+    return _digest(resolve_files(spec), _tokenizer_file(tokenizer_dir), column)
 
 
-_DIGESTS = {}  # (files, their stats) -> digest: the cache and the checkpoint hash a corpus once
+_DIGESTS = {}  # (files, their stats, column) -> digest: the cache and the checkpoint hash a corpus once
 
 
-def _digest(files, tokenizer_file):
-    stats = tuple((f, s.st_size, s.st_mtime_ns, s.st_ino) for f in (tokenizer_file, *files)
-                  for s in [os.stat(f)])
+def _digest(files, tokenizer_file, column="text"):
+    rows = any(map(sources.is_row_file, files))  # text-only corpora keep the keys they had
+    stats = (rows and column,) + tuple((f, s.st_size, s.st_mtime_ns, s.st_ino)
+                                        for f in (tokenizer_file, *files) for s in [os.stat(f)])
     if stats not in _DIGESTS:
         h = hashlib.blake2b(CACHE_FORMAT, digest_size=8)
         _file_digest(tokenizer_file, h)
+        if rows:
+            h.update(b"column:" + column.encode())
         for f in files:
             h.update(os.path.getsize(f).to_bytes(8, "little"))
             _file_digest(f, h)
@@ -102,9 +110,10 @@ def _digest(files, tokenizer_file):
     return _DIGESTS[stats]
 
 
-def _cache_path(files, tokenizer_file, cache_dir):
-    """<name>.tokens.<hash>.bin, the hash over the tokenizer and every file's size and bytes."""
-    digest = _digest(files, tokenizer_file)
+def _cache_path(files, tokenizer_file, cache_dir, column="text"):
+    """<name>.tokens.<hash>.bin, the hash over the tokenizer, every file's size and bytes, and the
+    text column where a file has rows."""
+    digest = _digest(files, tokenizer_file, column)
     name = os.path.basename(files[0]) if len(files) == 1 else "corpus"
     if cache_dir is None:
         cache_dir = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
@@ -113,50 +122,12 @@ def _cache_path(files, tokenizer_file, cache_dir):
     return os.path.join(cache_dir, f"{name}.tokens.{digest}.bin")
 
 
-def _text_pieces(path, chunk_bytes):
-    """Yield (bytes read since the last piece, text) with pieces of about chunk_bytes, cut only
-    at safe places (_CUT). Raises DataError at the first NUL byte or invalid UTF-8. Text without
-    a safe cut (no space or newline between words) stays one piece: slow, but still exact."""
-    offset, pending, carry, n_read = 0, b"", "", 0  # offset: where pending starts in the file
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(max(chunk_bytes, len(carry)))  # no cut yet: read more each time
-            n_read += len(block)
-            data, final = pending + block, not block
-            text, consumed = _decode(data, final, path, offset)
-            text = carry + text
-            offset, pending = offset + consumed, data[consumed:]  # pending: half a character
-            if final:  # end of file: what is left is the last piece
-                cut = len(text)
-            else:  # look in the second half for a cut, and never rescan a long carry
-                m = _CUT.search(text, max(len(text) // 2, len(carry) - 2))
-                cut = m.start() if m else 0
-            carry = text[cut:]
-            if cut:
-                yield n_read, text[:cut]
-                n_read = 0
-            if final:
-                return
-
-
-def _decode(data, final, path, offset):
-    """(text, bytes consumed): UTF-8 text, leaving a character cut off at the end unless final."""
-    nul = data.find(b"\0")
-    if nul >= 0:
-        raise DataError(f"{path} looks binary (NUL byte at offset {offset + nul}); "
-                        "expected UTF-8 text")
-    try:
-        return codecs.utf_8_decode(data, "strict", final)
-    except UnicodeDecodeError as e:
-        where = offset + e.start
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {where})") from None
-
-
 def tokenize_corpus(spec, tokenizer_dir=DEFAULT_TOKENIZER, cache_dir=None, progress=True,
-                    chunk_bytes=CHUNK_BYTES):
+                    chunk_bytes=CHUNK_BYTES, text_column="text"):
     """Token ids of the files in spec as a read-only uint16 memmap, tokenizing only on a cache miss.
 
-    The cache goes in cache_dir, by default the (common) directory of the data files."""
+    The cache goes in cache_dir, by default the (common) directory of the data files. A parquet or
+    JSONL row's document is its text_column."""
     files = resolve_files(spec)
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.get_vocab_size() > 65536:
@@ -164,9 +135,9 @@ def tokenize_corpus(spec, tokenizer_dir=DEFAULT_TOKENIZER, cache_dir=None, progr
     for f in files:
         if os.path.getsize(f) == 0:
             raise DataError(f"{f} is empty (expected a text file with at least one token)")
-    cache = _cache_path(files, _tokenizer_file(tokenizer_dir), cache_dir)
+    cache = _cache_path(files, _tokenizer_file(tokenizer_dir), cache_dir, text_column)
     if not os.path.exists(cache) or not _cache_is_whole(cache):
-        _tokenize_to(cache, files, tokenizer, chunk_bytes, progress)
+        _tokenize_to(cache, files, tokenizer, chunk_bytes, progress, text_column)
     elif progress:
         print(f"tokens from cache {cache}", file=sys.stderr)
     return np.memmap(cache, dtype=np.uint16, mode="r", offset=CACHE_HEADER.size)
@@ -219,26 +190,28 @@ class _SegmentEncoder:
         return ids
 
 
-def _tokenize_to(cache, files, tokenizer, chunk_bytes, progress):
+def _tokenize_to(cache, files, tokenizer, chunk_bytes, progress, column="text"):
     """Write the tokens to a temp file, then rename it: a cache file is always complete."""
     from tqdm import tqdm
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = cache[: -len(".bin")] + f".{os.getpid()}.tmp.bin"  # still matches .gitignore's pattern
     bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True,
                desc="tokenizing", disable=not progress, file=sys.stderr)
-    encode, n_bytes, h = _SegmentEncoder(tokenizer), 0, hashlib.blake2b(digest_size=16)
+    encode, n_bytes, first, h = _SegmentEncoder(tokenizer), 0, True, hashlib.blake2b(digest_size=16)
     def put(ids):
         h.update(ids)
         return out.write(ids)
     try:
         with open(tmp, "wb") as out:
             out.write(bytes(CACHE_HEADER.size))  # filled in once the count and checksum are known
-            for i, path in enumerate(files):
-                if i > 0:  # documents are separated, not terminated, by <|endoftext|>
-                    n_bytes += put(np.array([EOT_ID], dtype=np.uint16).tobytes())
-                for n_read, text in _text_pieces(path, chunk_bytes):
-                    n_bytes += put(encode(text))
-                    bar.update(n_read)
+            for path in files:
+                for document in sources.documents(path, column, chunk_bytes):
+                    if not first:  # documents are separated, not terminated, by <|endoftext|>
+                        n_bytes += put(np.array([EOT_ID], dtype=np.uint16).tobytes())
+                    first = False
+                    for n_read, text in document:
+                        n_bytes += put(encode(text))
+                        bar.update(n_read)
             out.seek(0)
             out.write(CACHE_HEADER.pack(CACHE_MAGIC, n_bytes // 2, h.digest()))
             out.flush()
@@ -306,6 +279,9 @@ class DataLoaderLite:
         return {"position": int(self.position), "epoch": int(self.epoch)}
 
     def load_state_dict(self, state):
+        if "position" not in state:
+            raise DataError(f"the checkpoint streamed {state.get('stream')}, not token files: resume "
+                            "it with its own --data")
         position = int(state["position"])
         if not 0 <= position <= len(self.tokens):
             raise DataError(f"saved data position {position} is outside these {len(self.tokens)} "

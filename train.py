@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 from checkpoint import (CheckpointError, Saver, check_disk_space, data_change, find_latest, load_checkpoint,
                         set_rng_state)
+import sources
 from model import PRESETS, ModelLoadError, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
 
 # Defaults. On resume, a setting not given on the command line comes from the checkpoint's run.
@@ -64,6 +65,8 @@ def number(kind, positive):
 
 POS_INT, NONNEG_INT, POS_FLOAT, NONNEG_FLOAT = (number(int, True), number(int, False),
                                                 number(float, True), number(float, False))
+# The data source settings (sources.py), resumed from the checkpoint like the rest.
+DEFAULTS.update(text_column="text", val_data=None, val_tokens=100_000)
 
 
 def build_parser():
@@ -84,7 +87,14 @@ def build_parser():
         ".gguf or checkpoint file, or a hub id", metavar="SOURCE")
     add("--export", "write CKPT (or any --init source) as an HF-format directory OUT_DIR, then exit",
         nargs=2, metavar=("CKPT", "OUT_DIR"))
-    add("--data", "text corpus: a file, a directory or a glob")
+    add("--data", "training data: a text, .parquet, .jsonl or .jsonl.gz file, a directory or glob "
+        "of them, or hf:NAME[:CONFIG] (or hf:./folder of parquet/JSONL shards) streamed with datasets")
+    add("--text-column", "the text column (parquet) or field (JSONL, hf:) of each document",
+        metavar="NAME")
+    add("--val-data", "validation data, any --data kind; None = held out of --data (--val-frac of "
+        "files, --val-tokens of a stream)", metavar="SOURCE")
+    add("--val-tokens", "validation tokens of an hf: stream: its first N, held out of training; "
+        "0 = none", type=NONNEG_INT)
     add("--model", "model preset", choices=sorted(PRESETS))
     add("--batch-size", "sequences per micro-batch per process", type=POS_INT)
     add("--seq-len", "tokens per sequence", type=POS_INT)
@@ -99,7 +109,7 @@ def build_parser():
     add("--dtype", "bf16 autocast or fp32; auto = bf16 on CUDA, else fp32 (for --export: bf16)",
         choices=["auto", "fp32", "bf16"])
     add("--compile", "torch.compile the model", action="store_true")
-    add("--val-frac", "held-out tail of the data for validation; 0 = none", type=NONNEG_FLOAT)
+    add("--val-frac", "held-out tail of file data for validation; 0 = none", type=NONNEG_FLOAT)
     add("--eval-interval", "steps between validation losses", type=POS_INT)
     add("--eval-iters", "batches per validation loss", type=POS_INT)
     add("--log-interval", "steps between log lines and metrics records", type=POS_INT)
@@ -217,20 +227,37 @@ def config_mismatch(have, want):
 
 
 def load_data(args, where):
-    if where.master:  # rank 0 tokenises (or finds the cache) first; the others then read the cache
-        tokens = data.tokenize_corpus(args.data, progress=sys.stderr.isatty())
-    if where.world > 1:
-        dist.barrier()
-    if not where.master:
-        tokens = data.tokenize_corpus(args.data, progress=False)
-    train, val = data.split_train_val(tokens, args.val_frac) if args.val_frac else (tokens, None)
-    loader = data.DataLoaderLite(train, args.batch_size, args.seq_len, where.rank, where.world)
+    """(the training tokens, or None for a stream; the loader; the validation tokens or None).
+    Validation: --val-data if given (a stream's first --val-tokens), else the tail of file data
+    (--val-frac) or the first --val-tokens of a stream, held out of training."""
+    def corpus(spec):  # rank 0 tokenises (or finds the cache) first; the others then read the cache
+        if where.master:
+            tokens = data.tokenize_corpus(spec, progress=sys.stderr.isatty(), text_column=args.text_column)
+        if where.world > 1:
+            dist.barrier()
+        if not where.master:
+            tokens = data.tokenize_corpus(spec, progress=False, text_column=args.text_column)
+        return tokens
+    val, held = None, f"--val-frac {args.val_frac}"
+    if args.val_data:
+        val, held = (sources.stream_head(args.val_data, args.val_tokens, args.text_column)[0]
+                     if sources.is_stream(args.val_data) else corpus(args.val_data)), f"--val-data {args.val_data}"
+    if sources.is_stream(args.data):
+        tokens = None
+        loader = sources.StreamLoader(args.data, args.batch_size, args.seq_len, where.rank, where.world,
+                                      args.grad_accum, args.text_column, 0 if args.val_data else args.val_tokens)
+        val, held = (val, held) if args.val_data else (loader.val, f"--val-tokens {args.val_tokens}")
+    else:
+        tokens = train = corpus(args.data)
+        if val is None and args.val_frac:
+            train, val = data.split_train_val(tokens, args.val_frac)
+        loader = data.DataLoaderLite(train, args.batch_size, args.seq_len, where.rank, where.world)
     if val is not None:
         try:
             data.DataLoaderLite(val, args.batch_size, args.seq_len)
         except data.DataError as e:
-            raise data.DataError(f"validation split (--val-frac {args.val_frac}) of {args.data}: {e}; "
-                                 "raise --val-frac, or 0 for no validation") from None
+            raise data.DataError(f"validation data ({held}) of {args.val_data or args.data}: {e}; "
+                                 f"give more, or {held.split()[0]} 0 for no validation") from None
     return tokens, loader, val
 
 
@@ -268,9 +295,14 @@ def describe(run, tokens, where):
         print(f"  {label:32s} {n:>13,d}")
     fpt = flops_per_token(cfg, args.seq_len, counts["total"])
     print(f"training FLOPs per token at T={args.seq_len}: {fpt / 1e9:.3f} GFLOP")
-    stats = {"bytes": sum(os.path.getsize(f) for f in data.resolve_files(args.data)), **data.dataset_stats(tokens)}
-    print(f"data: {args.data} | {', '.join(f'{k} {v:,}' for k, v in stats.items())} | train batches per "
-          f"epoch {run.loader.batches_per_epoch:,}, validation tokens {len(run.val) if run.val is not None else 0:,}")
+    val = f"validation tokens {len(run.val) if run.val is not None else 0:,}" + \
+        (f" from {args.val_data}" if args.val_data else "")
+    if tokens is None:  # a stream: nothing counted ahead
+        print(f"data: {args.data} | {run.loader.describe()} | {val}")
+    else:
+        stats = {"bytes": sum(os.path.getsize(f) for f in data.resolve_files(args.data)), **data.dataset_stats(tokens)}
+        print(f"data: {args.data} | {', '.join(f'{k} {v:,}' for k, v in stats.items())} | train batches per "
+              f"epoch {run.loader.batches_per_epoch:,}, {val}")
     print(f"batch: {args.batch_size} x {args.seq_len} tokens x {args.grad_accum} micro-steps x "
           f"{where.world} processes = {run.tokens_per_step:,} tokens per step | device {where.device}, "
           f"{run.dtype}{', compiled' if args.compile else ''}")
@@ -299,7 +331,8 @@ class Run:
         if ckpt:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # may be overridden
-            loader.load_state_dict(ckpt["data"])
+            if ckpt["data"] is not None:  # None: the data changed since (checkpoint.data_change)
+                loader.load_state_dict(ckpt["data"])
             set_rng_state(ckpt["rng"])
             self.step, self.horizon, self.val_loss = ckpt["step"], ckpt["lr_horizon"], ckpt.get("val_loss")
             self.history = ckpt.get("history") or self.history
@@ -477,7 +510,7 @@ def main(argv=None):
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         tokens, loader, val = load_data(args, where)  # DataError: before anything heavy is built
-        fingerprint = data.fingerprint(args.data)
+        fingerprint = data.fingerprint(args.data, column=args.text_column)
         if ckpt and (notice := data_change(ckpt, fingerprint, args.data)) and where.master:
             print(notice, file=sys.stderr, flush=True)
         if where.type == "cpu":

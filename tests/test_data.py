@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import sources
 from conftest import TINY, losses, run_train
 from data import DataError, DataLoaderLite, split_train_val, tokenize_corpus
 
@@ -57,7 +58,7 @@ def test_cuts_and_segments_never_change_tokens_on_tricky_text(tmp_path, tokenize
         path = write(tmp_path / f"t{trial}.txt", text)
         expected = tokenizer.encode(text).ids
         for chunk_bytes in (1, 3, 16, 1000):
-            pieces = [t for _, t in data._text_pieces(path, chunk_bytes)]
+            pieces = [t for _, t in sources.text_pieces(path, chunk_bytes)]
             assert "".join(pieces) == text
             encode = data._SegmentEncoder(tokenizer)
             ids = np.frombuffer(b"".join(map(encode, pieces)), dtype=np.uint16).tolist()
