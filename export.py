@@ -59,7 +59,7 @@ def export(source, out, dtype="auto", push_to_hub=None):
         model.save_pretrained(out, dtype=DTYPES[dtype][0])
         with open(os.path.join(out, "training_info.json"), "w") as f:
             json.dump(info, f, indent=2)
-        write_model_card(out, source, info)
+        write_model_card(out, source, info, push_to_hub)
         what = (f"{str(DTYPES[dtype][0]).removeprefix('torch.')}: config.json, model.safetensors, "
                 "tokenizer files, README.md")
     print(f"exported {source} (step {info['step']}, val loss {info['val_loss']}) to {out} in {what}")
@@ -151,7 +151,7 @@ def add_tokenizer(w, config, tokenizer_dir):
 
 
 # ----------------------------------------------------------------------------- model card
-def write_model_card(out_dir, source, info):
+def write_model_card(out_dir, source, info, repo_id=None):
     """README.md: YAML metadata the hub reads, and the run's summary from the checkpoint."""
     from huggingface_hub import ModelCard, ModelCardData
     ckpt = read_run(source) if info["format"] == "checkpoint" else {}
@@ -160,7 +160,7 @@ def write_model_card(out_dir, source, info):
     base_model = init if init and HUB_ID.fullmatch(init) and not os.path.exists(init) else None
     meta = ModelCardData(library_name="transformers", license="apache-2.0", pipeline_tag="text-generation",
                          tags=["smollm2", "llama", "text-generation", "pytorch"], base_model=base_model)
-    name = os.path.basename(os.path.normpath(out_dir))
+    name = repo_id or os.path.basename(os.path.normpath(out_dir))  # what from_pretrained is given
     lines = [f"# {name}", "", "A SmolLM2-architecture Llama model (tied embeddings, GQA, RoPE) exported "
              "by this repo's `train.py --export`. It loads with `transformers`:", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
