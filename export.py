@@ -78,7 +78,10 @@ def llama_cpp_qk(w, heads):
 
 def write_gguf(model, path, ggml_type, tokenizer_dir=TOKENIZER_DIR):
     """One GGUF file: metadata, the tokenizer, then every tensor (matrices in ggml_type)."""
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("--export: a .gguf output needs the gguf package: pip install gguf") from None
     c = model.config
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                  "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ggml_type]
