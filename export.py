@@ -26,6 +26,7 @@ from model import HERE, ModelLoadError, SmolLM2
 
 TOKENIZER_DIR = os.path.join(HERE, "tokenizer")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+CARD_MARK = "<!-- model card written by smollm2's export.py -->"
 # --dtype spellings -> (torch dtype for an HF directory, GGML type name for a GGUF file)
 DTYPES = {"auto": (torch.bfloat16, "F16"), "bf16": (torch.bfloat16, "BF16"),
           "fp32": (torch.float32, "F32"), "f32": (torch.float32, "F32"),
@@ -59,9 +60,9 @@ def export(source, out, dtype="auto", push_to_hub=None):
         model.save_pretrained(out, dtype=DTYPES[dtype][0])
         with open(os.path.join(out, "training_info.json"), "w") as f:
             json.dump(info, f, indent=2)
-        write_model_card(out, source, info, push_to_hub)
+        card = write_model_card(out, source, info, push_to_hub)
         what = (f"{str(DTYPES[dtype][0]).removeprefix('torch.')}: config.json, model.safetensors, "
-                "tokenizer files, README.md")
+                f"tokenizer files, {os.path.basename(card)}")
     print(f"exported {source} (step {info['step']}, val loss {info['val_loss']}) to {out} in {what}")
     if push_to_hub:
         push(hub, out, push_to_hub)
@@ -155,7 +156,9 @@ def add_tokenizer(w, config, tokenizer_dir):
 
 # ----------------------------------------------------------------------------- model card
 def write_model_card(out_dir, source, info, repo_id=None):
-    """README.md: YAML metadata the hub reads, and the run's summary from the checkpoint."""
+    """README.md: YAML metadata the hub reads, and the run's summary from the checkpoint. A README.md
+    we did not write (hf_files/'s Space metadata) is kept: the card goes to MODEL_CARD.md instead.
+    Returns the card's path."""
     from huggingface_hub import ModelCard, ModelCardData
     ckpt = read_run(source) if info["format"] == "checkpoint" else {}
     args, history = ckpt.get("args") or {}, ckpt.get("history") or {}
@@ -174,8 +177,14 @@ def write_model_card(out_dir, source, info, repo_id=None):
     else:
         lines += ["## Source", "", f"Exported from `{source}` ({info['format']}); no training run "
                   "recorded in it.", ""]
-    card = ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines))
-    card.save(os.path.join(out_dir, "README.md"))
+    card = ModelCard(f"---\n{meta.to_yaml()}\n---\n{CARD_MARK}\n\n" + "\n".join(lines))
+    path = os.path.join(out_dir, "README.md")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if CARD_MARK not in f.read():
+                path = os.path.join(out_dir, "MODEL_CARD.md")
+    card.save(path)
+    return path
 
 
 def read_run(path):

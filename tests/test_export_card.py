@@ -21,9 +21,13 @@ def checkpoint(tmp_path_factory, corpus):
     return folder / "checkpoint.pt"
 
 
-def read_card(folder):
+def read_card_file(path):
     from huggingface_hub import ModelCard
-    return ModelCard.load(folder / "README.md")
+    return ModelCard.load(path)
+
+
+def read_card(folder):
+    return read_card_file(folder / "README.md")
 
 
 def test_exported_directory_has_a_model_card_with_metadata_and_the_training_summary(tmp_path, checkpoint):
@@ -50,6 +54,18 @@ def test_a_card_names_the_base_model_of_a_fine_tuned_run_and_draws_a_missing_plo
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M"
     assert "`HuggingFaceTB/SmolLM2-135M`" in card.text
     assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_existing_readme_such_as_the_spaces_is_kept_and_the_card_goes_beside_it(tmp_path, checkpoint):
+    out = tmp_path / "space"
+    out.mkdir()
+    (out / "README.md").write_text("---\nsdk: gradio\n---\nThe Space\n")
+    run_train(tmp_path, "--export", checkpoint, out)
+    assert (out / "README.md").read_text() == "---\nsdk: gradio\n---\nThe Space\n"
+    assert read_card_file(out / "MODEL_CARD.md").data.library_name == "transformers"
+    run_train(tmp_path, "--export", checkpoint, tmp_path / "out")
+    run_train(tmp_path, "--export", checkpoint, tmp_path / "out")  # our own card is rewritten in place
+    assert not (tmp_path / "out" / "MODEL_CARD.md").exists() and read_card(tmp_path / "out").data.license
 
 
 def test_a_card_of_a_weights_only_source_says_where_it_came_from(tmp_path, checkpoint):
