@@ -121,6 +121,7 @@ def write_gguf(model, path, ggml_type, tokenizer_dir=TOKENIZER_DIR):
             w.add_tensor(name, a.astype(np.float16))
         else:  # BF16 and Q8_0: gguf's numpy quantizer, stored as raw bytes of that type
             w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # a half-written .gguf never takes the name
     try:
         w.write_header_to_file(tmp)
@@ -275,8 +276,13 @@ def push(api, out, repo_id):
     print(f"pushed {out} to {url}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like train.py's
+        raise ExportError(message)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(description=__doc__.split("\n")[0])
     p.add_argument("source", help="checkpoint, best.pt, HF directory, .gguf, .safetensors or hub id")
     p.add_argument("out", help="OUT.gguf for a GGUF file, anything else for an HF directory")
     p.add_argument("--dtype", default="auto", help="fp32, fp16, bf16, q8_0 (GGUF only); auto = bf16 "
