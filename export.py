@@ -63,7 +63,8 @@ def export(source, out, dtype="auto", push_to_hub=None):
         card = write_model_card(out, source, info, push_to_hub)
         what = (f"{str(DTYPES[dtype][0]).removeprefix('torch.')}: config.json, model.safetensors, "
                 f"tokenizer files, {os.path.basename(card)}")
-    print(f"exported {source} (step {info['step']}, val loss {info['val_loss']}) to {out} in {what}")
+    run = f" (step {info['step']}, val loss {info['val_loss']})" if info["step"] is not None else ""
+    print(f"exported {source}{run} to {out} in {what}")
     if push_to_hub:
         push(hub, out, push_to_hub)
     return 0
