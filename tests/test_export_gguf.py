@@ -26,6 +26,7 @@ def real_export(tmp_path_factory, gguf_path):
     return folder / "real-f32.gguf"
 
 
+@pytest.mark.slow
 def test_real_export_has_the_llama_cpp_layout(real_export):
     import gguf
     reader = gguf.GGUFReader(real_export)
@@ -41,6 +42,7 @@ def test_real_export_has_the_llama_cpp_layout(real_export):
     assert types["blk.0.attn_norm.weight"] == "F32" and len(types) == 1 + 30 * 9 + 1
 
 
+@pytest.mark.slow
 def test_real_export_gives_transformers_the_logits_of_the_original_file(real_export, hf_real_model):
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(real_export.parent, gguf_file=real_export.name,
@@ -51,6 +53,7 @@ def test_real_export_gives_transformers_the_logits_of_the_original_file(real_exp
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_real_export_tokenizer_encodes_tricky_text_like_tokenizer_json(real_export):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -63,6 +66,7 @@ def test_real_export_tokenizer_encodes_tricky_text_like_tokenizer_json(real_expo
     assert theirs.convert_tokens_to_ids("<|im_start|>") == 1
 
 
+@pytest.mark.slow
 def test_real_export_reads_back_into_our_model_identically(real_export, real_model):
     back = SmolLM2.from_pretrained(real_export)
     assert back.config == real_model.config
