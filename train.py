@@ -6,6 +6,7 @@
     torchrun --nproc_per_node=8 train.py --steps 5000        # DDP: nccl on GPUs, gloo on CPU
     python train.py --init model.gguf --steps 200 --lr 1e-4  # fine-tune from real SmolLM2 weights
     python train.py --export checkpoint.pt out/              # HF-format directory for transformers
+    python train.py --export checkpoint.pt model.gguf        # one GGUF file for llama.cpp / Ollama
 
 A checkpoint (checkpoint.py) is one torch.save'd dict that loads with weights_only=True: the model,
 optimizer, step, LR horizon, the loader's position and the data's fingerprint, every RNG state and
@@ -31,6 +32,7 @@ import data
 from checkpoint import (CheckpointError, Saver, check_disk_space, data_change, find_latest, load_checkpoint,
                         set_rng_state)
 import sources
+import loggers
 from model import PRESETS, ModelLoadError, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
 
 # Defaults. On resume, a setting not given on the command line comes from the checkpoint's run.
@@ -85,8 +87,9 @@ def build_parser():
         "if there is none", metavar="PATH")
     add("--init", "start a new run from pretrained weights: an HF model directory, a .safetensors, "
         ".gguf or checkpoint file, or a hub id", metavar="SOURCE")
-    add("--export", "write CKPT (or any --init source) as an HF-format directory OUT_DIR, then exit",
-        nargs=2, metavar=("CKPT", "OUT_DIR"))
+    add("--export", "write CKPT (or any --init source) as an HF-format directory OUT (with a model "
+        "card), or as one GGUF file if OUT ends in .gguf, then exit", nargs=2, metavar=("CKPT", "OUT"))
+    add("--push-to-hub", "with --export: upload OUT to this Hugging Face hub repo", metavar="REPO_ID")
     add("--data", "training data: a text, .parquet, .jsonl or .jsonl.gz file, a directory or glob "
         "of them, or hf:NAME[:CONFIG] (or hf:./folder of parquet/JSONL shards) streamed with datasets")
     add("--text-column", "the text column (parquet) or field (JSONL, hf:) of each document",
@@ -118,6 +121,9 @@ def build_parser():
     add("--keep-last", "periodic checkpoints to keep; 0 = all", type=NONNEG_INT)
     add("--metrics", "JSONL file of logged steps", metavar="PATH")
     add("--plot", "loss-curve PNG (default loss.png beside --save)", metavar="PATH")
+    add("--tensorboard", "also log to TensorBoard in this directory (pip install tensorboard)", metavar="DIR")
+    add("--wandb", "also log to this Weights & Biases project; honours WANDB_MODE=offline (pip install "
+        "wandb)", metavar="PROJECT")
     add("--sample-interval", "steps between printed samples; 0 = none", type=NONNEG_INT)
     add("--sample-prompt", "prompt of the samples")
     add("--sample-tokens", "tokens per sample", type=POS_INT)
@@ -431,6 +437,7 @@ def log_step(run, metrics, step, loss, norm, lr, val, clock):
         run.history["val_step"].append(step)
         run.history["val_loss"].append(val)
     metrics.write(json.dumps(record) + "\n")
+    run.trackers.log(record)
     metrics.flush()
     width = len(str(run.args.steps))
     print(f"step {step:>{width}}/{run.args.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
@@ -492,8 +499,14 @@ def train(run, metrics, saver):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.export:
-        return export(*args.export, args.dtype)
+    if args.export or args.push_to_hub:
+        import export  # export.py: GGUF files, HF directories with a model card, hub uploads
+        if not args.export:
+            raise UsageError("--push-to-hub uploads an export: give --export SRC OUT with it")
+        try:
+            return export.export(*args.export, args.dtype, args.push_to_hub)
+        except export.ExportError as e:
+            raise UsageError(str(e)) from None
     where = Dist(args.device)
     if args.ckpt == "auto":
         ckpt = resume_latest(args, where)
@@ -506,6 +519,10 @@ def main(argv=None):
     check_args(args, ckpt)
     changed = resolve_args(args, ckpt["args"] if ckpt else None, where.world)
     check_writable(args.save, args.metrics, args.plot)
+    try:  # a missing tracker package stops the run here, before anything heavy
+        trackers = loggers.Loggers(args, ckpt["step"] if ckpt else 0, where.master)
+    except loggers.MissingPackage as e:
+        raise UsageError(str(e)) from None
     where.start()
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -517,6 +534,7 @@ def main(argv=None):
             keep_freed_memory()
         run = Run(args, ckpt, where, loader, val)
         run.data_fingerprint, saver = fingerprint, Saver(args, args.ckpt, ckpt)
+        run.trackers = trackers
         del ckpt
         check_disk_space(args.save, run.raw_model, run.optimizer)  # before hours of training, not after
         if where.master:
@@ -539,6 +557,7 @@ def main(argv=None):
                       f"{launcher} train.py --steps {args.steps} --ckpt {args.save}", flush=True)
         return status
     finally:
+        trackers.close()
         for signum, handler in handlers.items():  # theirs again, and run can be freed
             signal.signal(signum, handler)
 
@@ -554,22 +573,6 @@ def resume_latest(args, where):
     if ckpt:
         args.init = None  # the checkpoint already holds the weights --init started the run from
     return ckpt
-
-
-def export(source, out_dir, dtype):
-    """An HF-format directory (config.json, model.safetensors, tokenizer, generation_config.json)
-    from any source SmolLM2.from_pretrained reads; bf16 unless --dtype fp32."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UsageError(f"--export: {out_dir} exists and is not a directory")
-    model = SmolLM2.from_pretrained(source)
-    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-    model.save_pretrained(out_dir, dtype=torch_dtype)
-    info = {k: model.source_info.get(k) for k in ("source", "format", "step", "val_loss")}
-    with open(os.path.join(out_dir, "training_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    print(f"exported {source} (step {info['step']}, val loss {info['val_loss']}) to {out_dir} in "
-          f"{str(torch_dtype).removeprefix('torch.')}: config.json, model.safetensors, tokenizer files")
-    return 0
 
 
 def exit_process(status):

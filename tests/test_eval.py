@@ -1,0 +1,108 @@
+"""eval.py: loss, perplexity and bits per byte, checked against transformers computing the same
+windows on its own, and bad input as one line with exit status 2."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cmd
+from model import PRESETS, SmolLM2
+
+EVAL_PY = os.path.join(ROOT, "eval.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random tiny model with weights far from init (peaked predictions), as an HF directory."""
+    torch.manual_seed(0)
+    model = SmolLM2(PRESETS["tiny"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path_factory.mktemp("eval") / "tiny"
+    model.save_pretrained(folder, dtype=torch.float32)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """Shakespeare, accents and emoji (multi-byte UTF-8), about 270 tokens."""
+    with open(os.path.join(ROOT, "input.txt")) as f:
+        text = f.read(900) + "\nCafé, naïve, 🤗 — «quoted» 1234567\n"
+    path = tmp_path_factory.mktemp("eval_data") / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def transformers_reference(folder, text, seq_len):
+    """Summed nats and count: windows of seq_len + 1 tokens every seq_len tokens, in transformers."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = Tokenizer.from_file(os.path.join(ROOT, "tokenizer", "tokenizer.json")).encode(text).ids
+    nats, count, predicted = 0.0, 0, []
+    for start in range(0, len(ids) - 1, seq_len):
+        window = torch.tensor([ids[start:start + seq_len + 1]])
+        with torch.no_grad():
+            logits = hf(window[:, :-1]).logits[0]
+        nats += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+        count += window.size(1) - 1
+        predicted += range(start + 1, start + window.size(1))
+    assert predicted == list(range(1, len(ids)))  # every token from t1 on, exactly once
+    return nats, count
+
+
+@pytest.mark.parametrize("seq_len, batch_size", [(64, 3), (50, 1)])
+def test_eval_equals_transformers_on_the_same_windows(tmp_path, tiny_dir, text_file, seq_len, batch_size):
+    out = tmp_path / "result.json"
+    proc = run_cmd(tmp_path, "python", EVAL_PY, tiny_dir, "--data", text_file, "--seq-len", seq_len,
+                   "--batch-size", batch_size, "--json", out, "--device", "cpu")
+    result = json.loads(out.read_text())
+    assert set(result) == {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "source"}
+    text = text_file.read_text(encoding="utf-8")
+    nats, count = transformers_reference(tiny_dir, text, seq_len)
+    assert count % seq_len != 0  # the last window is a partial one, and it counts
+    assert result["tokens"] == count and result["bytes"] == len(text.encode("utf-8"))
+    assert result["loss"] == pytest.approx(nats / count, abs=1e-4)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
+    assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / result["bytes"], rel=1e-4)
+    assert result["source"] == str(tiny_dir) and f"bits per byte {result['bits_per_byte']:.4f}" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing_model", "--data", "{text}"], "missing_model: no such file"),
+    (["{model}", "--data", "nope.txt"], "no such file or directory: nope.txt"),
+    (["{model}", "--data", "{text}", "--seq-len", "0"], "--seq-len: must be > 0"),
+    (["{model}", "--data", "{text}", "--seq-len", "5000"], "exceeds the model's context window of 1024"),
+    (["{model}"], "the following arguments are required: --data"),
+])
+def test_bad_eval_input_is_one_line_and_exit_2(tmp_path, tiny_dir, text_file, args, message):
+    args = [a.format(model=tiny_dir, text=text_file) for a in args]
+    proc = run_cmd(tmp_path, "python", EVAL_PY, *args, status=2)
+    assert proc.stderr.startswith("eval.py: error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert message in proc.stderr
+
+
+def test_parquet_jsonl_and_hf_stream_evaluate_like_the_same_text_files(tmp_path, tiny_dir):
+    """The same two documents as text files, parquet rows, JSONL lines and an hf: stream of a parquet
+    shard: the same tokens, the same UTF-8 bytes (not the parquet file's size), the same loss."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import eval as evaluation
+    docs = ["First Citizen:\nBefore we proceed any further, hear me speak.", "Café, naïve, 🤗 — «quoted» 42"]
+    (tmp_path / "txt").mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / "txt" / f"{i}.txt").write_text(doc, encoding="utf-8")
+    for folder in ("pq", "shards"):  # apart: a token cache beside docs.parquet is no shard of the stream
+        (tmp_path / folder).mkdir()
+        pq.write_table(pa.table({"text": docs}), tmp_path / folder / "docs.parquet")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    want = evaluation.evaluate(tiny_dir, str(tmp_path / "txt"), seq_len=16, batch_size=2)
+    assert want["bytes"] == sum(len(d.encode()) for d in docs)
+    for spec, column in [(tmp_path / "pq" / "docs.parquet", "text"), (tmp_path / "docs.jsonl", "body"),
+                         (f"hf:{tmp_path / 'shards'}", "text")]:
+        got = evaluation.evaluate(tiny_dir, str(spec), seq_len=16, batch_size=2, column=column)
+        assert {k: got[k] for k in ("tokens", "bytes")} == {k: want[k] for k in ("tokens", "bytes")}, spec
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), spec

@@ -1,0 +1,80 @@
+"""--tensorboard and --wandb (loggers.py): the logged steps' scalars read back with tensorboard's own
+EventAccumulator, a resumed run continuing the same TensorBoard curve, a W&B offline run directory,
+and a missing package stopping the run before training in one line."""
+import glob
+
+import pytest
+
+from conftest import TINY, TRAIN_ENV, read_metrics, run_cmd, train_cmd
+
+
+def scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def train(folder, *args, env=None, status=0):
+    return run_cmd(folder, *train_cmd(*TINY, "--eval-interval", 2, *args), status=status) if env is None else \
+        run_cmd_env(folder, env, train_cmd(*TINY, "--eval-interval", 2, *args), status)
+
+
+def run_cmd_env(folder, env, cmd, status):
+    import subprocess
+    proc = subprocess.run(cmd, cwd=folder, env={**TRAIN_ENV, **env}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == status, f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_tensorboard_gets_loss_lr_and_val_loss_at_the_logged_steps(tmp_path, corpus):
+    train(tmp_path, "--data", corpus, "--steps", 4, "--tensorboard", tmp_path / "tb")
+    records, got = read_metrics(tmp_path / "metrics.jsonl"), scalars(tmp_path / "tb")
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"} <= set(got)
+    for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("val/loss", "val_loss")):
+        expected = [(r["step"], r[key]) for r in records if key in r]
+        assert [s for s, _ in got[tag]] == [s for s, _ in expected]
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in expected], rel=1e-6)  # float32
+    assert [s for s, _ in got["val/loss"]] == [2, 4]
+
+
+def test_a_resumed_run_continues_the_tensorboard_curve_without_duplicate_steps(tmp_path, corpus):
+    tb = tmp_path / "tb"
+    train(tmp_path, "--data", corpus, "--steps", 4, "--ckpt-interval", 2, "--tensorboard", tb)
+    first = scalars(tb)["train/loss"]
+    # resume from step 2: steps 3 and 4 of the first run are replaced, not doubled
+    train(tmp_path, "--steps", 6, "--ckpt", tmp_path / "checkpoint_step_2.pt", "--tensorboard", tb)
+    loss = scalars(tb)["train/loss"]
+    assert [s for s, _ in loss] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in loss[:4]] == [v for _, v in first]  # exact resume: the same values
+    # the resumed writer marks the restart (purge_step), so any reader drops the old steps 3 and 4
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    second = sorted(glob.glob(str(tb / "events.out.tfevents.*")))[-1]
+    starts = [e.step for e in EventFileLoader(second).Load() if e.HasField("session_log")
+              and e.session_log.status == e.session_log.START]
+    assert starts == [3]
+
+
+def test_wandb_offline_writes_a_run_directory_with_the_scalars(tmp_path, corpus):
+    proc = train(tmp_path, "--data", corpus, "--steps", 2, "--wandb", "smollm2-test", env={"WANDB_MODE": "offline"})
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1, proc.stdout + proc.stderr
+    with open(runs[0], "rb") as f:
+        content = f.read()
+    assert b"train/loss" in content and b"val/loss" in content and b"smollm2-test" in content
+
+
+def test_wandb_disabled_trains_and_writes_nothing(tmp_path, corpus):
+    train(tmp_path, "--data", corpus, "--steps", 2, "--wandb", "p", env={"WANDB_MODE": "disabled"})
+    assert (tmp_path / "checkpoint.pt").exists() and not glob.glob(str(tmp_path / "wandb" / "*run-*"))
+
+
+@pytest.mark.parametrize("flag, package", [("--tensorboard", "tensorboard"), ("--wandb", "wandb")])
+def test_a_missing_tracker_package_is_one_line_and_exit_2_before_training(tmp_path, corpus, flag, package):
+    fake = tmp_path / "site" / package
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"raise ImportError('no {package} here')\n")  # as if not installed
+    proc = train(tmp_path, "--data", corpus, "--steps", 2, flag, tmp_path / "x",
+                 env={"PYTHONPATH": str(tmp_path / "site")}, status=2)
+    assert proc.stderr == f"train.py: error: {flag} needs the {package} package: pip install {package}\n"
+    assert "step" not in proc.stdout and not (tmp_path / "checkpoint.pt").exists()
