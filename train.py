@@ -447,7 +447,8 @@ class Run:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
         if self.scaler is None:
             self.optimizer.step()
-        else:  # GradScaler skips the step when a gradient holds an inf or nan, as the norm then does
+        else:  # GradScaler skips the step when a gradient holds an inf or nan, and so the norm does
+            # (an fp32 norm of finite gradients would overflow only near 1e19)
             self.pending_skips += ~torch.isfinite(norm)  # counted on the device: no host sync per step
             self.scaler.step(self.optimizer)
             self.scaler.update()
