@@ -168,6 +168,16 @@ def test_gradient_checkpointing_cli_with_grad_accum_gives_the_same_losses_and_sa
     assert losses(tmp_path / "gc/metrics.jsonl") == losses(tmp_path / "plain/metrics.jsonl")
 
 
+def test_gradient_checkpointing_under_ddp_matches_one_process_with_grad_accum(tmp_path, corpus):
+    args = [*TINY, "--data", corpus, "--steps", 2, "--val-frac", 0]
+    ddp = run_cmd(tmp_path, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  TRAIN_PY, *args, "--gradient-checkpointing", "--save", "ddp/ckpt.pt", "--metrics", "ddp/metrics.jsonl")
+    assert "2 processes" in ddp.stdout and "gradient checkpointing" in ddp.stdout
+    run_train(tmp_path, *args, "--grad-accum", 2, "--save", "one/ckpt.pt", "--metrics", "one/metrics.jsonl")
+    assert losses(tmp_path / "ddp/metrics.jsonl") == pytest.approx(losses(tmp_path / "one/metrics.jsonl"),
+                                                                   abs=1e-5, rel=0)
+
+
 @pytest.mark.slow
 def test_gradient_checkpointing_under_torch_compile_matches_eager():
     torch.manual_seed(0)
