@@ -115,6 +115,8 @@ def test_fp16_overflow_is_a_skipped_step_in_the_log_and_the_scaler_state_is_chec
     assert "grad inf" in lines[3]
     records = {r["step"]: r for r in read_metrics(tmp_path / "metrics.jsonl")}
     assert [records[s]["skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert all(r["peak_mem_bytes"] > 2**20 and "mfu" not in r for r in records.values())  # MFU: CUDA only
+    assert " GiB | " in lines[5].split("| mem ")[1]
     before, after = load_ckpt(tmp_path / "checkpoint_step_2.pt"), load_ckpt(tmp_path / "checkpoint.pt")
     init = torch.amp.GradScaler("cpu").state_dict()  # the oracle: GradScaler's own defaults
     assert before["scaler"]["state"]["scale"] == init["scale"] == 2.0 ** 16
@@ -304,3 +306,23 @@ def test_peak_flops_matches_whole_model_names_longest_first(name, peak):
 
 def test_peak_memory_on_cpu_is_the_peak_rss():
     assert devices.peak_memory("cpu") == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- GPU defects, on CPU
+def test_should_stop_all_reduces_only_at_the_steps_given_as_sync(monkeypatch):
+    import train
+    reduced = []
+    monkeypatch.setattr(train.dist, "all_reduce", lambda t, op=None: reduced.append(float(t)))
+    run = type("FakeRun", (), {"where": type("Where", (), {"world": 2, "device": "cpu"})(), "signal": 15})()
+    assert train.Run.should_stop(run, sync=False) is False and reduced == []  # no collective, no host sync
+    assert train.Run.should_stop(run, sync=True) is True and reduced == [1.0]
+
+
+def test_device_cuda_n_in_one_process_calls_set_device(monkeypatch):
+    import train
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    where = train.Dist("cuda:1")
+    where.start()
+    assert where.device == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]
