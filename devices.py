@@ -119,5 +119,10 @@ def peak_memory(device):
         return torch.cuda.max_memory_allocated(device)
     if device.type == "mps":
         return None
+    # Linux: VmHWM, the peak of this program's own memory. getrusage's ru_maxrss survives exec, so a
+    # process started by a large one (pytest, a notebook) would report its parent's peak.
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
