@@ -17,7 +17,10 @@ keeps freed memory, as train.py sets it (--default-malloc: not). Measured:
   (do_sample=False, its default dynamic cache); time to first token; decode tokens/s;
 - the decode bound: the time to read every weight once (a sum over each parameter), i.e. the
   tokens/s of a purely memory-bound decoder, and our decoding as a fraction of it;
-- on CUDA: MFU at T=2048 and at B=4, T=256, with FLOPs per token = 6N + 12*L*d*T.
+- on CUDA: MFU at T=2048 and at B=4, T=256, with FLOPs per token = 6N + 12*L*d*T, against the peak
+  of devices.py's table of GPUs (matched by whole model name; --peak-flops overrides);
+- with --checkpointing: ours with and without --gradient-checkpointing at B=4, T=256 and T=2048, in
+  the precision train.py's --dtype auto picks on the device: tokens/s and peak memory.
 """
 import argparse
 import contextlib
@@ -34,8 +37,6 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # model.py and train.py, here and in every spawned worker
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# dense bf16 peak of known GPUs (FLOP/s); others need --peak-flops
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
 TARGETS = {"train_speedup": 1.25, "gen_speedup": 2.0, "gen_fraction_of_bound": 0.70, "gpu_mfu_2048": 0.45,
            "gpu_5000_steps_s": 120, "gpu_peak_gib": 3.0}
 
@@ -134,11 +135,14 @@ def _rss_bytes(field="VmRSS"):
 class Trainer:
     """Training steps of one implementation: forward, backward, AdamW step."""
 
-    def __init__(self, impl, weights, device, threads, batch_size, seq_len, compile):
+    def __init__(self, impl, weights, device, threads, batch_size, seq_len, compile, dtype="fp32",
+                 gradient_checkpointing=False):
         torch = _setup(device, threads)
         self.impl, self.device, self.torch = impl, device, torch
         self.base_rss = _rss_bytes()  # Python, torch and transformers, no model yet
         model = _load(impl, weights, device, torch.float32).train()
+        if gradient_checkpointing:  # ours only: model.py's flag, as train.py sets it
+            model.gradient_checkpointing = True
         self.model, self.n_params = model, sum(p.numel() for p in model.parameters())
         self.fwd = torch.compile(model) if compile else model
         decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -148,8 +152,8 @@ class Trainer:
             self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
         except (RuntimeError, TypeError):
             self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
-                         else contextlib.nullcontext())
+        import devices
+        self.autocast = devices.autocast(device, dtype)  # no GradScaler in fp16: timing, not training
         self.peak_reset = False
         self.shape(batch_size, seq_len)
 
@@ -298,14 +302,22 @@ def interleaved(workers, method, rounds, warmup, log, **kwargs):
     return results
 
 
+def gpu_dtype():
+    """What train.py's --dtype auto picks on this GPU: bf16 from compute capability 8.0, else fp16."""
+    import devices
+    return devices.pick_dtype(devices.device_facts("cuda"))[0]
+
+
 def bench_training(args, weights, log):
     B, T = 4, 256
-    log(f"training: B={B}, T={T}, {'bf16 autocast' if args.device == 'cuda' else 'fp32'}, "
+    dtype = gpu_dtype() if args.device == "cuda" else "fp32"
+    log(f"training: B={B}, T={T}, {dtype}, "
         f"AdamW step included{', torch.compile' if args.compile else ''}")
     from model import ONEDNN
     impls = ("ours", "ours-mkl", "hf") if args.device == "cpu" and ONEDNN else ("ours", "hf")
     workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device=args.device,
-                      threads=args.threads, batch_size=B, seq_len=T, compile=args.compile) for impl in impls]
+                      threads=args.threads, batch_size=B, seq_len=T, compile=args.compile, dtype=dtype)
+               for impl in impls]
     try:
         for w in workers:
             w.ready()
@@ -319,7 +331,7 @@ def bench_training(args, weights, log):
         for w in workers:
             w.close()
     out = {"batch_size": B, "seq_len": T, "first_step_s": first, "compiled": args.compile,
-           "precision": "bf16 autocast" if args.device == "cuda" else "fp32", "flops_per_token": fpt}
+           "precision": dtype if dtype == "fp32" else f"{dtype} autocast", "flops_per_token": fpt}
     for name in impls:
         step = median(times[name])
         out[name] = {"step_s": step, "tokens_per_s": B * T / step, "step_s_all": times[name],
@@ -335,11 +347,11 @@ def bench_training(args, weights, log):
 
 def bench_mfu(args, weights, peak, log):
     """CUDA only: MFU of both implementations at B=4, T=2048 and B=4, T=256."""
-    out = {}
+    out, dtype = {}, gpu_dtype()
     for B, T in ((4, 2048), (4, 256)):
-        log(f"MFU: B={B}, T={T}, bf16 autocast{', torch.compile' if args.compile else ''}")
-        workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device="cuda",
-                          threads=args.threads, batch_size=B, seq_len=T, compile=args.compile) for impl in ("ours", "hf")]
+        log(f"MFU: B={B}, T={T}, {dtype} autocast{', torch.compile' if args.compile else ''}")
+        workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device="cuda", threads=args.threads,
+                          batch_size=B, seq_len=T, compile=args.compile, dtype=dtype) for impl in ("ours", "hf")]
         try:
             for w in workers:
                 w.ready()
@@ -360,6 +372,34 @@ def bench_mfu(args, weights, peak, log):
                          "peak_memory_bytes": memory[name]}
         row["ours"]["seconds_for_5000_steps"] = 5000 * row["ours"]["step_s"]
         out[f"B{B}_T{T}"] = row
+    return out
+
+
+def bench_checkpointing(args, weights, log):
+    """Ours with and without gradient checkpointing, B=4, T=256 and T=2048 (within the model's
+    window): tokens/s and peak memory, one worker at a time (at T=2048 each holds gigabytes)."""
+    import devices
+    from model import PRESETS
+    B = 4
+    dtype = devices.pick_dtype(devices.device_facts(args.device))[0]  # as train.py's --dtype auto
+    lengths = [T for T in (256, 2048) if T <= PRESETS[args.model].max_position_embeddings]
+    out = {"batch_size": B, "precision": dtype, "steps": args.checkpointing_steps, "rows": {}}
+    for T in lengths:
+        for on in (False, True):
+            log(f"gradient checkpointing {'on' if on else 'off'}: B={B}, T={T}, {dtype}")
+            w = Remote("train", args.keep_memory, impl="ours", weights=weights, device=args.device, threads=args.threads,
+                       batch_size=B, seq_len=T, compile=args.compile, dtype=dtype, gradient_checkpointing=on)
+            try:
+                w.ready()
+                w("reset_peak")
+                w("step")  # untimed: warm-up (and compilation)
+                times = [w("step") for _ in range(args.checkpointing_steps)]
+                memory = w("peak_memory")
+            finally:
+                w.close()
+            out["rows"][f"T{T}_{'on' if on else 'off'}"] = {
+                "seq_len": T, "checkpointing": on, "step_s": median(times), "tokens_per_s": B * T / median(times),
+                "peak_memory_bytes": memory["peak_bytes"], "memory_measure": memory["what"]}
     return out
 
 
@@ -524,6 +564,16 @@ def report(res):
                      f"{g['hf']['decode_tokens_per_s'] / b['tokens_per_s']:.0%}", ""))
         rows.append(("  same greedy tokens as transformers", ", ".join(f"{k.split('_')[1]}: {'yes' if v else 'no'}"
                                                                        for k, v in g["same_tokens_as_hf"].items()), "", ""))
+    if "checkpointing" in res:
+        c = res["checkpointing"]
+        rows.append((f"gradient checkpointing, ours, B={c['batch_size']}, {c['precision']}, "
+                     f"{c['steps']} timed step(s)", "off", "on", "on/off"))
+        for T in sorted({r["seq_len"] for r in c["rows"].values()}):
+            off, on = c["rows"][f"T{T}_off"], c["rows"][f"T{T}_on"]
+            rows.append((f"  T={T} tokens/s", fmt(off["tokens_per_s"]), fmt(on["tokens_per_s"]),
+                         f"{on['tokens_per_s'] / off['tokens_per_s']:.2f}x"))
+            rows.append((f"  T={T} peak memory (GiB)", fmt(off["peak_memory_bytes"], "GiB"),
+                         fmt(on["peak_memory_bytes"], "GiB"), f"{on['peak_memory_bytes'] / off['peak_memory_bytes']:.2f}x"))
     for key, row in res.get("mfu", {}).items():
         rows.append((f"MFU {key} (peak {row['peak_flops'] / 1e12:.0f} TFLOP/s, {row['flops_per_token'] / 1e9:.2f} GFLOP/token)",
                      "ours", "transformers", ""))
@@ -580,6 +630,9 @@ def main():
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc as it is, rather than keeping freed memory as train.py does")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "generate", "mfu"])
+    p.add_argument("--checkpointing", action="store_true",
+                   help="also ours with and without gradient checkpointing at B=4, T=256 and T=2048")
+    p.add_argument("--checkpointing-steps", type=int, default=1, help="timed steps per --checkpointing row")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     args.repeats = args.repeats or (3 if args.quick else 7)
@@ -600,9 +653,12 @@ def main():
             res["train"] = bench_training(args, folder, log)
         if "generate" not in args.skip:
             res["generate"] = bench_generation(args, folder, log)
+        if args.checkpointing:
+            res["checkpointing"] = bench_checkpointing(args, folder, log)
         if args.device == "cuda" and "mfu" not in args.skip:
+            import devices
             name = torch.cuda.get_device_name()
-            peak = args.peak_flops or next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+            peak = args.peak_flops or devices.peak_flops(name)
             if peak:
                 if not args.compile:
                     log("MFU without --compile: the GPU target is stated for torch.compile")

@@ -3,7 +3,8 @@
 A checkpoint is one torch.save'd dict of tensors and plain Python values (it loads with
 weights_only=True): format_version, model, config, step, val_loss, optimizer, lr_horizon, data (the
 loader's position), data_fingerprint (the token cache's key: which data that position is in), rng,
-args, history (the loss curve so far) and best (the step and validation loss of best.pt). Every file
+args, history (the loss curve so far), best (the step and validation loss of best.pt) and scaler
+(the dtype trained in, the steps skipped for overflow, fp16's GradScaler state). Every file
 is written to a temporary file beside it, fsynced, then renamed over the old one, so a crash at any
 moment leaves the previous one whole.
 
@@ -105,7 +106,8 @@ def save_checkpoint(path, run, step, best=None):
             "config": asdict(run.raw_model.config), "step": step, "val_loss": run.val_loss,
             "optimizer": run.optimizer.state_dict(), "lr_horizon": run.horizon,
             "data": run.loader.state_dict(), "data_fingerprint": getattr(run, "data_fingerprint", None),
-            "rng": rng_state(), "args": vars(run.args), "history": run.history, "best": best}
+            "rng": rng_state(), "args": vars(run.args), "history": run.history, "best": best,
+            "scaler": run.scaler_state()}
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 

@@ -9,13 +9,15 @@
     python train.py --export checkpoint.pt model.gguf        # one GGUF file for llama.cpp / Ollama
 
 A checkpoint (checkpoint.py) is one torch.save'd dict that loads with weights_only=True: the model,
-optimizer, step, LR horizon, the loader's position and the data's fingerprint, every RNG state and
-the run's arguments. Each is written atomically; best.pt keeps the lowest validation loss; the
-disk's free space is checked before training and a failed save is one line, not a lost run.
+optimizer, step, LR horizon, the loader's position and the data's fingerprint, every RNG state, the
+run's arguments and the precision's state (fp16's GradScaler, skipped steps). Each is written
+atomically; best.pt keeps the lowest validation loss; the disk's free space is checked before
+training and a failed save is one line, not a lost run.
 """
 import argparse
 import contextlib
 import ctypes
+import datetime
 import json
 import math
 import os
@@ -33,6 +35,7 @@ from checkpoint import (CheckpointError, Saver, check_disk_space, data_change, f
                         set_rng_state)
 import sources
 import loggers
+import devices
 from model import PRESETS, ModelLoadError, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
 
 # Defaults. On resume, a setting not given on the command line comes from the checkpoint's run.
@@ -109,9 +112,13 @@ def build_parser():
     add("--grad-clip", "clip the gradient norm to this; 0 = no clipping", type=NONNEG_FLOAT)
     add("--seed", "random seed", type=int)
     add("--device", "auto picks cuda, then mps, then cpu", default="auto")
-    add("--dtype", "bf16 autocast or fp32; auto = bf16 on CUDA, else fp32 (for --export: bf16)",
-        choices=["auto", "fp32", "bf16"])
+    add("--dtype", "fp32, bf16 autocast or fp16 autocast with a GradScaler; auto = bf16 where it is "
+        "native (CUDA compute capability >= 8.0, CPUs with amx_bf16/avx512_bf16), fp16 on older GPUs, "
+        "else fp32 (for --export: bf16 unless fp32)", choices=list(devices.DTYPES))
     add("--compile", "torch.compile the model", action="store_true")
+    add("--gradient-checkpointing", "recompute each decoder layer in backward: less activation memory, "
+        "about a third more compute", action="store_true")
+    add("--peak-flops", "the device's peak FLOP/s for MFU in the log (default: a table of GPUs)", type=POS_FLOAT)
     add("--val-frac", "held-out tail of file data for validation; 0 = none", type=NONNEG_FLOAT)
     add("--eval-interval", "steps between validation losses", type=POS_INT)
     add("--eval-iters", "batches per validation loss", type=POS_INT)
@@ -174,10 +181,19 @@ class Dist:
         self.device, self.master = torch.device(device), self.rank == 0
 
     def start(self):
+        if self.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # --device cuda:N, or this rank's GPU: kernels go there
         if self.world > 1:
-            if self.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.type == "cuda" else "gloo")
+            cuda = self.type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": self.device} if cuda else {}))
+            # Rank 0 may tokenise a large corpus for hours while the others wait for it: that wait runs
+            # on a gloo group of its own with a long timeout, not in NCCL (its watchdog aborts at 10 min).
+            self.startup_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+
+    def barrier(self):
+        """Wait for every rank, however long rank 0's tokenisation takes."""
+        if self.world > 1:
+            dist.barrier(group=self.startup_group)
 
     def all_sum(self, t):
         if self.world > 1:
@@ -239,8 +255,7 @@ def load_data(args, where):
     def corpus(spec):  # rank 0 tokenises (or finds the cache) first; the others then read the cache
         if where.master:
             tokens = data.tokenize_corpus(spec, progress=sys.stderr.isatty(), text_column=args.text_column)
-        if where.world > 1:
-            dist.barrier()
+        where.barrier()
         if not where.master:
             tokens = data.tokenize_corpus(spec, progress=False, text_column=args.text_column)
         return tokens
@@ -311,7 +326,9 @@ def describe(run, tokens, where):
               f"epoch {run.loader.batches_per_epoch:,}, {val}")
     print(f"batch: {args.batch_size} x {args.seq_len} tokens x {args.grad_accum} micro-steps x "
           f"{where.world} processes = {run.tokens_per_step:,} tokens per step | device {where.device}, "
-          f"{run.dtype}{', compiled' if args.compile else ''}")
+          f"{run.dtype}{', compiled' if args.compile else ''}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    print(f"precision: {run.dtype_reason}" + (f"; {run.dtype_notice}" if run.dtype_notice else ""))
     print(f"LR: warmup {args.warmup} steps to {args.lr:g}, cosine to {args.min_lr:g} at step {run.horizon} "
           f"(the horizon set by this run's first launch), {args.min_lr:g} after it")
     if args.steps > run.horizon:
@@ -324,13 +341,16 @@ class Run:
 
     def __init__(self, args, ckpt, where, loader, val):
         self.args, self.where, self.loader, self.val = args, where, loader, val
-        self.dtype = ("bf16" if where.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32") \
-            if args.dtype == "auto" else args.dtype
-        self.autocast = torch.autocast(where.type, dtype=torch.bfloat16) if self.dtype == "bf16" \
-            else contextlib.nullcontext()
+        facts = devices.device_facts(where.device)
+        self.dtype, self.dtype_reason = devices.pick_dtype(facts, args.dtype)
+        self.autocast = devices.autocast(where.type, self.dtype)
+        self.scaler = devices.grad_scaler(where.type, self.dtype)  # fp16 only
+        self.skipped, self.pending_skips = 0, torch.zeros((), dtype=torch.long, device=where.device)
+        self.dtype_notice = None
         if where.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
         self.raw_model = build_model(args, ckpt, where)
+        self.raw_model.gradient_checkpointing = args.gradient_checkpointing
         self.optimizer = make_optimizer(self.raw_model, args, where)
         self.step, self.horizon, self.val_loss = 0, args.steps, None
         self.history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
@@ -342,10 +362,16 @@ class Run:
             set_rng_state(ckpt["rng"])
             self.step, self.horizon, self.val_loss = ckpt["step"], ckpt["lr_horizon"], ckpt.get("val_loss")
             self.history = ckpt.get("history") or self.history
+            self.load_scaler_state(ckpt.get("scaler"))
         self.model = torch.compile(self.raw_model) if args.compile else self.raw_model
         if where.world > 1:
-            self.model = DDP(self.model, device_ids=[where.local_rank] if where.type == "cuda" else None)
+            # broadcast_buffers=False: the only buffers are the RoPE tables, equal on every rank
+            self.model = DDP(self.model, device_ids=[where.local_rank] if where.type == "cuda" else None,
+                             broadcast_buffers=False)
         self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * where.world
+        cfg = self.raw_model.config
+        self.flops_per_token = flops_per_token(cfg, args.seq_len, sum(p.numel() for p in self.raw_model.parameters()))
+        self.peak_flops = args.peak_flops or (devices.peak_flops(facts.name) if where.type == "cuda" else None)
         self.signal = None
 
     def train_step(self):
@@ -360,11 +386,41 @@ class Run:
                 _, loss = model(x, y, return_logits=False)  # chunked loss: no (B, T, V) logits
             loss = loss / args.grad_accum  # the sum over micro-steps is the mean over the batch
             loss_sum += loss.detach()
-            loss.backward()
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # GradScaler skips the step when a gradient holds an inf or nan, and so the norm does
+            # (an fp32 norm of finite gradients would overflow only near 1e19)
+            self.pending_skips += ~torch.isfinite(norm)  # counted on the device: no host sync per step
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.where.all_sum(loss_sum) / self.where.world, norm
+        return loss_sum, norm  # this rank's loss: averaged over the ranks at log steps only
+
+    def skipped_steps(self):
+        """Steps skipped by GradScaler for inf/nan gradients so far (a host sync: log steps, saves)."""
+        self.skipped += int(self.pending_skips.item())
+        self.pending_skips.zero_()
+        return self.skipped
+
+    def scaler_state(self):
+        """The checkpoint's "scaler": the dtype trained in, skipped steps and GradScaler's state (fp16)."""
+        return {"dtype": self.dtype, "skipped_steps": self.skipped_steps(),
+                "state": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_scaler_state(self, saved):
+        if not saved:
+            return
+        self.skipped = saved.get("skipped_steps", 0)
+        if saved.get("dtype") != self.dtype:
+            self.dtype_notice = (f"resuming a {saved.get('dtype')} run in {self.dtype}"
+                                 + (": its GradScaler state is dropped" if saved.get("state") else "")
+                                 + ("; a new GradScaler starts" if self.scaler is not None else ""))
+        elif self.scaler is not None and saved.get("state"):
+            self.scaler.load_state_dict(saved["state"])  # scale and growth tracker: resume bit for bit
 
     @torch.no_grad()
     def evaluate(self):
@@ -401,9 +457,13 @@ class Run:
             print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
                   "(send it again to stop at once)", file=sys.stderr, flush=True)
 
-    def should_stop(self):
+    def should_stop(self, sync):
+        """Whether a signal asks every rank to stop now. Across ranks that is an all-reduce and a host
+        sync, so only at the steps given as `sync` (log steps, the same on every rank)."""
         if self.where.world == 1:
             return self.signal is not None
+        if not sync:
+            return False
         flag = torch.tensor(float(self.signal is not None), device=self.where.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item())
@@ -430,6 +490,17 @@ def log_step(run, metrics, step, loss, norm, lr, val, clock):
     per_step = clock.seconds_per_step(step)
     tok_s, eta = run.tokens_per_step / max(per_step, 1e-9), (run.args.steps - step) * per_step
     record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tok_s": round(tok_s, 1)}  # exact floats
+    extra = ""
+    peak = devices.peak_memory(run.where.device)
+    if peak is not None:
+        record["peak_mem_bytes"] = peak
+        extra += f" | mem {peak / 2**30:.2f} GiB"
+    if run.where.type == "cuda" and run.peak_flops:
+        record["mfu"] = tok_s * run.flops_per_token / (run.peak_flops * run.where.world)
+        extra += f" | MFU {record['mfu']:.1%}"
+    if run.scaler is not None:
+        record["skipped_steps"] = run.skipped_steps()
+        extra += f" | skipped {record['skipped_steps']}"
     run.history["step"].append(step)
     run.history["loss"].append(loss)
     if val is not None:
@@ -441,9 +512,11 @@ def log_step(run, metrics, step, loss, norm, lr, val, clock):
     metrics.flush()
     width = len(str(run.args.steps))
     print(f"step {step:>{width}}/{run.args.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
-          f"{tok_s:,.0f} tok/s | ETA {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m{eta % 60:02.0f}s"
+          f"{tok_s:,.0f} tok/s{extra} | ETA {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m{eta % 60:02.0f}s"
           + (f" | val loss {val:.4f}" if val is not None else ""), flush=True)
-    if not math.isfinite(loss):
+    # fp16: a non-finite loss is an overflow that GradScaler handles (it skips the step and halves the
+    # scale), until the scale has fallen below 1: then no scale helps, the run has diverged
+    if not math.isfinite(loss) and (run.scaler is None or run.scaler.get_scale() < 1):
         raise SystemExit(f"loss is {loss} at step {step}: training diverged; lower --lr or raise --warmup")
 
 
@@ -477,13 +550,17 @@ def train(run, metrics, saver):
             group["lr"] = lr
         loss, norm = run.train_step()
         run.step += 1
-        step, stop, last = run.step, run.should_stop(), run.step == args.steps
+        step, last = run.step, run.step == args.steps
+        evaluating = run.val is not None and (step % args.eval_interval == 0 or last)
+        stop = run.should_stop(sync=step % args.log_interval == 0 or last or evaluating)
         val = None
-        if run.val is not None and (step % args.eval_interval == 0 or last):
+        if evaluating:
             with clock.pause():
                 val = run.evaluate()
-        if master and (step % args.log_interval == 0 or last or stop or val is not None):
-            log_step(run, metrics, step, loss, norm, lr, val, clock)
+        if step % args.log_interval == 0 or last or stop or evaluating:
+            loss = run.where.all_sum(loss) / run.where.world  # on every rank: an all-reduce
+            if master:
+                log_step(run, metrics, step, loss, norm, lr, val, clock)
             clock = Clock(step)
         with clock.pause():
             if master and args.sample_interval and step % args.sample_interval == 0:

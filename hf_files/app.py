@@ -29,6 +29,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from model import PRESETS, ModelLoadError, SmolLM2  # noqa: E402  (the copy in this folder)
 
+try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
+    import spaces
+except ImportError:
+    spaces = None
+
 HUB_ID = "HuggingFaceTB/SmolLM2-135M"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_FILES = ("model.safetensors", "checkpoint.pt")  # looked for in this folder, in this order
@@ -132,6 +137,30 @@ def describe_weights(info, model):
     if info.get("val_loss") is not None:
         text += f" · validation loss {float(info['val_loss']):.4f}"
     return text
+
+
+def choose_device(cuda_available, capability=None):
+    """(device, dtype) to serve on: a GPU when there is one, with bf16 weights from compute capability
+    8.0 (native there, and half the bytes to read per token), fp32 below it (fp16 could overflow a
+    model trained in bf16, and bf16 is emulated); the CPU in fp32."""
+    if cuda_available:
+        return "cuda", torch.bfloat16 if capability and tuple(capability) >= (8, 0) else torch.float32
+    return "cpu", torch.float32
+
+
+def cuda_facts():
+    """(CUDA available, compute capability or None), as choose_device takes them."""
+    if not torch.cuda.is_available():
+        return False, None
+    try:
+        return True, torch.cuda.get_device_capability()
+    except (RuntimeError, AssertionError):  # e.g. ZeroGPU before a GPU is attached: fp32 is safe
+        return True, None
+
+
+def on_gpu(fn):
+    """fn, run with a GPU attached on ZeroGPU Spaces (spaces.GPU); fn itself elsewhere."""
+    return spaces.GPU(fn) if spaces is not None else fn
 
 
 # --------------------------------------------------------------------------------- text
@@ -242,7 +271,8 @@ class Engine:
             gr.Warning(notice)
             notice = f"⚠️ {notice.strip()}\n\n"
         yield "", notice + "Generating…"
-        generator = torch.Generator().manual_seed(seed)
+        # on the model's device: torch.multinomial samples on the device of its probabilities
+        generator = torch.Generator(self.model.lm_head.weight.device).manual_seed(seed)
         stream, text, n, reason = TextStream(self.tokenizer), "", 0, "max new tokens reached"
         start = time.perf_counter()
         first = None
@@ -303,7 +333,7 @@ def build_ui(engine):
                                                elem_id="repetition_penalty")
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed", elem_id="seed")
         gr.Examples(EXAMPLES, inputs=[prompt], label="Examples")
-        event = run.click(engine.generate,
+        event = run.click(on_gpu(engine.generate),
                           inputs=[prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed],
                           outputs=[output, status], api_name="generate",
                           preprocess=False)  # raw values: Engine.generate checks them, with clear messages
@@ -331,8 +361,11 @@ def main():
         sys.exit(f"app.py: {e}")
     for note in notes:
         print(f"app.py: {note}", file=sys.stderr)
-    # requests run in parallel threads: share the cores between them instead of oversubscribing
-    torch.set_num_threads(max(1, cpu_budget() // CONCURRENCY))
+    device, dtype = choose_device(*cuda_facts())
+    model = model.to(device=device, dtype=dtype)
+    print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    if device == "cpu":  # requests run in parallel threads: share the cores instead of oversubscribing
+        torch.set_num_threads(max(1, cpu_budget() // CONCURRENCY))
     engine = Engine(model, Tokenizer.from_file(os.path.join(HERE, "tokenizer", "tokenizer.json")))
     print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
     ui = build_ui(engine)

@@ -6,6 +6,7 @@ and the input embedding tied to the LM head. Parameter names are HF's verbatim, 
 loads with strict=True and no key map. References: SmolLM2 (arXiv:2502.02737), Llama
 (arXiv:2302.13971), RoPE (arXiv:2104.09864), GQA (arXiv:2305.13245), nanoGPT for the layout.
 """
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,6 +57,13 @@ class SmolLM2Config:
 
 PRESETS = {
     "smollm2-135m": SmolLM2Config(),
+    # https://huggingface.co/HuggingFaceTB/SmolLM2-360M/blob/main/config.json
+    "smollm2-360m": SmolLM2Config(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                                  num_attention_heads=15, num_key_value_heads=5, initializer_range=0.02),
+    # https://huggingface.co/HuggingFaceTB/SmolLM2-1.7B/blob/main/config.json
+    "smollm2-1.7b": SmolLM2Config(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                                  num_attention_heads=32, num_key_value_heads=32, rope_theta=130000.0,
+                                  initializer_range=0.02),
     # Same tokenizer and layout, 1/100th of the compute: for tests and CPU demos.
     "tiny": SmolLM2Config(hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=1024,
@@ -199,8 +208,11 @@ class Attention(nn.Module):
             y = decode_attention(q, k, v, mask)
         else:  # GQA: each group of n_head/n_kv query heads reads one K/V head, without a repeat copy.
             # Without a mask the queries are the first T positions: plain causal attention.
+            gqa = x.device.type != "mps"  # SDPA's enable_gqa crashed on MPS in torch <= 2.6: repeat K/V there
+            if not gqa:
+                k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, S, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=True)
+                                               enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.o_proj(y)
 
@@ -251,52 +263,98 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def _autocast_dtype(device_type):
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _cross_entropy_chunks(x, weight, safe_targets, valid, chunk_rows, grad_x=None, grad_w=None, scale=None):
+    """The summed loss over chunks of rows of x (N, C) against weight (V, C). Where grad_x (N, C) and
+    grad_w (V, C) are given, add to them d(loss sum)/dx and /dweight, times scale (a tensor) if given.
+    Products run in x's and weight's dtype; log-softmax and d loss / d logits in fp32."""
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    for s in range(0, x.size(0), chunk_rows):
+        xc, tc, vc = x[s:s + chunk_rows], safe_targets[s:s + chunk_rows], valid[s:s + chunk_rows, None]
+        logp = matmul_nt(xc, weight).float().log_softmax(-1)  # (n, V)
+        loss -= (logp.gather(1, tc) * vc).sum()
+        if grad_x is None and grad_w is None:
+            continue
+        g = logp.exp_().scatter_add_(1, tc, -vc.float()).mul_(vc)  # softmax - one_hot, 0 on ignored rows
+        if scale is not None:
+            g.mul_(scale)
+        g = g.to(weight.dtype)
+        if grad_x is not None:
+            grad_x[s:s + chunk_rows] = matmul_nt(g, weight.t())  # (n, V) @ (V, C)
+        if grad_w is not None and g.dtype == grad_w.dtype:
+            grad_w.addmm_(g.t(), xc)  # (V, C)
+        elif grad_w is not None:
+            grad_w += g.t() @ xc  # in the products' 16-bit dtype, accumulated in the weight's fp32
+    return loss
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ weight.T against targets (-1 ignored), a chunk of rows at
     a time: the full (N, V) fp32 logits and their gradient (0.8 GB at B=4, T=256) never exist. The
     loss is a scalar, so each chunk's gradient is computed in the forward pass while its logits are
-    at hand, and backward only scales it (as Liger-Kernel's fused linear cross-entropy does)."""
+    at hand, and backward only scales it (as Liger-Kernel's fused linear cross-entropy does).
+
+    Under autocast, x and the weight are cast once per forward (autocast itself would cast the tied
+    weight twice per chunk: a .t() view escapes its cast cache) and the products run in that dtype.
+    In fp16 the gradient waits for backward, where the loss scale is known: softmax - one_hot holds
+    values near 1/V = 2e-5, subnormal in fp16 unless scaled as GradScaler scales every other
+    gradient. So fp16 computes the logits twice, and the gradients as an unfused fp16 cross-entropy
+    would (an overflow shows up as inf, a step that GradScaler skips)."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows):
         # x: (N, C), weight: (V, C), targets: (N,)
-        want_x, want_w = ctx.needs_input_grad[:2]
+        dtype = _autocast_dtype(x.device.type)
+        ctx.deferred = dtype == torch.float16
+        want_x, want_w = (want and not ctx.deferred for want in ctx.needs_input_grad[:2])
         valid = targets != -1
-        safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows are zeroed below
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows are zeroed in the gradient
         grad_x = torch.zeros_like(x) if want_x else None
         grad_w = torch.zeros_like(weight) if want_w else None
-        for s in range(0, x.size(0), chunk_rows):
-            xc, tc, vc = x[s:s + chunk_rows], safe_targets[s:s + chunk_rows], valid[s:s + chunk_rows, None]
-            logp = matmul_nt(xc, weight).float().log_softmax(-1)  # (n, V)
-            loss -= (logp.gather(1, tc) * vc).sum()
-            if want_x or want_w:  # d loss_sum / d logits = softmax - one_hot(target), 0 on ignored rows
-                g = logp.exp_().scatter_add_(1, tc, -vc.float()).mul_(vc).to(x.dtype)
-                if want_x:
-                    grad_x[s:s + chunk_rows] = matmul_nt(g, weight.t())  # (n, V) @ (V, C)
-                if want_w and torch.is_autocast_enabled(x.device.type):
-                    grad_w += g.t() @ xc  # (V, C), in autocast's dtype, accumulated in the weight's
-                elif want_w:
-                    grad_w.addmm_(g.t(), xc)
-        ctx.grads, ctx.count = (grad_x, grad_w), valid.sum()  # intermediates: kept on ctx, used once
+        xm, wm = (x.to(dtype), weight.to(dtype)) if dtype else (x, weight)
+        with torch.autocast(x.device.type, enabled=False) if dtype else contextlib.nullcontext():
+            loss = _cross_entropy_chunks(xm, wm, safe_targets, valid, chunk_rows, grad_x, grad_w)
+        ctx.count = valid.sum()
+        # intermediates: kept on ctx, used once
+        ctx.grads = (xm, wm, safe_targets, valid, chunk_rows, x.dtype) if ctx.deferred else (grad_x, grad_w)
         return loss / ctx.count
 
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.grads is None:
             raise RuntimeError("chunked_cross_entropy: backward can run only once through this loss")
-        (grad_x, grad_w), ctx.grads = ctx.grads, None
-        scale = grad_loss / ctx.count  # scaled in place: no second (V, C) tensor, 113 MB of fresh pages
+        saved, ctx.grads = ctx.grads, None
+        scale = grad_loss / ctx.count
+        if ctx.deferred:  # fp16: the gradient with the loss scale in it, as in any fp16 backward
+            xm, wm, safe_targets, valid, chunk_rows, x_dtype = saved
+            want_x, want_w = ctx.needs_input_grad[:2]
+            grad_x = torch.zeros(xm.shape, dtype=x_dtype, device=xm.device) if want_x else None
+            grad_w = torch.zeros(wm.shape, dtype=torch.float32, device=wm.device) if want_w else None
+            _cross_entropy_chunks(xm, wm, safe_targets, valid, chunk_rows, grad_x, grad_w, scale)
+            return grad_x, grad_w, None, None
+        grad_x, grad_w = saved  # scaled in place: no second (V, C) tensor, 113 MB of fresh pages
         return (None if grad_x is None else grad_x.mul_(scale.to(grad_x.dtype)),
                 None if grad_w is None else grad_w.mul_(scale.to(grad_w.dtype)), None, None)
 
 
 def chunked_cross_entropy(x, weight, targets, chunk_rows=256):
-    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) in chunks of rows (see above)."""
-    return ChunkedCrossEntropy.apply(x, weight, targets, chunk_rows)
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) in chunks of rows (see above). Without
+    gradients (evaluation, torch.no_grad) only the loss is computed: no gradient buffers."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(x, weight, targets, chunk_rows)
+    dtype = _autocast_dtype(x.device.type)
+    valid = targets != -1
+    with torch.autocast(x.device.type, enabled=False) if dtype else contextlib.nullcontext():
+        xm, wm = (x.to(dtype), weight.to(dtype)) if dtype else (x, weight)
+        return _cross_entropy_chunks(xm, wm, targets.clamp(min=0)[:, None], valid, chunk_rows) / valid.sum()
 
 
 class SmolLM2(nn.Module):
+    gradient_checkpointing = False  # True: recompute each decoder layer in backward (less memory, ~1/3 more compute)
+
     def __init__(self, config=None):
         super().__init__()
         self.config = config = config or SmolLM2Config()
@@ -356,8 +414,12 @@ class SmolLM2(nn.Module):
         x = self.model.embed_tokens(idx)  # (B, T, C)
         cos = self.rope_cos[positions].to(x.dtype)  # (T, hs), rounded as HF rounds it
         sin = self.rope_sin[positions].to(x.dtype)
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, positions, mask)
+            if recompute:  # keep only each layer's input; recompute the rest in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, positions, mask)
         return self.model.norm(x)
 
     # ----------------------------------------------------------------------------- generation

@@ -55,8 +55,9 @@ def hf_real_model(gguf_path):
 # thread count is what makes CPU matmuls, and so exact resume, reproducible.
 TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TRAIN_PY = os.path.join(ROOT, "train.py")
-# A tiny run: 64 tokens per step, logging every step, no periodic checkpoints or samples.
-TINY = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3", "--warmup", "2",
+# A tiny run: 64 tokens per step, logging every step, no periodic checkpoints or samples, in fp32
+# (auto would pick bf16 on CPUs with native bf16; DDP and resume tests compare fp32 runs).
+TINY = ["--dtype", "fp32", "--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3", "--warmup", "2",
         "--eval-iters", "2", "--eval-interval", "1000", "--log-interval", "1", "--sample-interval", "0",
         "--ckpt-interval", "0"]
 

@@ -273,6 +273,35 @@ def test_hostile_numbers_are_rejected_or_clamped_in_the_function(app):
             app.as_number("temperature", bad, 0.0, 2.0)
 
 
+def test_space_serves_on_cuda_when_available_in_bf16_from_compute_capability_8_0(app):
+    assert app.choose_device(True, (8, 0)) == ("cuda", torch.bfloat16)
+    assert app.choose_device(True, (9, 0)) == ("cuda", torch.bfloat16)
+    assert app.choose_device(True, (7, 5)) == ("cuda", torch.float32)  # a T4: bf16 only emulated
+    assert app.choose_device(True, None) == ("cuda", torch.float32)
+    assert app.choose_device(False, None) == ("cpu", torch.float32)
+    assert app.cuda_facts() == (torch.cuda.is_available(), torch.cuda.get_device_capability()
+                                if torch.cuda.is_available() else None)
+
+
+def test_space_samples_with_a_generator_on_the_models_device(app, tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    model = SmolLM2(PRESETS["tiny"]).eval()
+    model.source_info = {"source": "x.pt", "format": "checkpoint", "why": "test", "name": "x.pt"}
+    made, real = [], torch.Generator
+    monkeypatch.setattr(app.torch, "Generator", lambda *a, **kw: made.append(a or kw) or real(*a, **kw))
+    engine = app.Engine(model, tokenizer)
+    list(engine.generate("Hello", max_new_tokens=3, temperature=0.8))
+    assert made == [(model.lm_head.weight.device,)]
+
+
+def test_space_wraps_generate_for_zerogpu_only_when_spaces_is_importable(app, monkeypatch):
+    fn = lambda: None  # noqa: E731
+    monkeypatch.setattr(app, "spaces", None)
+    assert app.on_gpu(fn) is fn
+    monkeypatch.setattr(app, "spaces", type("Spaces", (), {"GPU": staticmethod(lambda f: ("on gpu", f))}))
+    assert app.on_gpu(fn) == ("on gpu", fn)
+
+
 # --------------------------------------------------------------------------------- API, tiny weights
 def test_page_shows_the_checkpoint_step_and_validation_loss(tiny_app):
     config = tiny_app.page_config()

@@ -137,7 +137,7 @@ def test_compiled_decode_step_matches_eager_logits_and_greedy_tokens():
 def test_bench_runs_on_a_tiny_model_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", "tiny", "--repeats", "1",
-                          "--warmup", "0", "--no-compile-generate", "--json", str(out)],
+                          "--warmup", "0", "--no-compile-generate", "--checkpointing", "--json", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -147,3 +147,6 @@ def test_bench_runs_on_a_tiny_model_and_writes_json(tmp_path):
     assert res["generate"]["same_tokens_as_hf"] == {"ours_eager": True}
     assert 0 < res["generate"]["bound"]["tokens_per_s"]
     assert "tokens/s" in run.stdout and "ours/tf" in run.stdout
+    rows = res["checkpointing"]["rows"]  # tiny's window is 1024: T=256 only
+    assert set(rows) == {"T256_off", "T256_on"} and all(r["peak_memory_bytes"] > 0 for r in rows.values())
+    assert "gradient checkpointing, ours" in run.stdout
