@@ -13,7 +13,8 @@ keeps freed memory, as train.py sets it (--default-malloc: not). Measured:
   CPUs also ours on the fp32 GEMM route model.py did not pick by vendor (MKL or oneDNN), and the
   CPU's MFU: model FLOP/s over the best fp32 matmul FLOP/s measured on it (a 2048^3 product);
   on CPUs with native bf16 matmuls (what train.py's --dtype auto trains in there) the same in bf16:
-  both under bf16 autocast, MFU against the CPU's bf16 matmul peak;
+  transformers under bf16 autocast, ours as train.py trains there (a bf16 copy of the weights,
+  train_kernels.py), MFU against the CPU's bf16 matmul peak;
 - generation: batch 1, greedy, 128 new tokens after a 32-token prompt: our generate (eager, and
   with compile=True, whose one-off compilation is reported apart) against transformers' generate
   (do_sample=False, its default dynamic cache); time to first token; decode tokens/s;
@@ -158,6 +159,11 @@ class Trainer:
             self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
         import devices
         self.autocast = devices.autocast(device, dtype)  # no GradScaler in fp16: timing, not training
+        self.low = None
+        if impl == "ours" and device == "cpu" and dtype == "bf16" and not compile and not gradient_checkpointing:
+            import train_kernels  # as train.py trains in bf16 on CPU: a bf16 weight copy, no autocast
+            self.fwd = self.low = train_kernels.LowPrecisionWeights(model)
+            self.autocast = contextlib.nullcontext()
         self.peak_reset = False
         self.shape(batch_size, seq_len)
 
@@ -187,8 +193,12 @@ class Trainer:
             else:  # transformers shifts the labels itself: same inputs, same compute
                 loss = self.fwd(input_ids=self.idx, labels=self.idx).loss
         loss.backward()
+        if self.low is not None:
+            self.low.accumulate_grads()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.low is not None:
+            self.low.refresh()
         return _now(self.device) - t0
 
     def flops_per_token(self, seq_len):
@@ -359,7 +369,10 @@ def bench_training(args, weights, log, dtype=None):
         for w in workers:
             w.close()
     out = {"batch_size": B, "seq_len": T, "first_step_s": first, "compiled": args.compile,
-           "precision": dtype if dtype == "fp32" else f"{dtype} autocast", "flops_per_token": fpt}
+           "precision": dtype if dtype == "fp32" else f"{dtype} autocast" + (" (ours: bf16 weight copy)"
+                                                                            if dtype == "bf16" and args.device == "cpu"
+                                                                            and not args.compile else ""),
+           "flops_per_token": fpt}
     for name in impls:
         step = median(times[name])
         out[name] = {"step_s": step, "tokens_per_s": B * T / step, "step_s_all": times[name],
