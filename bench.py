@@ -643,7 +643,8 @@ def check_targets(res, device):
             t["training speedup"] = (res["train"]["speedup"], TARGETS["train_speedup"])
         if "train_bf16" in res:
             t["bf16 training speedup"] = (res["train_bf16"]["speedup"], TARGETS["train_bf16_speedup"])
-            t["bf16 training tokens/s"] = (res["train_bf16"]["ours"]["tokens_per_s"], TARGETS["train_bf16_tokens_per_s"])
+            if res["args"]["model"] == "smollm2-135m":  # the figure is stated for the 135M model
+                t["bf16 training tokens/s"] = (res["train_bf16"]["ours"]["tokens_per_s"], TARGETS["train_bf16_tokens_per_s"])
         if "generate" in res:
             t["generation speedup"] = (res["generate"]["speedup"], TARGETS["gen_speedup"])
             t["decode fraction of bound"] = (res["generate"]["fraction_of_bound"],
