@@ -10,8 +10,11 @@ machine. Figures are medians over the rounds after a warm-up. On CPU every worke
 keeps freed memory, as train.py sets it (--default-malloc: not). Measured:
 - training: tokens/s and peak memory at B=4, T=256 with a full AdamW step (fp32 on CPU, bf16
   autocast on CUDA); ours computes the loss with model(idx, targets, return_logits=False). On x86
-  CPUs also ours with model.ONEDNN off (MKL matmuls, as transformers'), and the CPU's MFU: model
-  FLOP/s over the best fp32 matmul FLOP/s measured on it (MKL or oneDNN, a 2048^3 product);
+  CPUs also ours on the fp32 GEMM route model.py did not pick by vendor (MKL or oneDNN), and the
+  CPU's MFU: model FLOP/s over the best fp32 matmul FLOP/s measured on it (a 2048^3 product);
+  on CPUs with native bf16 matmuls (what train.py's --dtype auto trains in there) the same in bf16:
+  transformers under bf16 autocast, ours as train.py trains there (a bf16 copy of the weights,
+  train_kernels.py), MFU against the CPU's bf16 matmul peak;
 - generation: batch 1, greedy, 128 new tokens after a 32-token prompt: our generate (eager, and
   with compile=True, whose one-off compilation is reported apart) against transformers' generate
   (do_sample=False, its default dynamic cache); time to first token; decode tokens/s;
@@ -37,7 +40,8 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # model.py and train.py, here and in every spawned worker
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TARGETS = {"train_speedup": 1.25, "gen_speedup": 2.0, "gen_fraction_of_bound": 0.70, "gpu_mfu_2048": 0.45,
+TARGETS = {"train_speedup": 1.1, "train_bf16_speedup": 1.5, "train_bf16_tokens_per_s": 950, "gen_speedup": 2.0,
+           "gen_fraction_of_bound": {"float32": 0.85, "bfloat16": 0.80}, "gpu_mfu_2048": 0.45,
            "gpu_5000_steps_s": 120, "gpu_peak_gib": 3.0}
 
 
@@ -102,11 +106,12 @@ def _setup(device, threads):
 
 
 def _load(impl, weights, device, dtype):
-    """Our SmolLM2 or transformers' LlamaForCausalLM from the same HF-format directory. "ours-mkl" is
-    ours with model.ONEDNN off: its fp32 CPU matmuls on MKL, as transformers' are."""
+    """Our SmolLM2 or transformers' LlamaForCausalLM from the same HF-format directory. "ours-mkl" and
+    "ours-onednn" are ours with its fp32 CPU training matmuls forced onto MKL or oneDNN (the route
+    model.ONEDNN did not pick by CPU vendor)."""
     if impl.startswith("ours"):
         import model as ours
-        ours.ONEDNN = ours.ONEDNN and impl != "ours-mkl"
+        ours.ONEDNN = {"ours-mkl": False, "ours-onednn": True}.get(impl, ours.ONEDNN)
         model = ours.SmolLM2.from_pretrained(weights, dtype=dtype, device=device)
     else:
         from transformers import LlamaForCausalLM
@@ -154,6 +159,11 @@ class Trainer:
             self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
         import devices
         self.autocast = devices.autocast(device, dtype)  # no GradScaler in fp16: timing, not training
+        self.low = None
+        if impl == "ours" and device == "cpu" and dtype == "bf16" and not compile and not gradient_checkpointing:
+            import train_kernels  # as train.py trains in bf16 on CPU: a bf16 weight copy, no autocast
+            self.fwd = self.low = train_kernels.LowPrecisionWeights(model)
+            self.autocast = contextlib.nullcontext()
         self.peak_reset = False
         self.shape(batch_size, seq_len)
 
@@ -183,8 +193,12 @@ class Trainer:
             else:  # transformers shifts the labels itself: same inputs, same compute
                 loss = self.fwd(input_ids=self.idx, labels=self.idx).loss
         loss.backward()
+        if self.low is not None:
+            self.low.accumulate_grads()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.low is not None:
+            self.low.refresh()
         return _now(self.device) - t0
 
     def flops_per_token(self, seq_len):
@@ -192,15 +206,21 @@ class Trainer:
         from model import flops_per_token
         return flops_per_token(self.model.config, seq_len, self.n_params)
 
-    def matmul_peak(self, n=2048, reps=10):
-        """FLOP/s of an (n, n) @ (n, n) fp32 product, the best this CPU does: through MKL (what
-        torch's matmul calls) and through oneDNN (ours: model.matmul_nt), median of reps."""
-        from model import ONEDNN, onednn_matmul_nt
+    def matmul_peak(self, n=2048, reps=10, dtype="fp32"):
+        """FLOP/s of an (n, n) @ (n, n) product, the best this CPU does, median of reps. fp32: through
+        MKL (what torch's matmul calls) and through oneDNN (model.matmul_nt); bf16: torch's matmul
+        (oneDNN's AMX / AVX-512 bf16 kernels)."""
+        from model import onednn_matmul_nt
         torch = self.torch
         a, b = torch.randn(n, n), torch.randn(n, n)
         out = {}
-        for name, fn in (("mkl", lambda: a @ b.t()), ("onednn", lambda: onednn_matmul_nt(a, b))):
-            if name == "onednn" and not ONEDNN:
+        if dtype == "bf16":
+            a, b = a.bfloat16(), b.bfloat16()
+            routes = (("bf16", lambda: a @ b.t()),)
+        else:
+            routes = (("mkl", lambda: a @ b.t()), ("onednn", lambda: onednn_matmul_nt(a, b)))
+        for name, fn in routes:
+            if name == "onednn" and not onednn_available():
                 continue
             times = []
             for _ in range(reps + 2):
@@ -302,19 +322,37 @@ def interleaved(workers, method, rounds, warmup, log, **kwargs):
     return results
 
 
+def onednn_available():
+    """Whether oneDNN can take the fp32 CPU products here (x86 with torch's mkldnn)."""
+    import torch
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+
+
+def other_route():
+    """Ours with the fp32 GEMM route model.py did not pick for this CPU: the comparison row."""
+    from model import ONEDNN
+    return "ours-mkl" if ONEDNN else "ours-onednn"
+
+
 def gpu_dtype():
     """What train.py's --dtype auto picks on this GPU: bf16 from compute capability 8.0, else fp16."""
     import devices
     return devices.pick_dtype(devices.device_facts("cuda"))[0]
 
 
-def bench_training(args, weights, log):
+def cpu_bf16():
+    """Whether this CPU has native bf16 matmuls (train.py's --dtype auto then trains in bf16)."""
+    import devices
+    return devices.pick_dtype(devices.device_facts("cpu"))[0] == "bf16"
+
+
+def bench_training(args, weights, log, dtype=None):
     B, T = 4, 256
-    dtype = gpu_dtype() if args.device == "cuda" else "fp32"
+    dtype = dtype or (gpu_dtype() if args.device == "cuda" else "fp32")
     log(f"training: B={B}, T={T}, {dtype}, "
         f"AdamW step included{', torch.compile' if args.compile else ''}")
-    from model import ONEDNN
-    impls = ("ours", "ours-mkl", "hf") if args.device == "cpu" and ONEDNN else ("ours", "hf")
+    cpu32 = args.device == "cpu" and dtype == "fp32"  # the fp32 GEMM route matters there only
+    impls = ("ours", other_route(), "hf") if cpu32 and onednn_available() else ("ours", "hf")
     workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device=args.device,
                       threads=args.threads, batch_size=B, seq_len=T, compile=args.compile, dtype=dtype)
                for impl in impls]
@@ -325,20 +363,23 @@ def bench_training(args, weights, log):
         first = {w.name: w("step") for w in workers}  # untimed (with --compile, compilation), then warm-up rounds
         times = interleaved(workers, "step", args.repeats, args.warmup, log)
         memory = {w.name: w("peak_memory") for w in workers}
-        peak = workers[0]("matmul_peak") if args.device == "cpu" else {}
+        peak = workers[0]("matmul_peak", dtype=dtype) if args.device == "cpu" else {}
         fpt = workers[0]("flops_per_token", seq_len=T)
     finally:
         for w in workers:
             w.close()
     out = {"batch_size": B, "seq_len": T, "first_step_s": first, "compiled": args.compile,
-           "precision": dtype if dtype == "fp32" else f"{dtype} autocast", "flops_per_token": fpt}
+           "precision": dtype if dtype == "fp32" else f"{dtype} autocast" + (" (ours: bf16 weight copy)"
+                                                                            if dtype == "bf16" and args.device == "cpu"
+                                                                            and not args.compile else ""),
+           "flops_per_token": fpt}
     for name in impls:
         step = median(times[name])
         out[name] = {"step_s": step, "tokens_per_s": B * T / step, "step_s_all": times[name],
                      "peak_memory_bytes": memory[name]["peak_bytes"], "memory_measure": memory[name]["what"]}
     out["speedup"] = out["ours"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
     out["memory_ratio"] = out["ours"]["peak_memory_bytes"] / out["hf"]["peak_memory_bytes"]
-    if peak:  # the CPU's MFU: model FLOP/s over the best fp32 matmul FLOP/s measured on it
+    if peak:  # the CPU's MFU: model FLOP/s over the best matmul FLOP/s measured on it, same precision
         out["matmul_peak_flops"] = peak
         for name in impls:
             out[name]["mfu"] = out[name]["tokens_per_s"] * fpt / max(peak.values())
@@ -525,21 +566,23 @@ def report(res):
     lines.append(f"medians of {res['repeats']} rounds after {res['warmup']} warm-up, ours and transformers taking turns; "
                  + (malloc if m["device"] == "cpu" else "CUDA"))
     rows = []
-    if "train" in res:
-        t = res["train"]
+    for t in (res[k] for k in ("train", "train_bf16") if k in res):
         how = t["precision"] + (", compiled" if t["compiled"] else "")
         rows.append((f"training B={t['batch_size']} T={t['seq_len']}, {how}, AdamW step", "ours", "transformers", "ours/tf"))
         rows.append(("  tokens/s", fmt(t["ours"]["tokens_per_s"]), fmt(t["hf"]["tokens_per_s"]), f"{t['speedup']:.2f}x"))
-        if "ours-mkl" in t:
-            rows.append(("  tokens/s, ours with MKL matmuls as transformers", fmt(t["ours-mkl"]["tokens_per_s"]),
-                         fmt(t["hf"]["tokens_per_s"]), f"{t['ours-mkl']['tokens_per_s'] / t['hf']['tokens_per_s']:.2f}x"))
+        for other, label in (("ours-mkl", "MKL matmuls as transformers"), ("ours-onednn", "oneDNN matmuls")):
+            if other in t:
+                rows.append((f"  tokens/s, ours with {label}", fmt(t[other]["tokens_per_s"]),
+                             fmt(t["hf"]["tokens_per_s"]), f"{t[other]['tokens_per_s'] / t['hf']['tokens_per_s']:.2f}x"))
         rows.append(("  step time (s)", fmt(t["ours"]["step_s"]), fmt(t["hf"]["step_s"]), ""))
         rows.append(("  peak memory (GiB)", fmt(t["ours"]["peak_memory_bytes"], "GiB"),
                      fmt(t["hf"]["peak_memory_bytes"], "GiB"), f"{t['memory_ratio']:.2f}x"))
         if "matmul_peak_flops" in t:
             peak = t["matmul_peak_flops"]
-            rows.append((f"  fp32 matmul peak (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak.items()),
+            what = "bf16" if "bf16" in peak else "fp32"
+            rows.append((f"  {what} matmul peak (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak.items()),
                          "", "", ""))
+            rows.append(("  5000 steps (min)", fmt(5000 * t["ours"]["step_s"] / 60), fmt(5000 * t["hf"]["step_s"] / 60), ""))
             rows.append((f"  MFU: model FLOP/s ({t['flops_per_token'] / 1e9:.2f} GFLOP/token) / best peak",
                          f"{t['ours']['mfu']:.0%}", f"{t['hf']['mfu']:.0%}", ""))
     if "generate" in res:
@@ -598,9 +641,14 @@ def check_targets(res, device):
     if device == "cpu":
         if "train" in res:
             t["training speedup"] = (res["train"]["speedup"], TARGETS["train_speedup"])
+        if "train_bf16" in res:
+            t["bf16 training speedup"] = (res["train_bf16"]["speedup"], TARGETS["train_bf16_speedup"])
+            if res["args"]["model"] == "smollm2-135m":  # the figure is stated for the 135M model
+                t["bf16 training tokens/s"] = (res["train_bf16"]["ours"]["tokens_per_s"], TARGETS["train_bf16_tokens_per_s"])
         if "generate" in res:
             t["generation speedup"] = (res["generate"]["speedup"], TARGETS["gen_speedup"])
-            t["decode fraction of bound"] = (res["generate"]["fraction_of_bound"], TARGETS["gen_fraction_of_bound"])
+            t["decode fraction of bound"] = (res["generate"]["fraction_of_bound"],
+                                             TARGETS["gen_fraction_of_bound"][res["generate"]["dtype"]])
     elif "mfu" in res:  # (value, bound, True when the value must stay at or below the bound)
         t["MFU at T=2048"] = (res["mfu"]["B4_T2048"]["ours"]["mfu"], TARGETS["gpu_mfu_2048"], False)
         small = res["mfu"]["B4_T256"]["ours"]
@@ -651,6 +699,8 @@ def main():
         res["weights"] = prepare_weights(args, folder, log)
         if "train" not in args.skip:
             res["train"] = bench_training(args, folder, log)
+            if args.device == "cpu" and cpu_bf16():  # and in the precision train.py picks here
+                res["train_bf16"] = bench_training(args, folder, log, "bf16")
         if "generate" not in args.skip:
             res["generate"] = bench_generation(args, folder, log)
         if args.checkpointing:

@@ -51,8 +51,25 @@ def onednn_calls(fn):
     return out, sum(e.count for e in prof.key_averages() if e.key == "smollm2::onednn_matmul_nt")
 
 
-@pytest.mark.skipif(not model_module.ONEDNN, reason="oneDNN matmuls are used on x86 CPUs only")
-def test_onednn_linear_equals_f_linear_in_value_and_gradients():
+def test_gemm_route_follows_the_cpu_vendor_not_the_architecture(tmp_path):
+    route = model_module.onednn_route
+    assert route("AuthenticAMD", "x86_64", True)  # MKL's dispatch slows AMD: oneDNN
+    assert not route("GenuineIntel", "x86_64", True)  # MKL is the faster one on Intel
+    assert not route("", "x86_64", True) and not route("AuthenticAMD", "aarch64", True)
+    assert not route("AuthenticAMD", "x86_64", False)  # torch built without oneDNN
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
+    assert model_module.cpu_vendor(str(cpuinfo)) == "AuthenticAMD"
+    assert model_module.cpu_vendor(str(tmp_path / "missing")) == ""
+
+
+needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and model_module.platform.machine()
+                                       .lower() in ("x86_64", "amd64")), reason="oneDNN matmuls: x86 CPUs only")
+
+
+@needs_onednn
+def test_onednn_linear_equals_f_linear_in_value_and_gradients(monkeypatch):
+    monkeypatch.setattr(model_module, "ONEDNN", True)  # whichever route this CPU's vendor picks
     torch.manual_seed(0)
     layer = Linear(96, 160)
     x = torch.randn(3, 17, 96, requires_grad=True)  # 3-D, as in the model
@@ -68,8 +85,9 @@ def test_onednn_linear_equals_f_linear_in_value_and_gradients():
     torch.testing.assert_close(gw, rw)
 
 
-@pytest.mark.skipif(not model_module.ONEDNN, reason="oneDNN matmuls are used on x86 CPUs only")
-def test_inference_and_autocast_keep_f_linear_bit_for_bit():
+@needs_onednn
+def test_inference_and_autocast_keep_f_linear_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(model_module, "ONEDNN", True)
     torch.manual_seed(0)
     layer, x = Linear(96, 160), torch.randn(4, 96)
     with torch.no_grad():  # inference: MKL, so logits stay identical to transformers'
@@ -81,6 +99,7 @@ def test_inference_and_autocast_keep_f_linear_bit_for_bit():
 
 
 def test_training_step_without_onednn_gives_the_same_gradients(monkeypatch):
+    monkeypatch.setattr(model_module, "ONEDNN", True)
     model = tiny_model().train()
     idx = torch.randint(0, TINY.vocab_size, (2, 33))
     fast = torch.autograd.grad(model(idx[:, :-1], idx[:, 1:], return_logits=False)[1], list(model.parameters()))
@@ -142,8 +161,9 @@ def test_bench_runs_on_a_tiny_model_and_writes_json(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["train"]["ours"]["tokens_per_s"] > 0 and res["train"]["hf"]["peak_memory_bytes"] > 0
-    if model_module.ONEDNN:  # ours with MKL matmuls too, and MFU against the measured matmul peak
-        assert res["train"]["ours-mkl"]["tokens_per_s"] > 0 and 0 < res["train"]["ours"]["mfu"] < 1
+    if "ours-mkl" in res["train"] or "ours-onednn" in res["train"]:  # x86: the other GEMM route, and MFU
+        other = res["train"].get("ours-mkl") or res["train"]["ours-onednn"]
+        assert other["tokens_per_s"] > 0 and 0 < res["train"]["ours"]["mfu"] < 1
     assert res["generate"]["same_tokens_as_hf"] == {"ours_eager": True}
     assert 0 < res["generate"]["bound"]["tokens_per_s"]
     assert "tokens/s" in run.stdout and "ours/tf" in run.stdout
