@@ -329,7 +329,8 @@ def describe(run, tokens, where):
           f"{where.world} processes = {run.tokens_per_step:,} tokens per step | device {where.device}, "
           f"{run.dtype}{', compiled' if args.compile else ''}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
-    print(f"precision: {run.dtype_reason}" + (f"; {run.dtype_notice}" if run.dtype_notice else ""))
+    how = "; training steps on a bf16 copy of the weights, fp32 masters (train_kernels.py)" if run.low else ""
+    print(f"precision: {run.dtype_reason}{how}" + (f"; {run.dtype_notice}" if run.dtype_notice else ""))
     print(f"LR: warmup {args.warmup} steps to {args.lr:g}, cosine to {args.min_lr:g} at step {run.horizon} "
           f"(the horizon set by this run's first launch), {args.min_lr:g} after it")
     if args.steps > run.horizon:

@@ -56,6 +56,7 @@ def test_auto_on_this_machine_logs_what_proc_cpuinfo_implies(tmp_path, corpus):
     if native:
         assert "device cpu, bf16" in proc.stdout
         assert f"precision: bf16 autocast: native bf16 matmuls on this CPU ({', '.join(native)})" in proc.stdout
+        assert "training steps on a bf16 copy of the weights" in proc.stdout  # one process, eager
     else:
         assert "device cpu, fp32" in proc.stdout and "precision: fp32: this CPU has no native" in proc.stdout
 
