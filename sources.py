@@ -182,12 +182,28 @@ def open_stream(spec):
     from datasets.data_files import EmptyDatasetError
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach us as exceptions,
     try:  # which we report in one line: its log lines would only repeat them on stderr
-        return datasets.load_dataset(os.path.expanduser(name), config or None, split="train",
-                                     streaming=True)
+        if local:  # only the shards: a token cache or a README beside them is no data
+            return _load_local(datasets, os.path.expanduser(name), spec)
+        return datasets.load_dataset(name, config or None, split="train", streaming=True)
+    except data.DataError:
+        raise
     except (EmptyDatasetError, StopIteration) as e:  # no data files; files of no rows
         raise data.DataError(f"{spec}: the stream is empty ({_reason(e)})") from None
     except Exception as e:  # the library raises many kinds (hub, config, file errors): say which
         raise data.DataError(f"{spec}: cannot stream it ({_reason(e)})") from None
+
+
+def _load_local(datasets, folder, spec):
+    """A local folder's parquet or JSONL shards (sorted, any depth) through the same streaming path
+    as a hub dataset, with nothing else in the folder taken for data."""
+    shards = sorted(os.path.join(root, n) for root, _, names in os.walk(folder) for n in names
+                    if is_row_file(n) and not n.startswith("."))
+    kinds = {"parquet" if f.endswith(".parquet") else "json" for f in shards}
+    if len(kinds) > 1:
+        raise data.DataError(f"{spec}: mixes parquet and JSONL shards; keep one kind per folder")
+    if not shards:
+        raise data.DataError(f"{spec}: the stream is empty (no .parquet, .jsonl or .jsonl.gz files in it)")
+    return datasets.load_dataset(kinds.pop(), data_files={"train": shards}, split="train", streaming=True)
 
 
 def _reason(e):

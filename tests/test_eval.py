@@ -87,7 +87,8 @@ def test_bad_eval_input_is_one_line_and_exit_2(tmp_path, tiny_dir, text_file, ar
 
 def test_parquet_jsonl_and_hf_stream_evaluate_like_the_same_text_files(tmp_path, tiny_dir):
     """The same two documents as text files, parquet rows, JSONL lines and an hf: stream of a parquet
-    shard: the same tokens, the same UTF-8 bytes (not the parquet file's size), the same loss."""
+    shard: the same tokens, the same UTF-8 bytes (not the parquet file's size), the same loss. The
+    parquet file's token cache lands in the shard folder, and the stream must not take it for data."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import eval as evaluation
@@ -95,13 +96,12 @@ def test_parquet_jsonl_and_hf_stream_evaluate_like_the_same_text_files(tmp_path,
     (tmp_path / "txt").mkdir()
     for i, doc in enumerate(docs):
         (tmp_path / "txt" / f"{i}.txt").write_text(doc, encoding="utf-8")
-    for folder in ("pq", "shards"):  # apart: a token cache beside docs.parquet is no shard of the stream
-        (tmp_path / folder).mkdir()
-        pq.write_table(pa.table({"text": docs}), tmp_path / folder / "docs.parquet")
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.table({"text": docs}), tmp_path / "shards" / "docs.parquet")
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     want = evaluation.evaluate(tiny_dir, str(tmp_path / "txt"), seq_len=16, batch_size=2)
     assert want["bytes"] == sum(len(d.encode()) for d in docs)
-    for spec, column in [(tmp_path / "pq" / "docs.parquet", "text"), (tmp_path / "docs.jsonl", "body"),
+    for spec, column in [(tmp_path / "shards" / "docs.parquet", "text"), (tmp_path / "docs.jsonl", "body"),
                          (f"hf:{tmp_path / 'shards'}", "text")]:
         got = evaluation.evaluate(tiny_dir, str(spec), seq_len=16, batch_size=2, column=column)
         assert {k: got[k] for k in ("tokens", "bytes")} == {k: want[k] for k in ("tokens", "bytes")}, spec
