@@ -52,12 +52,13 @@ def load_corpus(spec, progress=False, column="text", max_tokens=1_000_000):
 
 def _stream_corpus(spec, column, max_tokens):
     encode = data._SegmentEncoder(data.load_tokenizer())
-    it, pieces, n_tokens, n_bytes = iter(sources.open_stream(spec)), [], 0, 0
-    for i, example in enumerate(it):
+    it, pieces, n_tokens, n_bytes, i = iter(sources.open_stream(spec)), [], 0, 0, 0
+    while (example := sources._next(it, spec)) is not None:  # a reading error: one DataError line
         text = sources.row_text(example, column, f"{spec} example {i}")
         ids = np.frombuffer(encode(text), dtype=np.uint16)
         pieces += [np.array([data.EOT_ID], dtype=np.uint16)] * bool(pieces) + [ids]  # EOT between documents
         n_tokens, n_bytes = n_tokens + len(ids) + (len(pieces) > 1), n_bytes + len(text.encode())
+        i += 1
         if n_tokens >= max_tokens:
             break
     if hasattr(it, "close"):
