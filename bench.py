@@ -9,8 +9,8 @@ workers take turns, one timed run each per round, so that both see the same load
 machine. Figures are medians over the rounds after a warm-up. On CPU every worker's glibc malloc
 keeps freed memory, as train.py sets it (--default-malloc: not). Measured:
 - training: tokens/s and peak memory at B=4, T=256 with a full AdamW step (fp32 on CPU, bf16
-  autocast on CUDA); ours computes the loss with model(idx, targets, return_logits=False). On x86
-  CPUs also ours on the fp32 GEMM route model.py did not pick by vendor (MKL or oneDNN), and the
+  autocast on CUDA); ours computes the loss as train.py does (train_kernels.ChunkedLoss). On x86
+  CPUs also ours on the fp32 GEMM route train_kernels.py did not pick by vendor (MKL or oneDNN), and the
   CPU's MFU: model FLOP/s over the best fp32 matmul FLOP/s measured on it (a 2048^3 product);
   on CPUs with native bf16 matmuls (what train.py's --dtype auto trains in there) the same in bf16:
   transformers under bf16 autocast, ours as train.py trains there (a bf16 copy of the weights,
@@ -108,10 +108,11 @@ def _setup(device, threads):
 def _load(impl, weights, device, dtype):
     """Our SmolLM2 or transformers' LlamaForCausalLM from the same HF-format directory. "ours-mkl" and
     "ours-onednn" are ours with its fp32 CPU training matmuls forced onto MKL or oneDNN (the route
-    model.ONEDNN did not pick by CPU vendor)."""
+    train_kernels.ONEDNN did not pick by CPU vendor)."""
     if impl.startswith("ours"):
         import model as ours
-        ours.ONEDNN = {"ours-mkl": False, "ours-onednn": True}.get(impl, ours.ONEDNN)
+        import train_kernels
+        train_kernels.ONEDNN = {"ours-mkl": False, "ours-onednn": True}.get(impl, train_kernels.ONEDNN)
         model = ours.SmolLM2.from_pretrained(weights, dtype=dtype, device=device)
     else:
         from transformers import LlamaForCausalLM
@@ -149,7 +150,9 @@ class Trainer:
         if gradient_checkpointing:  # ours only: model.py's flag, as train.py sets it
             model.gradient_checkpointing = True
         self.model, self.n_params = model, sum(p.numel() for p in model.parameters())
-        self.fwd = torch.compile(model) if compile else model
+        import train_kernels  # ours: the loss as train.py computes it, chunked, no (B, T, V) logits
+        self.fwd = train_kernels.ChunkedLoss(model) if impl.startswith("ours") else model
+        self.fwd = torch.compile(self.fwd) if compile else self.fwd
         decay = [p for p in model.parameters() if p.dim() >= 2]
         other = [p for p in model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
@@ -161,8 +164,8 @@ class Trainer:
         self.autocast = devices.autocast(device, dtype)  # no GradScaler in fp16: timing, not training
         self.low = None
         if impl == "ours" and device == "cpu" and dtype == "bf16" and not compile and not gradient_checkpointing:
-            import train_kernels  # as train.py trains in bf16 on CPU: a bf16 weight copy, no autocast
-            self.fwd = self.low = train_kernels.LowPrecisionWeights(model)
+            # as train.py trains in bf16 on CPU: a bf16 weight copy, no autocast
+            self.fwd = self.low = train_kernels.LowPrecisionWeights(self.fwd)
             self.autocast = contextlib.nullcontext()
         self.peak_reset = False
         self.shape(batch_size, seq_len)
@@ -189,7 +192,7 @@ class Trainer:
         t0 = _now(self.device)
         with self.autocast:
             if self.impl.startswith("ours"):  # chunked loss: no (B, T, V) logits
-                loss = self.fwd(self.idx, self.targets, return_logits=False)[1]
+                loss = self.fwd(self.idx, self.targets)
             else:  # transformers shifts the labels itself: same inputs, same compute
                 loss = self.fwd(input_ids=self.idx, labels=self.idx).loss
         loss.backward()
@@ -208,9 +211,9 @@ class Trainer:
 
     def matmul_peak(self, n=2048, reps=10, dtype="fp32"):
         """FLOP/s of an (n, n) @ (n, n) product, the best this CPU does, median of reps. fp32: through
-        MKL (what torch's matmul calls) and through oneDNN (model.matmul_nt); bf16: torch's matmul
+        MKL (what torch's matmul calls) and through oneDNN (train_kernels.matmul_nt); bf16: torch's matmul
         (oneDNN's AMX / AVX-512 bf16 kernels)."""
-        from model import onednn_matmul_nt
+        from train_kernels import onednn_matmul_nt
         torch = self.torch
         a, b = torch.randn(n, n), torch.randn(n, n)
         out = {}
@@ -329,8 +332,8 @@ def onednn_available():
 
 
 def other_route():
-    """Ours with the fp32 GEMM route model.py did not pick for this CPU: the comparison row."""
-    from model import ONEDNN
+    """Ours with the fp32 GEMM route train_kernels.py did not pick for this CPU: the comparison row."""
+    from train_kernels import ONEDNN
     return "ours-mkl" if ONEDNN else "ours-onednn"
 
 

@@ -23,6 +23,7 @@ import torch
 import data
 import sources
 from model import ModelLoadError, SmolLM2
+from train_kernels import ChunkedLoss
 
 
 class EvalError(ValueError):
@@ -81,13 +82,14 @@ def total_nats(model, ids, seq_len, batch_size=1, device="cpu", progress=False):
     full = [s for s in spans if s[1] - s[0] == seq_len + 1]
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[s] for s in spans if s[1] - s[0] != seq_len + 1]  # the last, shorter one alone
+    loss_fn = ChunkedLoss(model)  # as in training: no (B, T, V) logits
     nats, count = 0.0, 0
     with tqdm(total=len(ids) - 1, unit="tok", desc="evaluating", disable=not progress, file=sys.stderr) as bar:
         for batch in batches:
             rows = torch.from_numpy(np.stack([np.asarray(ids[a:b], dtype=np.int64) for a, b in batch]))
             rows = rows.to(device)
             x, y = rows[:, :-1], rows[:, 1:]
-            _, loss = model(x, y, return_logits=False)  # mean over the batch, in fp32, chunked
+            loss = loss_fn(x, y)  # mean over the batch, in fp32, chunked
             nats += float(loss) * y.numel()
             count += y.numel()
             bar.update(y.numel())

@@ -365,7 +365,8 @@ class Run:
             self.step, self.horizon, self.val_loss = ckpt["step"], ckpt["lr_horizon"], ckpt.get("val_loss")
             self.history = ckpt.get("history") or self.history
             self.load_scaler_state(ckpt.get("scaler"))
-        self.model = torch.compile(self.raw_model) if args.compile else self.raw_model
+        self.loss = train_kernels.ChunkedLoss(self.raw_model)  # model(x, y)'s loss, without its logits
+        self.model = torch.compile(self.loss) if args.compile else self.loss
         if where.world > 1:
             # broadcast_buffers=False: the only buffers are the RoPE tables, equal on every rank
             self.model = DDP(self.model, device_ids=[where.local_rank] if where.type == "cuda" else None,
@@ -376,7 +377,7 @@ class Run:
         self.low = None
         if (where.type == "cpu" and self.dtype == "bf16" and where.world == 1 and not args.compile
                 and not args.gradient_checkpointing):
-            self.model = self.low = train_kernels.LowPrecisionWeights(self.raw_model)
+            self.model = self.low = train_kernels.LowPrecisionWeights(self.loss)
         self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * where.world
         cfg = self.raw_model.config
         self.flops_per_token = flops_per_token(cfg, args.seq_len, sum(p.numel() for p in self.raw_model.parameters()))
@@ -392,7 +393,7 @@ class Run:
             if self.where.world > 1:  # all-reduce the gradients only in the last backward
                 model.require_backward_grad_sync = micro == args.grad_accum - 1
             with self.autocast if self.low is None else contextlib.nullcontext():
-                _, loss = model(x, y, return_logits=False)  # chunked loss: no (B, T, V) logits
+                loss = model(x, y)  # the chunked loss: no (B, T, V) logits
             loss = loss / args.grad_accum  # the sum over micro-steps is the mean over the batch
             loss_sum += loss.detach()
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
@@ -447,7 +448,7 @@ class Run:
             x, y = (t.to(self.where.device) for t in loader.next_batch())
             if i % self.where.world == self.where.rank:
                 with self.autocast:
-                    total += self.raw_model(x, y, return_logits=False)[1]
+                    total += self.loss(x, y)
         self.raw_model.train()
         self.val_loss = self.where.all_sum(total).item() / n
         return self.val_loss

@@ -6,11 +6,9 @@ and the input embedding tied to the LM head. Parameter names are HF's verbatim, 
 loads with strict=True and no key map. References: SmolLM2 (arXiv:2502.02737), Llama
 (arXiv:2302.13971), RoPE (arXiv:2104.09864), GQA (arXiv:2305.13245), nanoGPT for the layout.
 """
-import contextlib
 import json
 import math
 import os
-import platform
 import re
 from dataclasses import asdict, dataclass, fields
 
@@ -117,74 +115,8 @@ class KVCache:
 
 
 # Training on AMD x86 CPUs: fp32 products go through oneDNN instead of MKL, torch's default BLAS.
-# MKL picks its kernels by CPU vendor and on AMD CPUs with AVX-512 runs at less than half the speed
-# that oneDNN (shipped in torch, picking kernels by instruction set) reaches on the same cores: on a
-# 2-core Zen 5, 190-220 against 370-515 GFLOP/s for every matmul shape of a training step. On Intel
-# CPUs MKL is the faster one (2-core Sapphire Rapids: 438 against 404 GFLOP/s), so the route follows
-# the vendor, not the architecture; a fixed rule, not a timing, so a run and its resume agree. Same
-# fp32 arithmetic, another summation order (within 1e-6 relative). Inference keeps MKL, so logits
-# stay bit-identical to transformers'. Set model.ONEDNN to compare (bench.py does).
-def cpu_vendor(path="/proc/cpuinfo"):
-    """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD", ...), "" where /proc/cpuinfo has none."""
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    return ""
-
-
-def onednn_route(vendor, machine, mkldnn_available):
-    """True where fp32 training products should go through oneDNN: x86 CPUs by AMD (MKL's dispatch
-    slows non-Intel CPUs); MKL on Intel's and on every other CPU."""
-    return mkldnn_available and machine.lower() in ("x86_64", "amd64") and vendor == "AuthenticAMD"
-
-
-ONEDNN = onednn_route(cpu_vendor(), platform.machine(), torch.backends.mkldnn.is_available())
-
-
-def onednn_ok(*tensors):
-    """True where fp32 CPU products of these tensors may go through oneDNN (not under autocast)."""
-    return (ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and not torch.is_autocast_enabled("cpu"))
-
-
-def matmul_nt(a, b):
-    """a @ b.T for a (M, K) and b (N, K) -> (M, N): oneDNN's fp32 inner product where onednn_ok."""
-    return onednn_matmul_nt(a, b) if onednn_ok(a, b) else a @ b.t()
-
-
-# A custom op, so that torch.compile calls it as it is (Inductor cannot lower the mkldnn op itself).
-@torch.library.custom_op("smollm2::onednn_matmul_nt", mutates_args=())
-def onednn_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b, None, "none", [], "")
-
-
-@onednn_matmul_nt.register_fake
-def _(a, b):
-    return a.new_empty(a.size(0), b.size(0))
-
-
-class OneDNNLinear(torch.autograd.Function):
-    """x @ weight.T and its two gradients, each product through matmul_nt, as F.linear computes them."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return matmul_nt(x.reshape(-1, x.size(-1)), weight).view(*x.shape[:-1], weight.size(0))
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.size(-1))  # (M, N)
-        grad_x = matmul_nt(g, weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None  # (M, K)
-        grad_w = matmul_nt(g.t(), x.reshape(-1, x.size(-1)).t()) if ctx.needs_input_grad[1] else None  # (N, K)
-        return grad_x, grad_w
-
-
 class Linear(nn.Linear):
-    """nn.Linear without bias, plus two faster forms on CPU: oneDNN for training (see ONEDNN above),
-    and a streaming form for decoding under torch.compile.
+    """nn.Linear without bias, plus a streaming form for decoding on CPU under torch.compile.
 
     Decoding multiplies one vector by every weight matrix: the time is that of reading the weights.
     MKL runs that one-row GEMM at a fraction of the memory bandwidth (6-7 GB/s on a 2-core EPYC);
@@ -196,11 +128,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
-        if x.device.type == "cpu":
-            if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
-                return (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, C) * (N, C) -> (..., N)
-            if torch.is_grad_enabled() and self.weight.requires_grad and onednn_ok(x, self.weight):
-                return OneDNNLinear.apply(x, self.weight)
+        if x.device.type == "cpu" and torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+            return (x.unsqueeze(-2) * self.weight).sum(-1)  # (..., 1, C) * (N, C) -> (..., N)
         return F.linear(x, self.weight)
 
 
@@ -281,95 +210,6 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def _autocast_dtype(device_type):
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
-def _cross_entropy_chunks(x, weight, safe_targets, valid, chunk_rows, grad_x=None, grad_w=None, scale=None):
-    """The summed loss over chunks of rows of x (N, C) against weight (V, C). Where grad_x (N, C) and
-    grad_w (V, C) are given, add to them d(loss sum)/dx and /dweight, times scale (a tensor) if given.
-    Products run in x's and weight's dtype; log-softmax and d loss / d logits in fp32."""
-    loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    for s in range(0, x.size(0), chunk_rows):
-        xc, tc, vc = x[s:s + chunk_rows], safe_targets[s:s + chunk_rows], valid[s:s + chunk_rows, None]
-        logp = matmul_nt(xc, weight).float().log_softmax(-1)  # (n, V)
-        loss -= (logp.gather(1, tc) * vc).sum()
-        if grad_x is None and grad_w is None:
-            continue
-        g = logp.exp_().scatter_add_(1, tc, -vc.float()).mul_(vc)  # softmax - one_hot, 0 on ignored rows
-        if scale is not None:
-            g.mul_(scale)
-        g = g.to(weight.dtype)
-        if grad_x is not None:
-            grad_x[s:s + chunk_rows] = matmul_nt(g, weight.t())  # (n, V) @ (V, C)
-        if grad_w is not None and g.dtype == grad_w.dtype:
-            grad_w.addmm_(g.t(), xc)  # (V, C)
-        elif grad_w is not None:
-            grad_w += g.t() @ xc  # in the products' 16-bit dtype, accumulated in the weight's fp32
-    return loss
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T against targets (-1 ignored), a chunk of rows at
-    a time: the full (N, V) fp32 logits and their gradient (0.8 GB at B=4, T=256) never exist. The
-    loss is a scalar, so each chunk's gradient is computed in the forward pass while its logits are
-    at hand, and backward only scales it (as Liger-Kernel's fused linear cross-entropy does).
-
-    Under autocast, x and the weight are cast once per forward (autocast itself would cast the tied
-    weight twice per chunk: a .t() view escapes its cast cache) and the products run in that dtype.
-    In fp16 the gradient waits for backward, where the loss scale is known: softmax - one_hot holds
-    values near 1/V = 2e-5, subnormal in fp16 unless scaled as GradScaler scales every other
-    gradient. So fp16 computes the logits twice, and the gradients as an unfused fp16 cross-entropy
-    would (an overflow shows up as inf, a step that GradScaler skips)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows):
-        # x: (N, C), weight: (V, C), targets: (N,)
-        dtype = _autocast_dtype(x.device.type)
-        ctx.deferred = dtype == torch.float16
-        want_x, want_w = (want and not ctx.deferred for want in ctx.needs_input_grad[:2])
-        valid = targets != -1
-        safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows are zeroed in the gradient
-        grad_x = torch.zeros_like(x) if want_x else None
-        grad_w = torch.zeros_like(weight) if want_w else None
-        xm, wm = (x.to(dtype), weight.to(dtype)) if dtype else (x, weight)
-        with torch.autocast(x.device.type, enabled=False) if dtype else contextlib.nullcontext():
-            loss = _cross_entropy_chunks(xm, wm, safe_targets, valid, chunk_rows, grad_x, grad_w)
-        ctx.count = valid.sum()
-        # intermediates: kept on ctx, used once
-        ctx.grads = (xm, wm, safe_targets, valid, chunk_rows, x.dtype) if ctx.deferred else (grad_x, grad_w)
-        return loss / ctx.count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError("chunked_cross_entropy: backward can run only once through this loss")
-        saved, ctx.grads = ctx.grads, None
-        scale = grad_loss / ctx.count
-        if ctx.deferred:  # fp16: the gradient with the loss scale in it, as in any fp16 backward
-            xm, wm, safe_targets, valid, chunk_rows, x_dtype = saved
-            want_x, want_w = ctx.needs_input_grad[:2]
-            grad_x = torch.zeros(xm.shape, dtype=x_dtype, device=xm.device) if want_x else None
-            grad_w = torch.zeros(wm.shape, dtype=torch.float32, device=wm.device) if want_w else None
-            _cross_entropy_chunks(xm, wm, safe_targets, valid, chunk_rows, grad_x, grad_w, scale)
-            return grad_x, grad_w, None, None
-        grad_x, grad_w = saved  # scaled in place: no second (V, C) tensor, 113 MB of fresh pages
-        return (None if grad_x is None else grad_x.mul_(scale.to(grad_x.dtype)),
-                None if grad_w is None else grad_w.mul_(scale.to(grad_w.dtype)), None, None)
-
-
-def chunked_cross_entropy(x, weight, targets, chunk_rows=256):
-    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) in chunks of rows (see above). Without
-    gradients (evaluation, torch.no_grad) only the loss is computed: no gradient buffers."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return ChunkedCrossEntropy.apply(x, weight, targets, chunk_rows)
-    dtype = _autocast_dtype(x.device.type)
-    valid = targets != -1
-    with torch.autocast(x.device.type, enabled=False) if dtype else contextlib.nullcontext():
-        xm, wm = (x.to(dtype), weight.to(dtype)) if dtype else (x, weight)
-        return _cross_entropy_chunks(xm, wm, targets.clamp(min=0)[:, None], valid, chunk_rows) / valid.sum()
-
-
 class SmolLM2(nn.Module):
     gradient_checkpointing = False  # True: recompute each decoder layer in backward (less memory, ~1/3 more compute)
 
@@ -397,15 +237,11 @@ class SmolLM2(nn.Module):
             for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
-    def forward(self, idx, targets=None, cache=None, return_logits=True):
+    def forward(self, idx, targets=None, cache=None):
         """idx: (B, T) token ids -> (logits (B, T, V), loss or None). Targets -1 are ignored.
-        With a cache, idx continues the cached positions and is added to the cache.
-        return_logits=False with targets: (None, loss), the loss computed chunk by chunk without ever
-        holding the (B, T, V) fp32 logits and their gradient: the training path, 0.4 GB less at B=4, T=256."""
-        x = self.hidden_states(idx, cache)  # (B, T, C)
-        if targets is not None and not return_logits:
-            return None, chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
-        logits = self.lm_head(x)  # (B, T, V)
+        With a cache, idx continues the cached positions and is added to the cache. (Training
+        computes the loss without the (B, T, V) logits: train_kernels.ChunkedLoss.)"""
+        logits = self.lm_head(self.hidden_states(idx, cache))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

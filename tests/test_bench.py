@@ -1,4 +1,5 @@
-"""The speed paths of model.py agree with the plain ones, and bench.py runs end to end (tiny model)."""
+"""The speed paths of model.py and train_kernels.py agree with the plain ones, and bench.py runs end to
+end (tiny model)."""
 import json
 import os
 import subprocess
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-import model as model_module
-from model import KVCache, Linear, SmolLM2, SmolLM2Config, chunked_cross_entropy
+import train_kernels
+from model import KVCache, Linear, SmolLM2, SmolLM2Config
+from train_kernels import ChunkedLoss, RoutedLinear, chunked_cross_entropy
 
 TINY = SmolLM2Config(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
@@ -52,26 +54,26 @@ def onednn_calls(fn):
 
 
 def test_gemm_route_follows_the_cpu_vendor_not_the_architecture(tmp_path):
-    route = model_module.onednn_route
+    route = train_kernels.onednn_route
     assert route("AuthenticAMD", "x86_64", True)  # MKL's dispatch slows AMD: oneDNN
     assert not route("GenuineIntel", "x86_64", True)  # MKL is the faster one on Intel
     assert not route("", "x86_64", True) and not route("AuthenticAMD", "aarch64", True)
     assert not route("AuthenticAMD", "x86_64", False)  # torch built without oneDNN
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
-    assert model_module.cpu_vendor(str(cpuinfo)) == "AuthenticAMD"
-    assert model_module.cpu_vendor(str(tmp_path / "missing")) == ""
+    assert train_kernels.cpu_vendor(str(cpuinfo)) == "AuthenticAMD"
+    assert train_kernels.cpu_vendor(str(tmp_path / "missing")) == ""
 
 
-needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and model_module.platform.machine()
+needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and train_kernels.platform.machine()
                                        .lower() in ("x86_64", "amd64")), reason="oneDNN matmuls: x86 CPUs only")
 
 
 @needs_onednn
 def test_onednn_linear_equals_f_linear_in_value_and_gradients(monkeypatch):
-    monkeypatch.setattr(model_module, "ONEDNN", True)  # whichever route this CPU's vendor picks
+    monkeypatch.setattr(train_kernels, "ONEDNN", True)  # whichever route this CPU's vendor picks
     torch.manual_seed(0)
-    layer = Linear(96, 160)
+    layer = RoutedLinear(96, 160)
     x = torch.randn(3, 17, 96, requires_grad=True)  # 3-D, as in the model
     y, calls = onednn_calls(lambda: layer(x))
     ref = F.linear(x, layer.weight)
@@ -87,9 +89,9 @@ def test_onednn_linear_equals_f_linear_in_value_and_gradients(monkeypatch):
 
 @needs_onednn
 def test_inference_and_autocast_keep_f_linear_bit_for_bit(monkeypatch):
-    monkeypatch.setattr(model_module, "ONEDNN", True)
+    monkeypatch.setattr(train_kernels, "ONEDNN", True)
     torch.manual_seed(0)
-    layer, x = Linear(96, 160), torch.randn(4, 96)
+    layer, x = RoutedLinear(96, 160), torch.randn(4, 96)
     with torch.no_grad():  # inference: MKL, so logits stay identical to transformers'
         y, calls = onednn_calls(lambda: layer(x))
         assert calls == 0 and torch.equal(y, F.linear(x, layer.weight))
@@ -98,13 +100,17 @@ def test_inference_and_autocast_keep_f_linear_bit_for_bit(monkeypatch):
         assert calls == 0 and y.dtype == torch.bfloat16
 
 
+@needs_onednn
 def test_training_step_without_onednn_gives_the_same_gradients(monkeypatch):
-    monkeypatch.setattr(model_module, "ONEDNN", True)
+    monkeypatch.setattr(train_kernels, "ONEDNN", True)
     model = tiny_model().train()
+    loss_fn = ChunkedLoss(model)  # routes every Linear of the model
+    assert all(type(m) is RoutedLinear for m in model.modules() if isinstance(m, Linear))
     idx = torch.randint(0, TINY.vocab_size, (2, 33))
-    fast = torch.autograd.grad(model(idx[:, :-1], idx[:, 1:], return_logits=False)[1], list(model.parameters()))
-    monkeypatch.setattr(model_module, "ONEDNN", False)
-    plain = torch.autograd.grad(model(idx[:, :-1], idx[:, 1:], return_logits=False)[1], list(model.parameters()))
+    fast, calls = onednn_calls(lambda: torch.autograd.grad(loss_fn(idx[:, :-1], idx[:, 1:]), list(model.parameters())))
+    assert calls > 0  # the oneDNN products ran
+    monkeypatch.setattr(train_kernels, "ONEDNN", False)
+    plain = torch.autograd.grad(loss_fn(idx[:, :-1], idx[:, 1:]), list(model.parameters()))
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -113,8 +119,9 @@ def test_training_step_without_onednn_gives_the_same_gradients(monkeypatch):
 def test_compiled_training_step_matches_eager_loss_and_gradients():
     model = tiny_model().train()
     idx = torch.randint(0, TINY.vocab_size, (2, 33))
-    eager = model(idx[:, :-1], idx[:, 1:], return_logits=False)[1]
-    compiled = torch.compile(model)(idx[:, :-1], idx[:, 1:], return_logits=False)[1]
+    loss_fn = ChunkedLoss(model)
+    eager = loss_fn(idx[:, :-1], idx[:, 1:])
+    compiled = torch.compile(loss_fn)(idx[:, :-1], idx[:, 1:])
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(torch.autograd.grad(compiled, list(model.parameters())),
                     torch.autograd.grad(eager, list(model.parameters()))):
@@ -127,9 +134,9 @@ def test_forward_without_logits_gives_the_same_loss_and_gradients():
     idx[0, 5] = -1  # an ignored target
     logits, loss = model(idx[:, :-1].clamp(min=0), idx[:, 1:])
     ref = torch.autograd.grad(loss, list(model.parameters()))
-    none, chunked = model(idx[:, :-1].clamp(min=0), idx[:, 1:], return_logits=False)
+    chunked = ChunkedLoss(model)(idx[:, :-1].clamp(min=0), idx[:, 1:])
     grads = torch.autograd.grad(chunked, list(model.parameters()))
-    assert logits.shape == (2, 32, TINY.vocab_size) and none is None
+    assert logits.shape == (2, 32, TINY.vocab_size)
     torch.testing.assert_close(chunked, loss)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from conftest import ROOT
 from model import KVCache, ModelLoadError, PRESETS, SmolLM2, SmolLM2Config, hf_config_dict, sample
+from train_kernels import ChunkedLoss
 
 # A random tiny config that keeps the real model's 3:1 GQA layout (and everything else but size).
 TINY = SmolLM2Config(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
@@ -103,7 +104,7 @@ def test_tiny_random_model_training_gradients_match_transformers():
     ours, hf = tiny_pair()
     ours.train(), hf.train()
     idx = torch.randint(0, TINY.vocab_size, (2, 37))
-    loss = ours(idx[:, :-1], idx[:, 1:], return_logits=False)[1]  # the training path: chunked loss
+    loss = ChunkedLoss(ours)(idx[:, :-1], idx[:, 1:])  # the training path: chunked loss
     ref = hf(idx, labels=idx).loss  # HF shifts the labels itself: the same 2 x 36 predictions
     torch.testing.assert_close(loss, ref)
     loss.backward(), ref.backward()

@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import devices
 from conftest import ROOT, TINY, TRAIN_PY, load_ckpt, losses, read_metrics, run_cmd, run_train
 from devices import DeviceFacts, peak_flops, pick_dtype
-from model import PRESETS, SmolLM2, SmolLM2Config, chunked_cross_entropy, param_breakdown
+from model import PRESETS, SmolLM2, SmolLM2Config, param_breakdown
+from train_kernels import ChunkedLoss, chunked_cross_entropy
 
 
 # ----------------------------------------------------------------------------- the dtype choice
@@ -139,7 +140,7 @@ TINY_CFG = SmolLM2Config(vocab_size=512, hidden_size=96, intermediate_size=160, 
 
 
 def loss_and_grads(model, idx):
-    loss = model(idx[:, :-1], idx[:, 1:], return_logits=False)[1]
+    loss = ChunkedLoss(model)(idx[:, :-1], idx[:, 1:])
     return loss, torch.autograd.grad(loss, list(model.parameters()))
 
 
