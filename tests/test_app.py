@@ -125,7 +125,8 @@ def servers(tiny_checkpoint, gguf_path, app, tmp_path_factory):
     shipped = app.weight_candidates({"HF_HUB_OFFLINE": "1"})[0][1] == "shipped with the app"
     real_env = {"SMOL_CKPT": gguf_path} if shipped else {}
     # it serves one request at a time: the browser test sees Stop free the worker
-    started["real"] = Server(workdir, SMOL_CONCURRENCY="1", **real_env)
+    # (and decodes eagerly: compiling 30 layers four times would hold both cores for minutes)
+    started["real"] = Server(workdir, SMOL_CONCURRENCY="1", SMOL_COMPILE="0", **real_env)
     yield started
     for server in started.values():
         server.stop()
@@ -294,6 +295,70 @@ def test_space_samples_with_a_generator_on_the_models_device(app, tokenizer, mon
     assert made == [(model.lm_head.weight.device,)]
 
 
+def test_cores_are_shared_by_the_requests_generating_now(app):
+    share = app.CoreShare(4)
+    assert share.threads() == 4
+    with share.request():
+        assert share.threads() == 4  # a lone request gets every core
+        with share.request():
+            assert share.threads() == 2
+            with share.request():
+                assert share.threads() == 1  # 4 // 3: never more threads than cores
+        assert share.threads() == 4  # the others ended: all of them again
+    assert app.CoreShare(1).threads() == 1
+
+
+def test_cache_sizes_follow_the_context(app):
+    assert app.cache_sizes(2048) == (256, 512, 1024, 2048)
+    assert app.cache_sizes(1024) == (256, 512, 1024)
+    assert app.cache_sizes(300) == (256, 300)
+    assert [app.cache_size(n, 2048) for n in (1, 256, 257, 1500, 2048, 5000)] == [256, 256, 512, 2048, 2048, 2048]
+
+
+def final(answers):
+    *_, last = answers
+    return last
+
+
+def tiny_engine(app, tokenizer, **kwargs):
+    torch.manual_seed(0)
+    model = SmolLM2(PRESETS["tiny"]).eval()
+    model.source_info = {"source": "x.pt", "format": "checkpoint", "why": "test", "name": "x.pt"}
+    return app.Engine(model, tokenizer, **kwargs)
+
+
+@pytest.mark.slow
+def test_warmup_builds_the_compiled_decoder_in_the_background_and_requests_then_use_it(app, tokenizer, monkeypatch):
+    eager = tiny_engine(app, tokenizer)  # compile off: no warm-up, nothing on the page
+    assert eager.warmup.markdown() == "" and not eager.warmup.compiled()
+    reference, status = final(eager.generate("To be, or not to be", **GREEDY))
+    assert status.endswith("· eager decoder")
+    threads, me = [], threading.current_thread()  # this test's thread runs the generator
+    monkeypatch.setattr(app.torch, "set_num_threads", lambda n: threads.append(n) if threading.current_thread() is me else None)
+    engine = tiny_engine(app, tokenizer, cores=app.CoreShare(2), compile=True)
+    assert "Warming up" in engine.warmup.markdown()  # compiling takes seconds: the page says so
+    text, status = final(engine.generate("To be, or not to be", **GREEDY))  # served meanwhile, eagerly
+    assert text == reference and "eager decoder (warming up)" in status
+    assert engine.warmup.done.wait(600), "the warm-up did not finish"
+    assert engine.warmup.ready == [256, 512, 1024] and engine.warmup.compiled()  # tiny: a 1024 context
+    assert "Fast CPU decoder ready" in engine.warmup.markdown()
+    threads.clear()
+    text, status = final(engine.generate("To be, or not to be", **GREEDY))
+    assert text == reference and status.endswith("· compiled decoder")  # greedy: the same tokens
+    assert threads and set(threads) == {2}  # alone: both cores, set before every token
+
+
+def test_warmup_that_cannot_compile_serves_eagerly_and_says_why(app, tokenizer, monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+    monkeypatch.setattr(SmolLM2, "compiled_decode_step", lambda self: no_compiler())
+    engine = tiny_engine(app, tokenizer, cores=app.CoreShare(2), compile=True)
+    assert engine.warmup.done.wait(60)
+    assert not engine.warmup.compiled() and "no C++ compiler found" in engine.warmup.markdown()
+    text, status = final(engine.generate("Hello", max_new_tokens=3))
+    assert text and status.endswith("· eager decoder")
+
+
 def test_space_wraps_generate_for_zerogpu_only_when_spaces_is_importable(app, monkeypatch):
     fn = lambda: None  # noqa: E731
     monkeypatch.setattr(app, "spaces", None)
@@ -400,6 +465,32 @@ def test_eight_simultaneous_users_are_all_answered(tiny_app):
     assert not errors and len(answers) == 8, errors
     assert all(text and "tokens/s" in status for text, status in answers.values())
     assert time.monotonic() - start < 120
+
+
+@pytest.mark.slow
+def test_page_follows_the_warm_up_and_answers_then_come_from_the_compiled_decoder(tiny_app, tiny_checkpoint,
+                                                                                tokenizer):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(tiny_app.url)
+            page.wait_for_function("/Warming up|decoder ready/.test(document.querySelector('#warmup')?.innerText || '')",
+                                   timeout=30_000)
+            page.wait_for_function("(document.querySelector('#warmup')?.innerText || '').includes('decoder ready')",
+                                   timeout=600_000)  # the page's timer follows the build
+        finally:
+            browser.close()
+    assert "compiled decoder ready for caches of 256, 512, 1024 tokens" in tiny_app.log()
+    from gradio_client import Client
+    prompt = "To be, or not to be"
+    text, status = generate(Client(tiny_app.url, verbose=False), prompt)
+    assert status.endswith("· compiled decoder"), status
+    model = SmolLM2.from_pretrained(tiny_checkpoint).eval()
+    expected = model.generate(tokenizer.encode(prompt).ids, GREEDY["max_new_tokens"],
+                              repetition_penalty=GREEDY["repetition_penalty"], eos_token_id=model.config.eos_token_id)
+    assert text == tokenizer.decode(expected)
 
 
 # --------------------------------------------------------------------------------- real weights, browser

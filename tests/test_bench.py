@@ -157,6 +157,12 @@ def test_compiled_decode_step_matches_eager_logits_and_greedy_tokens():
     # past the window (128 positions) the cache restarts; compiled and eager still agree
     long_prompt = torch.randint(0, TINY.vocab_size, (100,)).tolist()
     assert model.generate(long_prompt, 60, compile=True) == model.generate(long_prompt, 60)
+    # a cache of a given size (as the Space asks for): roomier, the same tokens; smaller than prompt
+    # and answer, the prompt keeps its last 63 tokens and the cache restarts, compiled as eager
+    assert model.generate(prompt, 40, compile=True, cache_len=128) == model.generate(prompt, 40)
+    small = model.generate(long_prompt, 60, compile=True, cache_len=64)
+    assert small == model.generate(long_prompt, 60, cache_len=64)
+    assert small[:1] == model.generate(long_prompt[-63:], 1)
 
 
 @pytest.mark.slow
