@@ -99,8 +99,8 @@ def main():
         proc.wait(30)
     s, o = statistics.median(space), statistics.median(ours)
     print(f"\nmedians over {args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads:")
-    print(f"  Space, one user (served, compiled decoder): {s:.1f} tokens/s")
-    print(f"  model.py generate(compile=True):           {o:.1f} tokens/s")
+    print(f"  Space, one user (served, compiled decoder): {s:.2f} tokens/s")
+    print(f"  model.py generate(compile=True):           {o:.2f} tokens/s")
     print(f"  Space / model.py: {s / o:.2f}  (target >= 0.80)")
 
 

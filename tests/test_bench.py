@@ -2,6 +2,7 @@
 end (tiny model)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT
 import train_kernels
-from model import KVCache, Linear, SmolLM2, SmolLM2Config
+from model import PRESETS, KVCache, Linear, SmolLM2, SmolLM2Config
 from train_kernels import ChunkedLoss, RoutedLinear, chunked_cross_entropy
 
 TINY = SmolLM2Config(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
@@ -183,3 +184,17 @@ def test_bench_runs_on_a_tiny_model_and_writes_json(tmp_path):
     rows = res["checkpointing"]["rows"]  # tiny's window is 1024: T=256 only
     assert set(rows) == {"T256_off", "T256_on"} and all(r["peak_memory_bytes"] > 0 for r in rows.values())
     assert "gradient checkpointing, ours" in run.stdout
+
+
+@pytest.mark.slow
+def test_bench_space_serves_a_tiny_model_and_compares_it_with_model_py(tmp_path):
+    torch.manual_seed(0)
+    config = SmolLM2Config(**{**PRESETS["tiny"].__dict__, "max_position_embeddings": 256})  # one cache size
+    SmolLM2(config).save_pretrained(tmp_path / "tiny")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench_space.py"), "--weights", str(tmp_path / "tiny"),
+                          "--tokens", "16", "--rounds", "1"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    space, ours, ratio = (float(re.search(pattern, run.stdout).group(1)) for pattern in (
+        r"Space, one user .*: ([\d.]+) tokens/s", r"generate\(compile=True\): +([\d.]+) tokens/s",
+        r"Space / model.py: ([\d.]+)"))
+    assert space > 0 and ours > 0 and ratio == pytest.approx(space / ours, rel=0.01)
