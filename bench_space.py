@@ -101,7 +101,7 @@ def main():
     print(f"\nmedians over {args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads:")
     print(f"  Space, one user (served, compiled decoder): {s:.2f} tokens/s")
     print(f"  model.py generate(compile=True):           {o:.2f} tokens/s")
-    print(f"  Space / model.py: {s / o:.2f}  (target >= 0.80)")
+    print(f"  Space / model.py: {s / o:.3f}  (target >= 0.80)")
 
 
 if __name__ == "__main__":
