@@ -285,14 +285,11 @@ def test_space_serves_on_cuda_when_available_in_bf16_from_compute_capability_8_0
 
 
 def test_space_samples_with_a_generator_on_the_models_device(app, tokenizer, monkeypatch):
-    torch.manual_seed(0)
-    model = SmolLM2(PRESETS["tiny"]).eval()
-    model.source_info = {"source": "x.pt", "format": "checkpoint", "why": "test", "name": "x.pt"}
+    engine = tiny_engine(app, tokenizer)
     made, real = [], torch.Generator
     monkeypatch.setattr(app.torch, "Generator", lambda *a, **kw: made.append(a or kw) or real(*a, **kw))
-    engine = app.Engine(model, tokenizer)
     list(engine.generate("Hello", max_new_tokens=3, temperature=0.8))
-    assert made == [(model.lm_head.weight.device,)]
+    assert made == [(engine.model.lm_head.weight.device,)]
 
 
 def test_cores_are_shared_by_the_requests_generating_now(app):
