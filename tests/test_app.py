@@ -292,17 +292,49 @@ def test_space_samples_with_a_generator_on_the_models_device(app, tokenizer, mon
     assert made == [(engine.model.lm_head.weight.device,)]
 
 
-def test_cores_are_shared_by_the_requests_generating_now(app):
-    share = app.CoreShare(4)
-    assert share.threads() == 4
-    with share.request():
-        assert share.threads() == 4  # a lone request gets every core
-        with share.request():
-            assert share.threads() == 2
-            with share.request():
-                assert share.threads() == 1  # 4 // 3: never more threads than cores
-        assert share.threads() == 4  # the others ended: all of them again
-    assert app.CoreShare(1).threads() == 1
+def test_decoder_runs_every_request_on_one_thread_with_all_the_cores_in_turns(app):
+    decoder, seen = app.Decoder(2), []
+
+    def tokens(name, n):  # what the decoder thread sees while it computes each "token"
+        for i in range(n):
+            seen.append(name)
+            time.sleep(0.005)  # a token's work: the second request arrives while the first runs
+            yield name, i, threading.current_thread().name, torch.get_num_threads()
+
+    assert list(decoder.stream(tokens("alone", 3))) == [("alone", i, "decoder", 2) for i in range(3)]
+    a, b = decoder.stream(tokens("a", 40)), decoder.stream(tokens("b", 40))
+    first_a, first_b = next(a), next(b)  # both in the decoder's hands now, a with 39 tokens to go
+    rest_a, rest_b = list(a), list(b)
+    assert [first_a] + rest_a == [("a", i, "decoder", 2) for i in range(40)]
+    assert [first_b] + rest_b == [("b", i, "decoder", 2) for i in range(40)]
+    both = seen[seen.index("b"):]
+    assert both[:20].count("a") >= 8 and both[:20].count("b") >= 8  # in turns, not one after the other
+
+
+def test_decoder_passes_errors_on_and_closing_ends_the_job_on_its_thread(app):
+    decoder, ended = app.Decoder(1), threading.Event()
+
+    def broken():
+        yield 1
+        raise ValueError("the model failed")
+
+    stream = decoder.stream(broken())
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="the model failed"):
+        next(stream)
+
+    def endless():
+        try:
+            while True:
+                yield 0
+        finally:
+            ended.set()
+
+    stream = decoder.stream(endless())
+    next(stream)
+    stream.close()  # what Stop does to the request's generator
+    assert ended.wait(10), "the decoder kept computing a closed request"
+    assert list(decoder.stream(c for c in "ok")) == ["o", "k"]  # and serves the next one
 
 
 def test_cache_sizes_follow_the_context(app):
@@ -330,26 +362,22 @@ def test_warmup_builds_the_compiled_decoder_in_the_background_and_requests_then_
     assert eager.warmup.markdown() == "" and not eager.warmup.compiled()
     reference, status = final(eager.generate("To be, or not to be", **GREEDY))
     assert status.endswith("· eager decoder")
-    threads, me = [], threading.current_thread()  # this test's thread runs the generator
-    monkeypatch.setattr(app.torch, "set_num_threads", lambda n: threads.append(n) if threading.current_thread() is me else None)
-    engine = tiny_engine(app, tokenizer, cores=app.CoreShare(2), compile=True)
+    engine = tiny_engine(app, tokenizer, decoder=app.Decoder(2), compile=True)
     assert "Warming up" in engine.warmup.markdown()  # compiling takes seconds: the page says so
     text, status = final(engine.generate("To be, or not to be", **GREEDY))  # served meanwhile, eagerly
     assert text == reference and "eager decoder (warming up)" in status
     assert engine.warmup.done.wait(600), "the warm-up did not finish"
     assert engine.warmup.ready == [256, 512, 1024] and engine.warmup.compiled()  # tiny: a 1024 context
     assert "Fast CPU decoder ready" in engine.warmup.markdown()
-    threads.clear()
     text, status = final(engine.generate("To be, or not to be", **GREEDY))
     assert text == reference and status.endswith("· compiled decoder")  # greedy: the same tokens
-    assert threads and set(threads) == {2}  # alone: both cores, set before every token
 
 
 def test_warmup_that_cannot_compile_serves_eagerly_and_says_why(app, tokenizer, monkeypatch):
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
     monkeypatch.setattr(SmolLM2, "compiled_decode_step", lambda self: no_compiler())
-    engine = tiny_engine(app, tokenizer, cores=app.CoreShare(2), compile=True)
+    engine = tiny_engine(app, tokenizer, decoder=app.Decoder(2), compile=True)
     assert engine.warmup.done.wait(60)
     assert not engine.warmup.compiled() and "no C++ compiler found" in engine.warmup.markdown()
     text, status = final(engine.generate("Hello", max_new_tokens=3))
