@@ -236,7 +236,8 @@ class Decoder:
         torch.set_num_threads(self.cores)
         jobs = []
         while True:
-            jobs += [self.inbox.get()] if not jobs else []  # idle: wait for a request
+            if not jobs:
+                jobs.append(self.inbox.get())  # idle: wait for a request
             while not self.inbox.empty():
                 jobs.append(self.inbox.get())
             for job in list(jobs):
