@@ -167,6 +167,26 @@ def test_compiled_decode_step_matches_eager_logits_and_greedy_tokens():
 
 
 @pytest.mark.slow
+def test_compiled_bf16_decode_step_is_as_close_to_fp32_as_eager_bf16():
+    # the streaming products in bf16 accumulate in fp32 and round once, as F.linear does in eager
+    prompt = torch.randint(0, TINY.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for name, dtype, compiled in (("fp32", torch.float32, False), ("eager", torch.bfloat16, False),
+                                  ("compiled", torch.bfloat16, True)):
+        model = tiny_model().to(dtype)
+        with torch.inference_mode():
+            cache = KVCache(TINY, 1, 64, "cpu", dtype)
+            model.hidden_states(prompt[None], cache)
+            step = model.compiled_decode_step() if compiled else model.decode_step
+            logits[name] = step(torch.tensor([[7]]), torch.tensor([cache.pos]), cache).float()
+    scale = logits["fp32"].abs().max()
+    err_eager = (logits["eager"] - logits["fp32"]).abs().max()
+    err_compiled = (logits["compiled"] - logits["fp32"]).abs().max()
+    assert err_eager < 0.05 * scale  # bf16 itself: a few bf16 roundings of the logits' scale
+    assert err_compiled <= 1.5 * err_eager, (err_compiled, err_eager)
+
+
+@pytest.mark.slow
 def test_bench_runs_on_a_tiny_model_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--model", "tiny", "--repeats", "1",
