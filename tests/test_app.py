@@ -357,7 +357,7 @@ def tiny_engine(app, tokenizer, **kwargs):
 
 
 @pytest.mark.slow
-def test_warmup_builds_the_compiled_decoder_in_the_background_and_requests_then_use_it(app, tokenizer, monkeypatch):
+def test_warmup_builds_the_compiled_decoder_in_the_background_and_requests_then_use_it(app, tokenizer):
     eager = tiny_engine(app, tokenizer)  # compile off: no warm-up, nothing on the page
     assert eager.warmup.markdown() == "" and not eager.warmup.compiled()
     reference, status = final(eager.generate("To be, or not to be", **GREEDY))
