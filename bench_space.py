@@ -1,5 +1,7 @@
 """Benchmark: the Space (hf_files/app.py, served, over its API) against model.py's fastest generation
-(generate(compile=True), in this process) on the same machine, same weights, same prompt.
+(generate(compile=True), in this process) on the same machine, same weights, same prompt, in the
+dtype the Space serves in: bf16 on CPUs with native bf16 dot products (model.py's fastest there, as
+bench.py --dtype bfloat16 shows), fp32 elsewhere.
 
 Starts the app as a server on a free localhost port, waits for its compiled decoder to be built
 (the warm-up), then takes turns: one greedy answer from the Space (its own tokens/s, prefill
@@ -63,7 +65,9 @@ def main():
     from gradio_client import Client
     from tokenizers import Tokenizer
     from model import SmolLM2
-    model = SmolLM2.from_pretrained(weights).eval()
+    import devices
+    _, dtype = app.choose_device(False, cpu_bf16=bool(devices.cpu_flags()[1]))  # as the Space on this CPU
+    model = SmolLM2.from_pretrained(weights).eval().to(dtype)
     model.source_info.update(why="bench", name=os.path.basename(weights))
     engine = app.Engine(model, Tokenizer.from_file(os.path.join(HERE, "hf_files", "tokenizer", "tokenizer.json")))
     ids, n_new, _ = engine.encode(PROMPT, args.tokens)  # the prompt exactly as the Space sends it
@@ -77,6 +81,9 @@ def main():
     try:
         wait_for(log_path, "compiled decoder ready", proc, 1800)
         print(f"Space warm-up (start-up to compiled decoder ready): {time.monotonic() - start:.0f} s", flush=True)
+        served = f"serving on cpu in {str(dtype).removeprefix('torch.')}"
+        if served not in open(log_path).read():
+            sys.exit(f"bench_space.py: the app is not {served!r} as model.py is here; see {log_path}")
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         t0 = time.perf_counter()
         model.generate(ids, 8, compile=True)  # model.py's one-off compilation, not timed
@@ -98,7 +105,8 @@ def main():
         proc.terminate()
         proc.wait(30)
     s, o = statistics.median(space), statistics.median(ours)
-    print(f"\nmedians over {args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads:")
+    print(f"\nmedians over {args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{str(dtype).removeprefix('torch.')} weights:")
     print(f"  Space, one user (served, compiled decoder): {s:.2f} tokens/s")
     print(f"  model.py generate(compile=True):           {o:.2f} tokens/s")
     print(f"  Space / model.py: {s / o:.3f}  (target >= 0.80)")

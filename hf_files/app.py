@@ -30,7 +30,8 @@ from tokenizers import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from model import PRESETS, KVCache, ModelLoadError, SmolLM2  # noqa: E402  (the copy in this folder)
+import devices  # noqa: E402  (the copies in this folder)
+from model import PRESETS, KVCache, ModelLoadError, SmolLM2  # noqa: E402
 
 try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
     import spaces
@@ -45,6 +46,7 @@ MAX_CONTEXT = int(os.environ.get("SMOL_MAX_CONTEXT", 2048))  # prompt + answer, 
 TIME_LIMIT_S = float(os.environ.get("SMOL_TIME_LIMIT", 300))  # per request, a second safety net
 CONCURRENCY = int(os.environ.get("SMOL_CONCURRENCY", 2))  # requests generating at once; others queue
 COMPILE = os.environ.get("SMOL_COMPILE", "1") != "0"  # on CPU: build the compiled decoder at start-up
+CPU_BF16 = os.environ.get("SMOL_CPU_BF16", "1") != "0"  # bf16 weights on CPUs with native bf16 dot products
 CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a request gets on CPU: one compiled graph each
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # chat_template.jinja
 EXAMPLES = ["What is the capital of France?", "Once upon a time, in a small village by the sea,",
@@ -144,13 +146,15 @@ def describe_weights(info, model):
     return text
 
 
-def choose_device(cuda_available, capability=None):
+def choose_device(cuda_available, capability=None, cpu_bf16=False):
     """(device, dtype) to serve on: a GPU when there is one, with bf16 weights from compute capability
     8.0 (native there, and half the bytes to read per token), fp32 below it (fp16 could overflow a
-    model trained in bf16, and bf16 is emulated); the CPU in fp32."""
+    model trained in bf16, and bf16 is emulated); else the CPU, in bf16 where it has native bf16 dot
+    products (cpu_bf16: the compiled decoder gives 53 tokens/s there against 39 in fp32 on a 2-core
+    Xeon with AMX), in fp32 elsewhere (bf16 would be emulated, slower than fp32)."""
     if cuda_available:
         return "cuda", torch.bfloat16 if capability and tuple(capability) >= (8, 0) else torch.float32
-    return "cpu", torch.float32
+    return "cpu", torch.bfloat16 if cpu_bf16 else torch.float32
 
 
 def cuda_facts():
@@ -496,7 +500,7 @@ def main():
         sys.exit(f"app.py: {e}")
     for note in notes:
         print(f"app.py: {note}", file=sys.stderr)
-    device, dtype = choose_device(*cuda_facts())
+    device, dtype = choose_device(*cuda_facts(), cpu_bf16=CPU_BF16 and bool(devices.cpu_flags()[1]))
     model = model.to(device=device, dtype=dtype)
     print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     cpu = device == "cpu"  # one thread decodes every request, with all the cores (Decoder)

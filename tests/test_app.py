@@ -17,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+import devices
 from model import PRESETS, SmolLM2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +121,8 @@ def tiny_checkpoint(tmp_path_factory):
 def servers(tiny_checkpoint, gguf_path, app, tmp_path_factory):
     """The tiny app first; the real one (20 s to dequantise its GGUF) loads while tiny tests run."""
     workdir = str(tmp_path_factory.mktemp("app"))
-    started = {"tiny": Server(workdir, SMOL_CKPT=tiny_checkpoint).wait_ready()}
+    # fp32 on every CPU: its answers are compared with model.py's greedy tokens in fp32
+    started = {"tiny": Server(workdir, SMOL_CKPT=tiny_checkpoint, SMOL_CPU_BF16="0").wait_ready()}
     # the real app finds the GGUF by itself, unless someone shipped weights in hf_files/
     shipped = app.weight_candidates({"HF_HUB_OFFLINE": "1"})[0][1] == "shipped with the app"
     real_env = {"SMOL_CKPT": gguf_path} if shipped else {}
@@ -157,8 +159,9 @@ def generate(client, prompt, **settings):
 
 # --------------------------------------------------------------------------------- the folder
 def test_space_folder_copies_of_model_and_tokenizer_match_the_repo():
-    assert filecmp.cmp(os.path.join(ROOT, "model.py"), os.path.join(SPACE, "model.py"), shallow=False), \
-        "hf_files/model.py differs from model.py: run `cp model.py hf_files/model.py`"
+    for name in ("model.py", "devices.py"):
+        assert filecmp.cmp(os.path.join(ROOT, name), os.path.join(SPACE, name), shallow=False), \
+            f"hf_files/{name} differs from {name}: run `cp {name} hf_files/{name}`"
     tokenizer_dirs = filecmp.dircmp(os.path.join(ROOT, "tokenizer"), os.path.join(SPACE, "tokenizer"))
     stale = tokenizer_dirs.left_only + tokenizer_dirs.right_only + tokenizer_dirs.diff_files
     stale += [name for name in tokenizer_dirs.common_files if not filecmp.cmp(
@@ -184,7 +187,7 @@ def test_space_imports_only_its_own_files_and_its_requirements():
         required = {re.split(r"[<>=\[ ]", line)[0].strip().lower().replace("-", "_")
                     for line in f if line.strip() and not line.startswith("#")}
     local = {name[:-3] for name in os.listdir(SPACE) if name.endswith(".py")}
-    for name in ("app.py", "model.py"):
+    for name in ("app.py", "model.py", "devices.py"):
         with open(os.path.join(SPACE, name)) as f:
             tree = ast.parse(f.read())
         for node in tree.body:  # module-level imports (gguf is imported lazily, for .gguf files only)
@@ -274,12 +277,14 @@ def test_hostile_numbers_are_rejected_or_clamped_in_the_function(app):
             app.as_number("temperature", bad, 0.0, 2.0)
 
 
-def test_space_serves_on_cuda_when_available_in_bf16_from_compute_capability_8_0(app):
+def test_space_serves_on_cuda_when_available_in_bf16_from_compute_capability_8_0_or_a_native_bf16_cpu(app):
     assert app.choose_device(True, (8, 0)) == ("cuda", torch.bfloat16)
     assert app.choose_device(True, (9, 0)) == ("cuda", torch.bfloat16)
     assert app.choose_device(True, (7, 5)) == ("cuda", torch.float32)  # a T4: bf16 only emulated
     assert app.choose_device(True, None) == ("cuda", torch.float32)
     assert app.choose_device(False, None) == ("cpu", torch.float32)
+    assert app.choose_device(False, None, cpu_bf16=True) == ("cpu", torch.bfloat16)  # AMX, AVX512-BF16
+    assert app.choose_device(True, (7, 5), cpu_bf16=True) == ("cuda", torch.float32)  # the GPU decides
     assert app.cuda_facts() == (torch.cuda.is_available(), torch.cuda.get_device_capability()
                                 if torch.cuda.is_available() else None)
 
@@ -522,6 +527,8 @@ def test_page_follows_the_warm_up_and_answers_then_come_from_the_compiled_decode
 def test_real_weights_are_named_on_the_page_and_answer_sensibly(real_app):
     config = real_app.page_config()
     assert "SmolLM2-135M-Instruct" in config and "pretrained" in config
+    native_bf16 = bool(devices.cpu_flags()[1])  # this machine's CPU: bf16 weights where it is native
+    assert f"serving on cpu in {'bfloat16' if native_bf16 else 'float32'}" in real_app.log(), real_app.log()
     from gradio_client import Client
     text, status = generate(Client(real_app.url, verbose=False), "What is the capital of France?",
                             max_new_tokens=16)

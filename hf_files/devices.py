@@ -1,0 +1,128 @@
+"""Device and precision decisions: which dtype to train in, the peak FLOP/s behind MFU, peak memory.
+
+Every decision is a small pure function of `DeviceFacts`, so each branch is tested without the
+hardware (tests/test_precision.py feeds it a T4, an A100, CPUs with and without bf16 units);
+`device_facts` is the one place that asks torch and /proc/cpuinfo about the real machine.
+train.py logs the reason `pick_dtype` gives; bench.py and train.py share the peak table.
+"""
+import contextlib
+import re
+import resource
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 dot products
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    type: str  # "cuda", "cpu" or "mps"
+    name: str = ""  # torch.cuda.get_device_name, or the CPU's model name
+    capability: tuple = None  # CUDA compute capability, e.g. (7, 5) for a T4
+    cpu_flags: frozenset = field(default_factory=frozenset)  # the CPU_BF16_FLAGS it has
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """(model name, the CPU_BF16_FLAGS present); ("", empty) where there is no /proc/cpuinfo."""
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            text = f.read()
+        name = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                     if line.startswith("model name")), "")
+        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                          if line.startswith("flags")), []))
+        return name, frozenset(f for f in CPU_BF16_FLAGS if f in flags)
+    return "", frozenset()
+
+
+def device_facts(device):
+    """The facts pick_dtype needs about torch.device `device`, asked of this machine."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        # including_emulation=False: a T4 or V100 answers True by default, through slow emulation
+        return DeviceFacts("cuda", torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+    if device.type == "cpu":
+        name, flags = cpu_flags()
+        return DeviceFacts("cpu", name, cpu_flags=flags)
+    return DeviceFacts(device.type)
+
+
+def pick_dtype(facts, requested="auto"):
+    """(dtype, reason) to train in: "fp32", "bf16" or "fp16", and one line for the start-up log."""
+    if requested != "auto":
+        note = ""
+        if requested == "bf16" and facts.type == "cuda" and facts.capability and facts.capability < (8, 0):
+            note = f": emulated on compute capability {facts.capability[0]}.{facts.capability[1]}, slow"
+        return requested, f"{describe_dtype(requested)} (--dtype {requested}{note})"
+    if facts.type == "cuda":
+        major, minor = facts.capability
+        if facts.capability >= (8, 0):
+            return "bf16", f"bf16 autocast: native bf16 on compute capability {major}.{minor}"
+        return "fp16", (f"fp16 autocast + GradScaler: compute capability {major}.{minor} has fp16 tensor "
+                        "cores but no native bf16 (it needs 8.0)")
+    if facts.type == "cpu":
+        native = [f for f in CPU_BF16_FLAGS if f in facts.cpu_flags]
+        if native:
+            return "bf16", f"bf16 autocast: native bf16 matmuls on this CPU ({', '.join(native)})"
+        return "fp32", "fp32: this CPU has no native bf16 matmuls (no amx_bf16 or avx512_bf16)"
+    # MPS: autocast and GradScaler on MPS are recent and untested here; fp32 is what works everywhere
+    return "fp32", f"fp32: the default on {facts.type} (pass --dtype bf16 or fp16 to try autocast there)"
+
+
+def describe_dtype(dtype):
+    return {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler"}[dtype]
+
+
+def autocast(device_type, dtype):
+    """The context a forward pass runs in: autocast to bf16/fp16, nothing for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=TORCH_DTYPES[dtype])
+
+
+def grad_scaler(device_type, dtype):
+    """A GradScaler for fp16 (bf16 has fp32's range: no loss scaling), else None."""
+    return torch.amp.GradScaler(device_type) if dtype == "fp16" else None
+
+
+# ----------------------------------------------------------------------------- MFU
+# Dense 16-bit tensor-core peaks (FLOP/s; bf16, or fp16 where there is no bf16), from NVIDIA's data
+# sheets. Keys are whole words of torch.cuda.get_device_name(); the longest matching key wins, so
+# "NVIDIA H100 PCIe" is the PCIe card and "NVIDIA H100 80GB HBM3" the SXM one.
+PEAK_FLOPS = {
+    "B200": 2250e12, "H200": 989e12, "GH200": 989e12, "H100": 989e12, "H100 PCIe": 756e12,
+    "H100 NVL": 835e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10": 125e12, "A10G": 70e12, "RTX A6000": 155e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def peak_flops(gpu_name, table=PEAK_FLOPS):
+    """The table's peak for this GPU name, matched by whole words, longest key first; None if unknown
+    (better no MFU than a wrong one: "L4" must not match "NVIDIA L40S", nor "A100" "RTX A1000")."""
+    words = " ".join(re.split(r"[^A-Za-z0-9]+", gpu_name.upper()))
+    for key in sorted(table, key=len, reverse=True):
+        if re.search(rf"(^| ){re.escape(key.upper())}( |$)", words):
+            return table[key]
+    return None
+
+
+# ----------------------------------------------------------------------------- memory
+def peak_memory(device):
+    """Peak bytes of this process so far: CUDA's max_memory_allocated (tensors), else the peak RSS
+    (everything: Python, torch, weights, activations). None on MPS, which keeps no peak."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "mps":
+        return None
+    # Linux: VmHWM, the peak of this program's own memory. getrusage's ru_maxrss survives exec, so a
+    # process started by a large one (pytest, a notebook) would report its parent's peak.
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
