@@ -1,7 +1,7 @@
 """SmolLM2-135M as a streaming Gradio demo: the Hugging Face Space that this folder is.
 
 `python app.py` serves it (offline too; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are honoured).
-Everything it needs sits in this folder: a copy of the repo's model.py and tokenizer/.
+Everything it needs sits in this folder: copies of the repo's model.py, devices.py and tokenizer/
 
 Weights, the first that exists wins (see `weight_candidates`):
   1. the path in env var SMOL_CKPT: a training checkpoint (.pt), an exported HF directory, or a
