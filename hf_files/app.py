@@ -230,10 +230,11 @@ class Decoder:
     Linux, cuts its spin-waits short once more threads are in its teams than there are cores, and
     each thread that runs torch ops gets a team of its own. Decoding on Gradio's worker threads did
     that: 19 tokens/s for one user where the same compiled decoder gives 35 alone (2-core Xeon).
-    The main thread must then run no ops at 2 threads either (main() sets it to 1)."""
+    The main thread must then run no ops at 2 threads either (main() sets it to 1). A job ends
+    after time_limit seconds even if nobody reads it (a client gone without closing its stream)."""
 
-    def __init__(self, cores):
-        self.cores, self.inbox = cores, queue.SimpleQueue()
+    def __init__(self, cores, time_limit=TIME_LIMIT_S + 10):
+        self.cores, self.time_limit, self.inbox = cores, time_limit, queue.SimpleQueue()
         threading.Thread(target=self.serve, name="decoder", daemon=True).start()
 
     def serve(self):
@@ -246,7 +247,7 @@ class Decoder:
                 jobs.append(self.inbox.get())
             for job in list(jobs):
                 try:
-                    if job.closed:
+                    if job.closed or time.monotonic() > job.deadline:
                         raise StopIteration
                     job.out.put(next(job.tokens))
                 except Exception as e:  # StopIteration at the end, or the model's error: pass it on
@@ -257,7 +258,8 @@ class Decoder:
     def stream(self, tokens):
         """Yield what the generator `tokens` yields, computed on the decoder thread; closing this
         generator (Stop, or the caller is done) ends `tokens` there, at its next turn."""
-        job = types.SimpleNamespace(tokens=tokens, out=queue.SimpleQueue(), closed=False)
+        job = types.SimpleNamespace(tokens=tokens, out=queue.SimpleQueue(), closed=False,
+                                    deadline=time.monotonic() + self.time_limit)
         self.inbox.put(job)
         try:
             while not isinstance(item := job.out.get(), Exception):

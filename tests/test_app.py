@@ -341,6 +341,12 @@ def test_decoder_passes_errors_on_and_closing_ends_the_job_on_its_thread(app):
     assert ended.wait(10), "the decoder kept computing a closed request"
     assert list(decoder.stream(c for c in "ok")) == ["o", "k"]  # and serves the next one
 
+    ended.clear()
+    decoder = app.Decoder(1, time_limit=0.2)  # a stream nobody closes ends at the time limit
+    started = time.monotonic()
+    assert len(list(decoder.stream(endless()))) > 0 and ended.wait(10)
+    assert 0.2 <= time.monotonic() - started < 10
+
 
 def test_cache_sizes_follow_the_context(app):
     assert app.cache_sizes(2048) == (256, 512, 1024, 2048)
