@@ -343,12 +343,6 @@ def gpu_dtype():
     return devices.pick_dtype(devices.device_facts("cuda"))[0]
 
 
-def cpu_bf16():
-    """Whether this CPU has native bf16 matmuls (train.py's --dtype auto then trains in bf16)."""
-    import devices
-    return devices.pick_dtype(devices.device_facts("cpu"))[0] == "bf16"
-
-
 def bench_training(args, weights, log, dtype=None):
     B, T = 4, 256
     dtype = dtype or (gpu_dtype() if args.device == "cuda" else "fp32")
@@ -664,6 +658,7 @@ def check_targets(res, device):
 
 def main():
     import torch
+    import devices
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds: a few minutes on 2 CPU cores")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -702,14 +697,13 @@ def main():
         res["weights"] = prepare_weights(args, folder, log)
         if "train" not in args.skip:
             res["train"] = bench_training(args, folder, log)
-            if args.device == "cpu" and cpu_bf16():  # and in the precision train.py picks here
+            if args.device == "cpu" and devices.cpu_bf16():  # and in the precision train.py picks here
                 res["train_bf16"] = bench_training(args, folder, log, "bf16")
         if "generate" not in args.skip:
             res["generate"] = bench_generation(args, folder, log)
         if args.checkpointing:
             res["checkpointing"] = bench_checkpointing(args, folder, log)
         if args.device == "cuda" and "mfu" not in args.skip:
-            import devices
             name = torch.cuda.get_device_name()
             peak = args.peak_flops or devices.peak_flops(name)
             if peak:

@@ -66,7 +66,7 @@ def main():
     from tokenizers import Tokenizer
     from model import SmolLM2
     import devices
-    _, dtype = app.choose_device(False, cpu_bf16=bool(devices.cpu_flags()[1]))  # as the Space on this CPU
+    _, dtype = app.choose_device(False, cpu_bf16=devices.cpu_bf16())  # as the Space on this CPU
     model = SmolLM2.from_pretrained(weights).eval().to(dtype)
     model.source_info.update(why="bench", name=os.path.basename(weights))
     engine = app.Engine(model, Tokenizer.from_file(os.path.join(HERE, "hf_files", "tokenizer", "tokenizer.json")))

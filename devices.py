@@ -51,6 +51,12 @@ def device_facts(device):
     return DeviceFacts(device.type)
 
 
+def cpu_bf16():
+    """Whether this CPU has native bf16 matmuls: train.py's --dtype auto trains in bf16 there, bench.py
+    adds its bf16 rows and the Space serves bf16 weights."""
+    return pick_dtype(device_facts("cpu"))[0] == "bf16"
+
+
 def pick_dtype(facts, requested="auto"):
     """(dtype, reason) to train in: "fp32", "bf16" or "fp16", and one line for the start-up log."""
     if requested != "auto":

@@ -502,7 +502,7 @@ def main():
         sys.exit(f"app.py: {e}")
     for note in notes:
         print(f"app.py: {note}", file=sys.stderr)
-    device, dtype = choose_device(*cuda_facts(), cpu_bf16=CPU_BF16 and bool(devices.cpu_flags()[1]))
+    device, dtype = choose_device(*cuda_facts(), cpu_bf16=CPU_BF16 and devices.cpu_bf16())
     model = model.to(device=device, dtype=dtype)
     print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     cpu = device == "cpu"  # one thread decodes every request, with all the cores (Decoder)
