@@ -154,15 +154,20 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, positions, T if mask is None else mask.size(-1))
         if T == 1 and mask is not None and torch.compiler.is_compiling() and x.device.type == "cpu":
             y = decode_attention(q, k, v, mask)
-        else:  # GQA: each group of n_head/n_kv query heads reads one K/V head, without a repeat copy.
-            # Without a mask the queries are the first T positions: plain causal attention.
-            gqa = x.device.type != "mps"  # SDPA's enable_gqa crashed on MPS in torch <= 2.6: repeat K/V there
-            if not gqa:
-                k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, S, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=gqa)
+        else:
+            y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.o_proj(y)
+
+    def attend(self, q, k, v, mask):
+        """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs): causal without a mask (the queries are
+        the first T positions), else where mask (T, S) is True. GQA: each group of n_head/n_kv query
+        heads reads one K/V head, without a repeat copy. (CPU training may replace it: train_kernels.)"""
+        gqa = q.device.type != "mps"  # SDPA's enable_gqa crashed on MPS in torch <= 2.6: repeat K/V there
+        if not gqa:
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, S, hs)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
+                                              enable_gqa=gqa)
 
 
 def decode_attention(q, k, v, mask):
