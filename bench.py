@@ -9,7 +9,9 @@ workers take turns, one timed run each per round, so that both see the same load
 machine. Figures are medians over the rounds after a warm-up. On CPU every worker's glibc malloc
 keeps freed memory, as train.py sets it (--default-malloc: not). Measured:
 - training: tokens/s and peak memory at B=4, T=256 with a full AdamW step (fp32 on CPU, bf16
-  autocast on CUDA); ours computes the loss as train.py does (train_kernels.ChunkedLoss). On x86
+  autocast on CUDA); ours computes the loss as train.py does (train_kernels.ChunkedLoss), compiled
+  where train.py's --compile auto compiles a 5000-step run (CPU, 135M), with a row of ours eager
+  beside it; transformers as its users run it, eager (--compile on/off: both compiled/eager). On x86
   CPUs also ours on the fp32 GEMM route train_kernels.py did not pick by vendor (MKL or oneDNN), and the
   CPU's MFU: model FLOP/s over the best fp32 matmul FLOP/s measured on it (a 2048^3 product);
   on CPUs with native bf16 matmuls (what train.py's --dtype auto trains in there) the same in bf16:
@@ -163,7 +165,8 @@ class Trainer:
         import devices
         self.autocast = devices.autocast(device, dtype)  # no GradScaler in fp16: timing, not training
         self.low = None
-        if impl == "ours" and device == "cpu" and dtype == "bf16" and not compile and not gradient_checkpointing:
+        if (impl in ("ours", "ours-eager") and device == "cpu" and dtype == "bf16" and not compile
+                and not gradient_checkpointing):
             # as train.py trains in bf16 on CPU: a bf16 weight copy, no autocast
             self.fwd = self.low = train_kernels.LowPrecisionWeights(self.fwd)
             self.autocast = contextlib.nullcontext()
@@ -343,15 +346,32 @@ def gpu_dtype():
     return devices.pick_dtype(devices.device_facts("cuda"))[0]
 
 
+def compiled(args, impl):
+    """Whether `impl` trains compiled: --compile on/off for both; auto: ours as train.py's --compile
+    auto decides for a 5000-step run of this model here, "ours-eager" and transformers eager."""
+    if args.compile != "auto":
+        return args.compile == "on"
+    if impl in ("hf", "ours-eager"):
+        return False
+    import devices
+    import torch
+    from model import PRESETS, SmolLM2
+    with torch.device("meta"):  # the parameter count, without allocating the weights
+        n_params = sum(p.numel() for p in SmolLM2(PRESETS[args.model]).parameters())
+    return devices.pick_compile(args.device, "auto", n_params, 5000)[0]
+
+
 def bench_training(args, weights, log, dtype=None):
     B, T = 4, 256
     dtype = dtype or (gpu_dtype() if args.device == "cuda" else "fp32")
-    log(f"training: B={B}, T={T}, {dtype}, "
-        f"AdamW step included{', torch.compile' if args.compile else ''}")
     cpu32 = args.device == "cpu" and dtype == "fp32"  # the fp32 GEMM route matters there only
-    impls = ("ours", other_route(), "hf") if cpu32 and onednn_available() else ("ours", "hf")
+    impls = ["ours"] + (["ours-eager"] if compiled(args, "ours") != compiled(args, "ours-eager") else [])
+    impls += [other_route()] if cpu32 and onednn_available() else []
+    impls += ["hf"]
+    log(f"training: B={B}, T={T}, {dtype}, AdamW step included; compiled: "
+        f"{', '.join(i for i in impls if compiled(args, i)) or 'none'}")
     workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device=args.device,
-                      threads=args.threads, batch_size=B, seq_len=T, compile=args.compile, dtype=dtype)
+                      threads=args.threads, batch_size=B, seq_len=T, compile=compiled(args, impl), dtype=dtype)
                for impl in impls]
     try:
         for w in workers:
@@ -365,10 +385,10 @@ def bench_training(args, weights, log, dtype=None):
     finally:
         for w in workers:
             w.close()
-    out = {"batch_size": B, "seq_len": T, "first_step_s": first, "compiled": args.compile,
-           "precision": dtype if dtype == "fp32" else f"{dtype} autocast" + (" (ours: bf16 weight copy)"
+    out = {"batch_size": B, "seq_len": T, "first_step_s": first, "compiled": [i for i in impls if compiled(args, i)],
+           "precision": dtype if dtype == "fp32" else f"{dtype} autocast" + (" (ours eager: bf16 weight copy)"
                                                                             if dtype == "bf16" and args.device == "cpu"
-                                                                            and not args.compile else ""),
+                                                                            else ""),
            "flops_per_token": fpt}
     for name in impls:
         step = median(times[name])
@@ -387,9 +407,10 @@ def bench_mfu(args, weights, peak, log):
     """CUDA only: MFU of both implementations at B=4, T=2048 and B=4, T=256."""
     out, dtype = {}, gpu_dtype()
     for B, T in ((4, 2048), (4, 256)):
-        log(f"MFU: B={B}, T={T}, {dtype} autocast{', torch.compile' if args.compile else ''}")
+        log(f"MFU: B={B}, T={T}, {dtype} autocast{', torch.compile' if args.compile == 'on' else ''}")
         workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device="cuda", threads=args.threads,
-                          batch_size=B, seq_len=T, compile=args.compile, dtype=dtype) for impl in ("ours", "hf")]
+                          batch_size=B, seq_len=T, compile=compiled(args, impl), dtype=dtype)
+                   for impl in ("ours", "hf")]
         try:
             for w in workers:
                 w.ready()
@@ -426,7 +447,8 @@ def bench_checkpointing(args, weights, log):
         for on in (False, True):
             log(f"gradient checkpointing {'on' if on else 'off'}: B={B}, T={T}, {dtype}")
             w = Remote("train", args.keep_memory, impl="ours", weights=weights, device=args.device, threads=args.threads,
-                       batch_size=B, seq_len=T, compile=args.compile, dtype=dtype, gradient_checkpointing=on)
+                       batch_size=B, seq_len=T, compile=compiled(args, "ours"), dtype=dtype,
+                       gradient_checkpointing=on)
             try:
                 w.ready()
                 w("reset_peak")
@@ -564,14 +586,19 @@ def report(res):
                  + (malloc if m["device"] == "cpu" else "CUDA"))
     rows = []
     for t in (res[k] for k in ("train", "train_bf16") if k in res):
-        how = t["precision"] + (", compiled" if t["compiled"] else "")
-        rows.append((f"training B={t['batch_size']} T={t['seq_len']}, {how}, AdamW step", "ours", "transformers", "ours/tf"))
-        rows.append(("  tokens/s", fmt(t["ours"]["tokens_per_s"]), fmt(t["hf"]["tokens_per_s"]), f"{t['speedup']:.2f}x"))
-        for other, label in (("ours-mkl", "MKL matmuls as transformers"), ("ours-onednn", "oneDNN matmuls")):
+        state = lambda impl: "compiled" if impl in t["compiled"] else "eager"
+        rows.append((f"training B={t['batch_size']} T={t['seq_len']}, {t['precision']}, AdamW step", "ours", "transformers",
+                     "ours/tf"))
+        rows.append((f"  tokens/s (ours {state('ours')}, transformers {state('hf')})", fmt(t["ours"]["tokens_per_s"]),
+                     fmt(t["hf"]["tokens_per_s"]), f"{t['speedup']:.2f}x"))
+        for other, label in (("ours-eager", "eager (--compile off)"), ("ours-mkl", "MKL matmuls as transformers"),
+                             ("ours-onednn", "oneDNN matmuls")):
             if other in t:
                 rows.append((f"  tokens/s, ours with {label}", fmt(t[other]["tokens_per_s"]),
                              fmt(t["hf"]["tokens_per_s"]), f"{t[other]['tokens_per_s'] / t['hf']['tokens_per_s']:.2f}x"))
         rows.append(("  step time (s)", fmt(t["ours"]["step_s"]), fmt(t["hf"]["step_s"]), ""))
+        rows.append(("  first step (s), compilation included", fmt(t["first_step_s"]["ours"]),
+                     fmt(t["first_step_s"]["hf"]), ""))
         rows.append(("  peak memory (GiB)", fmt(t["ours"]["peak_memory_bytes"], "GiB"),
                      fmt(t["hf"]["peak_memory_bytes"], "GiB"), f"{t['memory_ratio']:.2f}x"))
         if "matmul_peak_flops" in t:
@@ -663,7 +690,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer rounds: a few minutes on 2 CPU cores")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights for generation")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models for training (and MFU)")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="training: on (--compile alone) or off for both; auto = ours as train.py's --compile "
+                        "auto, with an eager row, and transformers eager")
     p.add_argument("--no-compile-generate", dest="compile_generate", action="store_false",
                    help="skip our generate(compile=True) row")
     p.add_argument("--repeats", type=int, help="timed rounds (default 7, --quick 3)")
@@ -707,7 +736,7 @@ def main():
             name = torch.cuda.get_device_name()
             peak = args.peak_flops or devices.peak_flops(name)
             if peak:
-                if not args.compile:
+                if args.compile != "on":
                     log("MFU without --compile: the GPU target is stated for torch.compile")
                 res["mfu"] = bench_mfu(args, folder, peak, log)
             else:

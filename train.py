@@ -44,7 +44,7 @@ DEFAULTS = dict(data="input.txt", model="smollm2-135m", batch_size=4, seq_len=25
                 lr=3e-4, min_lr=3e-5, warmup=100, weight_decay=0.1, grad_clip=1.0, seed=1337,
                 dtype="auto", val_frac=0.05, eval_interval=250, eval_iters=20, log_interval=10,
                 save="checkpoint.pt", ckpt_interval=1000, keep_last=2, metrics="metrics.jsonl",
-                sample_interval=500, sample_prompt="The", sample_tokens=48)
+                sample_interval=500, sample_prompt="The", sample_tokens=48, compile="auto")
 ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads")
 
@@ -116,7 +116,8 @@ def build_parser():
     add("--dtype", "fp32, bf16 autocast or fp16 autocast with a GradScaler; auto = bf16 where it is "
         "native (CUDA compute capability >= 8.0, CPUs with amx_bf16/avx512_bf16), fp16 on older GPUs, "
         "else fp32 (for --export: bf16 unless fp32)", choices=list(devices.DTYPES))
-    add("--compile", "torch.compile the model", action="store_true")
+    add("--compile", "torch.compile the model: on (--compile alone), off, or auto = on for CPU runs of "
+        ">= 500 steps of >= 100M-parameter models", nargs="?", const="on", choices=devices.COMPILE)
     add("--gradient-checkpointing", "recompute each decoder layer in backward: less activation memory, "
         "about a third more compute", action="store_true")
     add("--peak-flops", "the device's peak FLOP/s for MFU in the log (default: a table of GPUs)", type=POS_FLOAT)
@@ -145,6 +146,8 @@ def resolve_args(args, saved, world):
     for k, default in DEFAULTS.items():
         if k not in given:
             setattr(args, k, saved.get(k, default) if saved else default)
+    if isinstance(args.compile, bool):  # a checkpoint from before --compile auto: the flag was on or off
+        args.compile = "on" if args.compile else "off"
     if saved and "grad_accum" not in given:  # keep the global batch under a new world size
         total = saved["grad_accum"] * saved.get("world_size", 1)
         args.grad_accum = total // world if total % world == 0 else args.grad_accum
@@ -327,10 +330,11 @@ def describe(run, tokens, where):
               f"epoch {run.loader.batches_per_epoch:,}, {val}")
     print(f"batch: {args.batch_size} x {args.seq_len} tokens x {args.grad_accum} micro-steps x "
           f"{where.world} processes = {run.tokens_per_step:,} tokens per step | device {where.device}, "
-          f"{run.dtype}{', compiled' if args.compile else ''}"
+          f"{run.dtype}{', compiled' if run.compiled else ''}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     how = "; training steps on a bf16 copy of the weights, fp32 masters (train_kernels.py)" if run.low else ""
     print(f"precision: {run.dtype_reason}{how}" + (f"; {run.dtype_notice}" if run.dtype_notice else ""))
+    print(f"compile: {run.compile_reason}")
     print(f"LR: warmup {args.warmup} steps to {args.lr:g}, cosine to {args.min_lr:g} at step {run.horizon} "
           f"(the horizon set by this run's first launch), {args.min_lr:g} after it")
     if args.steps > run.horizon:
@@ -366,7 +370,20 @@ class Run:
             self.history = ckpt.get("history") or self.history
             self.load_scaler_state(ckpt.get("scaler"))
         self.loss = train_kernels.ChunkedLoss(self.raw_model)  # model(x, y)'s loss, without its logits
-        self.model = torch.compile(self.loss) if args.compile else self.loss
+        n_params = sum(p.numel() for p in self.raw_model.parameters())
+        self.compiled, self.compile_reason = devices.pick_compile(where.type, args.compile, n_params, self.horizon)
+        self.wrap_model()
+        if self.compiled:
+            self.check_compiled()
+        self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * where.world
+        self.flops_per_token = flops_per_token(self.raw_model.config, args.seq_len, n_params)
+        self.peak_flops = args.peak_flops or (devices.peak_flops(facts.name) if where.type == "cuda" else None)
+        self.signal = None
+
+    def wrap_model(self):
+        """self.model, what train_step calls: the chunked loss, compiled or not, under DDP or not."""
+        where = self.where
+        self.model = torch.compile(self.loss) if self.compiled else self.loss
         if where.world > 1:
             # broadcast_buffers=False: the only buffers are the RoPE tables, equal on every rank
             self.model = DDP(self.model, device_ids=[where.local_rank] if where.type == "cuda" else None,
@@ -374,15 +391,34 @@ class Run:
         # bf16 on CPU, one process, eager: a bf16 copy of the weights instead of autocast's casts at
         # every use, 583 -> 631 tokens/s for the 135M model on 2 Sapphire Rapids cores (train_kernels.py).
         # Not with checkpointing: its recomputation runs after the copy has been swapped out again.
+        # Compiled, Inductor fuses autocast's casts into its kernels, and autocast was as fast.
         self.low = None
-        if (where.type == "cpu" and self.dtype == "bf16" and where.world == 1 and not args.compile
-                and not args.gradient_checkpointing):
+        if (where.type == "cpu" and self.dtype == "bf16" and where.world == 1 and not self.compiled
+                and not self.args.gradient_checkpointing):
             self.model = self.low = train_kernels.LowPrecisionWeights(self.loss)
-        self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * where.world
-        cfg = self.raw_model.config
-        self.flops_per_token = flops_per_token(cfg, args.seq_len, sum(p.numel() for p in self.raw_model.parameters()))
-        self.peak_flops = args.peak_flops or (devices.peak_flops(facts.name) if where.type == "cuda" else None)
-        self.signal = None
+
+    def check_compiled(self):
+        """Compile now, on a forward and backward of a batch of zeros (no step, no data read, the
+        gradients dropped), so that a machine that cannot compile (no C++ compiler, say) says so
+        before training: --compile auto then trains eagerly, --compile on stops with one line."""
+        B, T = self.args.batch_size, self.args.seq_len
+        tokens = torch.zeros(B * T + 1, dtype=torch.long, device=self.where.device)
+        x, y = tokens[:-1].view(B, T), tokens[1:].view(B, T)  # as the loaders' batches: no recompiling
+        cuda = [self.where.device] if self.where.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(cuda):  # the run's random state as it was
+                with self.autocast:
+                    loss = self.model(x, y)
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        except Exception as e:  # Inductor's errors have no common base class
+            if self.args.compile == "on":
+                why = ": ".join([type(e).__name__] + str(e).strip().splitlines()[:1])
+                raise UsageError(f"--compile on: torch.compile failed here ({why}); train with --compile off") from None
+            self.compiled = False
+            self.compile_reason = f"eager: torch.compile failed here ({type(e).__name__})"
+            self.wrap_model()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) tensors."""

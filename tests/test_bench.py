@@ -1,5 +1,6 @@
 """The speed paths of model.py and train_kernels.py agree with the plain ones, and bench.py runs end to
 end (tiny model)."""
+import argparse
 import json
 import os
 import re
@@ -275,3 +276,15 @@ def test_bench_space_serves_a_tiny_model_and_compares_it_with_model_py(tmp_path)
         r"Space, one user .*: ([\d.]+) tokens/s", r"generate\(compile=True\): +([\d.]+) tokens/s",
         r"Space / model.py: ([\d.]+)"))
     assert space > 0 and ours > 0 and ratio == pytest.approx(space / ours, rel=0.01)
+
+
+def test_bench_compiles_ours_as_train_py_would_and_transformers_only_when_asked():
+    sys.path.insert(0, ROOT)
+    import bench
+    auto = lambda device, model="smollm2-135m": argparse.Namespace(compile="auto", device=device, model=model)
+    assert bench.compiled(auto("cpu"), "ours") and bench.compiled(auto("cpu"), "ours-mkl")
+    assert not bench.compiled(auto("cpu"), "ours-eager") and not bench.compiled(auto("cpu"), "hf")
+    assert not bench.compiled(auto("cpu", "tiny"), "ours") and not bench.compiled(auto("cuda"), "ours")
+    for setting in ("on", "off"):
+        both = argparse.Namespace(compile=setting, device="cpu", model="smollm2-135m")
+        assert bench.compiled(both, "ours") == bench.compiled(both, "hf") == (setting == "on")

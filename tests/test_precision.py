@@ -42,6 +42,20 @@ def test_auto_on_mps_is_fp32_and_an_explicit_dtype_is_kept_with_a_warning_where_
     assert pick_dtype(DeviceFacts("cpu"), "fp16") == ("fp16", "fp16 autocast + GradScaler (--dtype fp16)")
 
 
+@pytest.mark.parametrize("device, requested, n_params, steps, compiled", [
+    ("cpu", "auto", 135e6, 5000, True),  # the real run on CPU
+    ("cpu", "auto", 135e6, 499, False),  # a short one: compiling would not pay
+    ("cpu", "auto", 5e6, 5000, False),  # a tiny model
+    ("cuda", "auto", 135e6, 5000, False),  # not measured on GPUs here
+    ("mps", "auto", 135e6, 5000, False),
+    ("cuda", "on", 135e6, 10, True), ("cpu", "on", 1e6, 1, True), ("cpu", "off", 135e6, 5000, False),
+])
+def test_compile_auto_compiles_long_cpu_runs_of_large_models_and_on_off_are_kept(device, requested, n_params,
+                                                                                 steps, compiled):
+    on, reason = devices.pick_compile(device, requested, n_params, steps)
+    assert on is compiled and reason
+
+
 def test_cpu_flags_reads_the_bf16_flags_from_a_cpuinfo_file(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
@@ -105,6 +119,22 @@ def test_16_bit_runs_learn_and_resume_from_step_n_bit_for_bit(tmp_path, corpus, 
     assert all(torch.equal(end_full["model"][k], end_resumed["model"][k]) for k in end_full["model"])
     assert end_full["scaler"] == end_resumed["scaler"]
     assert end_full["scaler"]["dtype"] == dtype
+
+
+def test_a_compiled_bf16_run_resumes_compiled_from_step_n_bit_for_bit(tmp_path, corpus):
+    """--compile auto's path on a CPU with native bf16 (here forced: --compile on, --dtype bf16), which
+    the resumed run takes again from the checkpoint's settings."""
+    args = [*TINY, "--dtype", "bf16", "--compile", "--data", corpus, "--steps", 4, "--ckpt-interval", 2,
+            "--keep-last", 0, "--val-frac", 0]
+    full = run_train(tmp_path, *args, "--save", "full/ckpt.pt", "--metrics", "full/metrics.jsonl")
+    assert "device cpu, bf16, compiled" in full.stdout
+    resumed = run_train(tmp_path, "--steps", 4, "--ckpt", "full/checkpoint_step_2.pt",
+                        "--save", "resumed/ckpt.pt", "--metrics", "resumed/metrics.jsonl")
+    assert "device cpu, bf16, compiled" in resumed.stdout
+    a, b = losses(tmp_path / "full/metrics.jsonl"), losses(tmp_path / "resumed/metrics.jsonl")
+    assert sorted(b) == [3, 4] and all(b[s] == a[s] for s in b)  # exact float equality
+    end_full, end_resumed = load_ckpt(tmp_path / "full/ckpt.pt"), load_ckpt(tmp_path / "resumed/ckpt.pt")
+    assert all(torch.equal(end_full["model"][k], end_resumed["model"][k]) for k in end_full["model"])
 
 
 def test_fp16_overflow_is_a_skipped_step_in_the_log_and_the_scaler_state_is_checkpointed(tmp_path, corpus):

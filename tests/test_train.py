@@ -288,10 +288,50 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, corpus):
 
 
 def test_compile_on_cpu_trains_and_saves_a_checkpoint_without_orig_mod_prefixes(tmp_path, corpus):
-    run_train(tmp_path, *TINY, "--data", corpus, "--steps", 2, "--compile", "--val-frac", 0, timeout=600)
+    proc = run_train(tmp_path, *TINY, "--data", corpus, "--steps", 2, "--compile", "--val-frac", 0, timeout=600)
+    assert "cpu, fp32, compiled" in proc.stdout and "compile: --compile on" in proc.stdout
     ckpt = load_ckpt(tmp_path / "checkpoint.pt")
-    assert ckpt["step"] == 2 and ckpt["args"]["compile"] is True
+    assert ckpt["step"] == 2 and ckpt["args"]["compile"] == "on"
     assert not any("_orig_mod" in k for k in ckpt["model"]) and "lm_head.weight" in ckpt["model"]
+
+
+# torch.compile that cannot build anything, as on a machine without a C++ compiler; --compile auto
+# made to compile even a tiny run, as it compiles the 135M model's 5000 steps on CPU
+NO_COMPILER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import devices, train
+devices.COMPILE_MIN_PARAMS = devices.COMPILE_MIN_STEPS = 0
+def cannot_compile(model, **kw):
+    def call(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+    return call
+torch.compile = cannot_compile
+try:
+    sys.exit(train.main(sys.argv[1:]))
+except train.UsageError as e:
+    print(f"train.py: error: {{e}}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_compile_auto_trains_eagerly_where_torch_compile_fails_and_compile_on_stops(tmp_path, corpus):
+    script = NO_COMPILER.format(root=ROOT)
+    proc = run_cmd(tmp_path, sys.executable, "-c", script, *TINY, "--data", corpus, "--steps", 3)
+    assert "compile: eager: torch.compile failed here (RuntimeError)" in proc.stdout
+    assert load_ckpt(tmp_path / "checkpoint.pt")["step"] == 3
+    proc = run_cmd(tmp_path, sys.executable, "-c", script, *TINY, "--data", corpus, "--steps", 3,
+                   "--compile", "on", "--save", "other.pt", status=2)
+    assert proc.stderr.strip().splitlines() == [
+        "train.py: error: --compile on: torch.compile failed here (RuntimeError: InvalidCxxCompiler: No working "
+        "C++ compiler found); train with --compile off"]
+    assert not (tmp_path / "other.pt").exists()
+
+
+def test_compile_auto_is_eager_for_a_tiny_run_and_says_why(tmp_path, corpus):
+    proc = run_train(tmp_path, *TINY, "--data", corpus, "--steps", 1, "--val-frac", 0)
+    assert "device cpu, fp32\n" in proc.stdout
+    assert "compile: eager: --compile auto compiles runs of >= 500 steps of models of >= 100M parameters" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- memory
