@@ -591,10 +591,10 @@ def report(res):
                      "ours/tf"))
         rows.append((f"  tokens/s (ours {state('ours')}, transformers {state('hf')})", fmt(t["ours"]["tokens_per_s"]),
                      fmt(t["hf"]["tokens_per_s"]), f"{t['speedup']:.2f}x"))
-        for other, label in (("ours-eager", "eager (--compile off)"), ("ours-mkl", "MKL matmuls as transformers"),
-                             ("ours-onednn", "oneDNN matmuls")):
+        for other, label in (("ours-eager", "eager (--compile off)"), ("ours-mkl", "with MKL matmuls as transformers"),
+                             ("ours-onednn", "with oneDNN matmuls")):
             if other in t:
-                rows.append((f"  tokens/s, ours with {label}", fmt(t[other]["tokens_per_s"]),
+                rows.append((f"  tokens/s, ours {label}", fmt(t[other]["tokens_per_s"]),
                              fmt(t["hf"]["tokens_per_s"]), f"{t[other]['tokens_per_s'] / t['hf']['tokens_per_s']:.2f}x"))
         rows.append(("  step time (s)", fmt(t["ours"]["step_s"]), fmt(t["hf"]["step_s"]), ""))
         rows.append(("  first step (s), compilation included", fmt(t["first_step_s"]["ours"]),
