@@ -1,6 +1,6 @@
 """Speed of model.py against transformers' LlamaForCausalLM, same weights, same machine, same run.
 
-    python bench.py                  # training, generation, decode bound (and MFU on CUDA): ~5 min on 2 cores
+    python bench.py                  # training, generation, decode bound (and MFU on CUDA): ~7 min on 2 cores
     python bench.py --quick          # fewer rounds: ~3 min on 2 CPU cores
     python bench.py --dtype bfloat16 --json bench.json   # bf16 weights for generation; write results
 

@@ -88,8 +88,8 @@ def pick_compile(device_type, requested, n_params, steps):
     same for a run and its resumes). "auto" compiles on CPU for runs of >= 500 steps of models of
     >= 100M parameters: Inductor's one-off minute (2 cores; seconds once its disk cache has it) is
     repaid within a few hundred steps there. Measured for the 135M model, B=4, T=256, 2 Sapphire
-    Rapids cores: bf16 630 -> 857 tokens/s, fp32 298 -> 331. Not on GPUs by default: not measured
-    in this repo's runs (--compile there)."""
+    Rapids cores (bench.py): bf16 659 -> 880 tokens/s, fp32 305 -> 324. Not on GPUs by default: not
+    measured in this repo's runs (--compile on there)."""
     if requested != "auto":
         return requested == "on", f"--compile {requested}"
     if device_type != "cpu":
