@@ -154,6 +154,8 @@ class Trainer:
         self.model, self.n_params = model, sum(p.numel() for p in model.parameters())
         import train_kernels  # ours: the loss as train.py computes it, chunked, no (B, T, V) logits
         self.fwd = train_kernels.ChunkedLoss(model) if impl.startswith("ours") else model
+        if compile and device == "cpu" and impl.startswith("ours"):
+            train_kernels.deterministic_cpu_compile()  # as train.py compiles it
         self.fwd = torch.compile(self.fwd) if compile else self.fwd
         decay = [p for p in model.parameters() if p.dim() >= 2]
         other = [p for p in model.parameters() if p.dim() < 2]

@@ -401,6 +401,8 @@ class Run:
         """Compile now, on a forward and backward of a batch of zeros (no step, no data read, the
         gradients dropped), so that a machine that cannot compile (no C++ compiler, say) says so
         before training: --compile auto then trains eagerly, --compile on stops with one line."""
+        if self.where.type == "cpu":
+            train_kernels.deterministic_cpu_compile()  # else a resume would drift from the run it continues
         B, T = self.args.batch_size, self.args.seq_len
         tokens = torch.zeros(B * T + 1, dtype=torch.long, device=self.where.device)
         x, y = tokens[:-1].view(B, T), tokens[1:].view(B, T)  # as the loaders' batches: no recompiling

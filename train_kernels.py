@@ -5,6 +5,7 @@ Space need): train.py, eval.py and bench.py use it. Each piece says what it meas
 - the GEMM route: fp32 training products through oneDNN on AMD CPUs, 1.7x on a 2-core Zen 5.
 - LowPrecisionWeights: a bf16 copy of the weights for CPU bf16 training, 583 -> 631 tokens/s.
 - CausalAttention: compiled bf16 CPU training's attention backward, 776 -> 855 tokens/s.
+- deterministic_cpu_compile: compiled CPU training repeats bit for bit, so it resumes exactly.
 """
 import contextlib
 import math
@@ -164,6 +165,16 @@ class CausalAttention(torch.autograd.Function):
         dQ, dK = torch.bmm(dS, K), torch.bmm(dS.transpose(1, 2), Q)
         dV = torch.bmm(P.to(q.dtype).transpose(1, 2), dO)
         return dQ.view(q.shape), dK.view(k.shape), dV.view(v.shape)
+
+
+def deterministic_cpu_compile():
+    """Before torch.compile builds a CPU training step: Inductor's CPU kernels add into the
+    embedding's gradient with atomics from every thread, so two runs of the same steps (a run and its
+    resume) drift apart in the last bits within a few steps (seen at step 6 of the 135M model on 2
+    threads). In torch's deterministic mode Inductor calls aten's serial index_put_ there instead:
+    no slower (830-870 tokens/s either way). Process-wide, as torch's flag is."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of every new tensor
 
 
 # ----------------------------------------------------------------------------- the chunked loss

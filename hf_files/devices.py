@@ -86,7 +86,7 @@ COMPILE_MIN_PARAMS, COMPILE_MIN_STEPS = 100e6, 500
 def pick_compile(device_type, requested, n_params, steps):
     """(compile?, reason) for training a model of n_params for `steps` steps (the run's horizon: the
     same for a run and its resumes). "auto" compiles on CPU for runs of >= 500 steps of models of
-    >= 100M parameters: Inductor's one-off minute (2 cores; seconds once its disk cache has it) is
+    >= 100M parameters: Inductor's one-off 70 s (2 cores; 15-25 s once its disk cache has it) is
     repaid within a few hundred steps there. Measured for the 135M model, B=4, T=256, 2 Sapphire
     Rapids cores (bench.py): bf16 659 -> 880 tokens/s, fp32 305 -> 324. Not on GPUs by default: not
     measured in this repo's runs (--compile on there)."""

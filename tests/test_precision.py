@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import devices
-from conftest import ROOT, TINY, TRAIN_PY, load_ckpt, losses, read_metrics, run_cmd, run_train
+from conftest import ROOT, TINY, TRAIN_ENV, TRAIN_PY, load_ckpt, losses, read_metrics, run_cmd, run_train
 from devices import DeviceFacts, peak_flops, pick_dtype
 from model import PRESETS, SmolLM2, SmolLM2Config, param_breakdown
 from train_kernels import ChunkedLoss, chunked_cross_entropy
@@ -135,6 +135,24 @@ def test_a_compiled_bf16_run_resumes_compiled_from_step_n_bit_for_bit(tmp_path, 
     assert sorted(b) == [3, 4] and all(b[s] == a[s] for s in b)  # exact float equality
     end_full, end_resumed = load_ckpt(tmp_path / "full/ckpt.pt"), load_ckpt(tmp_path / "resumed/ckpt.pt")
     assert all(torch.equal(end_full["model"][k], end_resumed["model"][k]) for k in end_full["model"])
+
+
+@pytest.mark.parametrize("compile", ["on", "off"])
+def test_cpu_runs_on_two_threads_repeat_bit_for_bit(tmp_path, corpus, compile):
+    """Two threads, as a real run has them (the other tests run one thread a process). Compiled,
+    Inductor's atomic adds into the embedding gradient would make two runs of the same steps differ."""
+    env = {**TRAIN_ENV, "OMP_NUM_THREADS": "2"}
+    args = [*TINY, "--dtype", "bf16", "--compile", compile, "--data", corpus, "--steps", 6, "--val-frac", 0,
+            "--batch-size", 8, "--seq-len", 64]
+    for run in ("a", "b"):
+        proc = subprocess.run([sys.executable, TRAIN_PY, *map(str, args), "--save", f"{run}/ckpt.pt", "--metrics",
+                               f"{run}/metrics.jsonl"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    a, b = losses(tmp_path / "a/metrics.jsonl"), losses(tmp_path / "b/metrics.jsonl")
+    assert sorted(a) == list(range(1, 7)) and a == b  # exact float equality
+    end_a, end_b = load_ckpt(tmp_path / "a/ckpt.pt"), load_ckpt(tmp_path / "b/ckpt.pt")
+    assert all(torch.equal(end_a["model"][k], end_b["model"][k]) for k in end_a["model"])
 
 
 def test_fp16_overflow_is_a_skipped_step_in_the_log_and_the_scaler_state_is_checkpointed(tmp_path, corpus):
