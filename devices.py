@@ -88,8 +88,8 @@ def pick_compile(device_type, requested, n_params, steps):
     same for a run and its resumes). "auto" compiles on CPU for runs of >= 500 steps of models of
     >= 100M parameters: Inductor's one-off 70 s (2 cores; 15-25 s once its disk cache has it) is
     repaid within a few hundred steps there. Measured for the 135M model, B=4, T=256, 2 Sapphire
-    Rapids cores (bench.py): bf16 659 -> 880 tokens/s, fp32 305 -> 324. Not on GPUs by default: not
-    measured in this repo's runs (--compile on there)."""
+    Rapids cores (bench.py): bf16 659 -> 880 tokens/s, fp32 305 -> 324; on 2 Zen 4 cores bf16 333 ->
+    382, fp32 193 -> 198. Not on GPUs by default: not measured in this repo's runs (--compile on there)."""
     if requested != "auto":
         return requested == "on", f"--compile {requested}"
     if device_type != "cpu":

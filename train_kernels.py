@@ -40,7 +40,8 @@ class ChunkedLoss(nn.Module):
 # ----------------------------------------------------------------------------- the GEMM route
 # MKL picks its kernels by CPU vendor and on AMD CPUs with AVX-512 runs at less than half the speed
 # that oneDNN (shipped in torch, picking kernels by instruction set) reaches on the same cores: on a
-# 2-core Zen 5, 190-220 against 370-515 GFLOP/s for every matmul shape of a training step. On Intel
+# 2-core Zen 5, 190-220 against 370-515 GFLOP/s for every matmul shape of a training step (on a Zen 4,
+# whose AVX-512 runs on 256-bit units, 181 against 215: 187 -> 193 tokens/s). On Intel
 # CPUs MKL is the faster one (2-core Sapphire Rapids: 438 against 404 GFLOP/s), so the route follows
 # the vendor, not the architecture; a fixed rule, not a timing, so a run and its resume agree. Same
 # fp32 arithmetic, another summation order (within 1e-6 relative). Inference keeps MKL, so logits
