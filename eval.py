@@ -22,7 +22,8 @@ import torch
 
 import data
 import sources
-from model import ModelLoadError, SmolLM2
+from model import SmolLM2
+from weights import ModelLoadError
 from train_kernels import ChunkedLoss
 
 

@@ -22,7 +22,8 @@ import sys
 import numpy as np
 import torch
 
-from model import HERE, ModelLoadError, SmolLM2
+from model import HERE, SmolLM2
+from weights import ModelLoadError
 
 TOKENIZER_DIR = os.path.join(HERE, "tokenizer")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

@@ -37,7 +37,8 @@ import sources
 import loggers
 import devices
 import train_kernels
-from model import PRESETS, ModelLoadError, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
+from model import PRESETS, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
+from weights import ModelLoadError
 
 # Defaults. On resume, a setting not given on the command line comes from the checkpoint's run.
 DEFAULTS = dict(data="input.txt", model="smollm2-135m", batch_size=4, seq_len=256, grad_accum=1,

@@ -1,7 +1,7 @@
 """SmolLM2-135M as a streaming Gradio demo: the Hugging Face Space that this folder is.
 
 `python app.py` serves it (offline too; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are honoured).
-Everything it needs sits in this folder: copies of the repo's model.py, devices.py and tokenizer/
+Everything it needs sits in this folder: copies of the repo's model.py, weights.py, devices.py and tokenizer/
 
 Weights, the first that exists wins (see `weight_candidates`):
   1. the path in env var SMOL_CKPT: a training checkpoint (.pt), an exported HF directory, or a
@@ -31,7 +31,8 @@ from tokenizers import Tokenizer  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import devices  # noqa: E402  (the copies in this folder)
-from model import PRESETS, KVCache, ModelLoadError, SmolLM2  # noqa: E402
+from model import PRESETS, KVCache, SmolLM2  # noqa: E402
+from weights import ModelLoadError  # noqa: E402
 
 try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
     import spaces

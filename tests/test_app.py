@@ -159,7 +159,7 @@ def generate(client, prompt, **settings):
 
 # --------------------------------------------------------------------------------- the folder
 def test_space_folder_copies_of_model_and_tokenizer_match_the_repo():
-    for name in ("model.py", "devices.py"):
+    for name in ("model.py", "devices.py", "weights.py"):
         assert filecmp.cmp(os.path.join(ROOT, name), os.path.join(SPACE, name), shallow=False), \
             f"hf_files/{name} differs from {name}: run `cp {name} hf_files/{name}`"
     tokenizer_dirs = filecmp.dircmp(os.path.join(ROOT, "tokenizer"), os.path.join(SPACE, "tokenizer"))
@@ -187,7 +187,7 @@ def test_space_imports_only_its_own_files_and_its_requirements():
         required = {re.split(r"[<>=\[ ]", line)[0].strip().lower().replace("-", "_")
                     for line in f if line.strip() and not line.startswith("#")}
     local = {name[:-3] for name in os.listdir(SPACE) if name.endswith(".py")}
-    for name in ("app.py", "model.py", "devices.py"):
+    for name in ("app.py", "model.py", "devices.py", "weights.py"):
         with open(os.path.join(SPACE, name)) as f:
             tree = ast.parse(f.read())
         for node in tree.body:  # module-level imports (gguf is imported lazily, for .gguf files only)

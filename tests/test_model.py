@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import ROOT
-from model import KVCache, ModelLoadError, PRESETS, SmolLM2, SmolLM2Config, hf_config_dict, sample
+from model import KVCache, PRESETS, SmolLM2, SmolLM2Config, sample
+from weights import ModelLoadError, hf_config_dict
 from train_kernels import ChunkedLoss
 
 # A random tiny config that keeps the real model's 3:1 GQA layout (and everything else but size).
