@@ -233,7 +233,7 @@ def training_summary(args, history, step, init, out_dir):
 
 def train_command(args):
     """`python train.py ...` with every setting that differs from train.py's defaults."""
-    from train import DEFAULTS, build_parser
+    from cli import DEFAULTS, build_parser
     parts = ["python", "train.py"] if args.get("world_size", 1) == 1 else \
         ["torchrun", f"--nproc_per_node={args['world_size']}", "train.py"]
     default_plot = os.path.join(os.path.dirname(args.get("save") or ""), "loss.png")
