@@ -73,7 +73,7 @@ def export(source, out, dtype="auto", push_to_hub=None):
 
 # ----------------------------------------------------------------------------- GGUF
 def llama_cpp_qk(w, heads):
-    """HF's half-split RoPE rows -> llama.cpp's interleaved pairs, per head (model.py's GGUF
+    """HF's half-split RoPE rows -> llama.cpp's interleaved pairs, per head (weights.py's GGUF
     loader undoes exactly this)."""
     rows, cols = w.shape
     return w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
