@@ -29,6 +29,7 @@ keeps freed memory, as train.py sets it (--default-malloc: not). Measured:
 """
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -167,8 +168,8 @@ class Trainer:
         import devices
         self.autocast = devices.autocast(device, dtype)  # no GradScaler in fp16: timing, not training
         self.low = None
-        if (impl in ("ours", "ours-eager") and device == "cpu" and dtype == "bf16" and not compile
-                and not gradient_checkpointing):
+        if impl in ("ours", "ours-eager") and train_kernels.use_weight_copy(device, dtype, compile,
+                                                                             gradient_checkpointing):
             # as train.py trains in bf16 on CPU: a bf16 weight copy, no autocast
             self.fwd = self.low = train_kernels.LowPrecisionWeights(self.fwd)
             self.autocast = contextlib.nullcontext()
@@ -356,11 +357,16 @@ def compiled(args, impl):
     if impl in ("hf", "ours-eager"):
         return False
     import devices
+    return devices.pick_compile(args.device, "auto", n_params(args.model), 5000)[0]
+
+
+@functools.cache
+def n_params(preset):
+    """The parameter count of a model preset, without allocating its weights."""
     import torch
     from model import PRESETS, SmolLM2
-    with torch.device("meta"):  # the parameter count, without allocating the weights
-        n_params = sum(p.numel() for p in SmolLM2(PRESETS[args.model]).parameters())
-    return devices.pick_compile(args.device, "auto", n_params, 5000)[0]
+    with torch.device("meta"):
+        return sum(p.numel() for p in SmolLM2(PRESETS[preset]).parameters())
 
 
 def bench_training(args, weights, log, dtype=None):

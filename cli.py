@@ -8,8 +8,6 @@ import os
 import devices
 from model import PRESETS
 
-DESCRIPTION = "Train SmolLM2 from scratch or fine-tune it, nanoGPT-style, with exact resume and atomic checkpoints."
-
 # Defaults. On resume, a setting not given on the command line comes from the checkpoint's run.
 DEFAULTS = dict(data="input.txt", model="smollm2-135m", batch_size=4, seq_len=256, grad_accum=1,
                 lr=3e-4, min_lr=3e-5, warmup=100, weight_decay=0.1, grad_clip=1.0, seed=1337,
@@ -44,8 +42,8 @@ POS_INT, NONNEG_INT, POS_FLOAT, NONNEG_FLOAT = (number(int, True), number(int, F
 DEFAULTS.update(text_column="text", val_data=None, val_tokens=100_000)
 
 
-def build_parser():
-    p = OneLineParser(description=DESCRIPTION, epilog="Run-defining settings not given on "
+def build_parser(description=None):
+    p = OneLineParser(description=description, epilog="Run-defining settings not given on "
                       "resume are taken from the checkpoint.")
     def add(flag, help, **kw):
         name = flag[2:].replace("-", "_")

@@ -277,6 +277,15 @@ def chunked_cross_entropy(x, weight, targets, chunk_rows=256):
 # the gradients added into the masters' fp32 .grad after each backward. The copy is a function of
 # the masters, so a resumed run rebuilds it bit for bit. Measured: 583 -> 631 tokens/s (135M, B=4,
 # T=256, 2 Sapphire Rapids cores).
+def use_weight_copy(device_type, dtype, compiled, gradient_checkpointing, world=1):
+    """Whether training steps run on LowPrecisionWeights: bf16 on CPU, one process, eager. Compiled,
+    Inductor fuses autocast's casts into its kernels, and autocast was as fast; under gradient
+    checkpointing the recomputation runs after the copy has been swapped out again; DDP wraps the
+    module, not a functional call."""
+    return (device_type == "cpu" and dtype == "bf16" and world == 1 and not compiled
+            and not gradient_checkpointing)
+
+
 class LowPrecisionWeights:
     """Calls `model` with a `dtype` copy of its parameters; the fp32 parameters stay the masters."""
 
