@@ -53,7 +53,7 @@ def _serve(conn, kind, init, keep_memory):
     """Worker main loop: build the object, then run the methods the parent asks for."""
     try:
         if keep_memory:  # train.py's own malloc setting, so that both run as train.py does
-            from train import keep_freed_memory
+            from train_kernels import keep_freed_memory
             keep_freed_memory()
         obj = {"train": Trainer, "gen": Generator}[kind](**init)
         conn.send(("ok", None))

@@ -1,12 +1,18 @@
-"""train.py's command line: every setting with its default, the one-line parser, and how a resumed
-run fills the settings it was not given from its checkpoint (resolve_args).
+"""train.py's command line: every setting with its default, the one-line parser, how a resumed
+run fills the settings it was not given from its checkpoint (resolve_args), and the checks that
+refuse an impossible request before anything heavy is built (check_args, check_writable).
 """
 import argparse
 import math
 import os
+from dataclasses import asdict
 
 import devices
-from model import PRESETS
+from model import PRESETS, SmolLM2Config
+
+# what makes two models the same model: a checkpoint resumes only under a --model that matches these
+ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads")
 
 # Defaults. On resume, a setting not given on the command line comes from the checkpoint's run.
 DEFAULTS = dict(data="input.txt", model="smollm2-135m", batch_size=4, seq_len=256, grad_accum=1,
@@ -121,3 +127,37 @@ def resolve_args(args, saved, world):
     args.plot = args.plot or os.path.join(os.path.dirname(args.save), "loss.png")
     args.world_size = world
     return sorted(k for k in given if saved and k in saved and saved[k] != getattr(args, k))
+
+
+def check_args(args, ckpt):
+    """Refuse impossible requests before anything heavy is built."""
+    if ckpt and args.init:
+        raise UsageError("--init starts a new run from pretrained weights and --ckpt resumes one: use one")
+    if ckpt and args.steps <= ckpt["step"]:
+        raise UsageError(f"--steps {args.steps} is not above the checkpoint's step {ckpt['step']}: "
+                         f"nothing to train; e.g. --steps {ckpt['step'] + 50} trains 50 more")
+    if ckpt and args.model is not None:
+        problems = config_mismatch(ckpt["config"], asdict(PRESETS[args.model]))
+        if problems:
+            raise UsageError(f"--ckpt {args.ckpt} holds a different model than --model {args.model} "
+                             f"({problems}); drop --model to resume it as it is")
+    if args.init and not ckpt:
+        return  # the source's context window is checked once it is loaded
+    config = SmolLM2Config(**ckpt["config"]) if ckpt else PRESETS[args.model or DEFAULTS["model"]]
+    if (args.seq_len or 0) > config.max_position_embeddings:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context window of "
+                         f"{config.max_position_embeddings}")
+
+
+def check_writable(*paths):
+    """Refuse output paths that could not be written, rather than fail after hours of training."""
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):  # the nearest existing ancestor: we would create the rest
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UsageError(f"cannot write {path}: {folder} is not a writable directory")
+
+
+def config_mismatch(have, want):
+    return ", ".join(f"{k} {have.get(k)} vs {want[k]}" for k in ARCH if have.get(k) != want[k])

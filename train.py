@@ -15,15 +15,10 @@ atomically; best.pt keeps the lowest validation loss; the disk's free space is c
 training and a failed save is one line, not a lost run.
 """
 import contextlib
-import ctypes
-import datetime
-import json
 import math
 import os
 import signal
 import sys
-import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -38,10 +33,8 @@ import devices
 import train_kernels
 from model import PRESETS, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
 from weights import ModelLoadError
-from cli import DEFAULTS, UsageError, build_parser, resolve_args
-
-ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads")
+from cli import DEFAULTS, UsageError, build_parser, check_args, check_writable, resolve_args
+from ddp import Dist, exit_process
 
 
 def get_lr(step, lr, min_lr, warmup, horizon):
@@ -56,90 +49,6 @@ def get_lr(step, lr, min_lr, warmup, horizon):
 
 
 # ----------------------------------------------------------------------------- set-up
-class Dist:
-    """Where this process runs: torchrun's RANK/LOCAL_RANK/WORLD_SIZE, or a single process."""
-
-    def __init__(self, device):
-        self.rank, self.local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-        if device == "auto":
-            device = next(kind for kind, ok in available.items() if ok)
-        self.type = device.split(":")[0]
-        if not available.get(self.type):
-            raise UsageError(f"--device {device}: not available here; use auto, cpu, cuda, cuda:N or mps")
-        if self.type == "cuda" and self.world > 1:
-            device = f"cuda:{self.local_rank}"
-        self.device, self.master = torch.device(device), self.rank == 0
-
-    def start(self):
-        if self.type == "cuda" and self.device.index is not None:
-            torch.cuda.set_device(self.device)  # --device cuda:N, or this rank's GPU: kernels go there
-        if self.world > 1:
-            cuda = self.type == "cuda"
-            dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": self.device} if cuda else {}))
-            # Rank 0 may tokenise a large corpus for hours while the others wait for it: that wait runs
-            # on a gloo group of its own with a long timeout, not in NCCL (its watchdog aborts at 10 min).
-            self.startup_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
-
-    def barrier(self):
-        """Wait for every rank, however long rank 0's tokenisation takes."""
-        if self.world > 1:
-            dist.barrier(group=self.startup_group)
-
-    def all_sum(self, t):
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-
-def keep_freed_memory():
-    """Have glibc's malloc keep what a training step frees, for the next step to reuse. By default it
-    hands blocks over 32 MB and a free heap top back to the kernel, so every step faults the same
-    pages in again: 150k-350k page faults a step for the 135M model on CPU, which made a 2.7 s step
-    take 3.0-4.3 s on a 2-core VM. Returns False (and changes nothing) where libc is not glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1))  # no mmap; trim past 2 GB
-
-
-def check_args(args, ckpt):
-    """Refuse impossible requests before anything heavy is built."""
-    if ckpt and args.init:
-        raise UsageError("--init starts a new run from pretrained weights and --ckpt resumes one: use one")
-    if ckpt and args.steps <= ckpt["step"]:
-        raise UsageError(f"--steps {args.steps} is not above the checkpoint's step {ckpt['step']}: "
-                         f"nothing to train; e.g. --steps {ckpt['step'] + 50} trains 50 more")
-    if ckpt and args.model is not None:
-        problems = config_mismatch(ckpt["config"], asdict(PRESETS[args.model]))
-        if problems:
-            raise UsageError(f"--ckpt {args.ckpt} holds a different model than --model {args.model} "
-                             f"({problems}); drop --model to resume it as it is")
-    if args.init and not ckpt:
-        return  # the source's context window is checked once it is loaded
-    config = SmolLM2Config(**ckpt["config"]) if ckpt else PRESETS[args.model or DEFAULTS["model"]]
-    if (args.seq_len or 0) > config.max_position_embeddings:
-        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context window of "
-                         f"{config.max_position_embeddings}")
-
-
-def check_writable(*paths):
-    """Refuse output paths that could not be written, rather than fail after hours of training."""
-    for path in paths:
-        folder = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(folder):  # the nearest existing ancestor: we would create the rest
-            folder = os.path.dirname(folder)
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise UsageError(f"cannot write {path}: {folder} is not a writable directory")
-
-
-def config_mismatch(have, want):
-    return ", ".join(f"{k} {have.get(k)} vs {want[k]}" for k in ARCH if have.get(k) != want[k])
-
-
 def load_data(args, where):
     """(the training tokens, or None for a stream; the loader; the validation tokens or None).
     Validation: --val-data if given (a stream's first --val-tokens), else the tail of file data
@@ -407,73 +316,14 @@ class Run:
         return bool(flag.item())
 
 
-class Clock:
-    """Seconds of training since the last log line, not counting evaluation, samples and saves."""
-
-    def __init__(self, step):
-        self.start, self.step, self.paused = time.perf_counter(), step, 0.0
-
-    @contextlib.contextmanager
-    def pause(self):
-        t = time.perf_counter()
-        yield
-        self.paused += time.perf_counter() - t
-
-    def seconds_per_step(self, step):
-        return (time.perf_counter() - self.start - self.paused) / max(step - self.step, 1)
-
-
-def log_step(run, metrics, step, loss, norm, lr, val, clock):
-    loss, norm = loss.item(), float(norm)  # .item() waits for the device: the timing below is real
-    per_step = clock.seconds_per_step(step)
-    tok_s, eta = run.tokens_per_step / max(per_step, 1e-9), (run.args.steps - step) * per_step
-    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tok_s": round(tok_s, 1)}  # exact floats
-    extra = ""
-    peak = devices.peak_memory(run.where.device)
-    if peak is not None:
-        record["peak_mem_bytes"] = peak
-        extra += f" | mem {peak / 2**30:.2f} GiB"
-    if run.where.type == "cuda" and run.peak_flops:
-        record["mfu"] = tok_s * run.flops_per_token / (run.peak_flops * run.where.world)
-        extra += f" | MFU {record['mfu']:.1%}"
-    if run.scaler is not None:
-        record["skipped_steps"] = run.skipped_steps()
-        extra += f" | skipped {record['skipped_steps']}"
-    run.history["step"].append(step)
-    run.history["loss"].append(loss)
-    if val is not None:
-        record["val_loss"] = val
-        run.history["val_step"].append(step)
-        run.history["val_loss"].append(val)
-    metrics.write(json.dumps(record) + "\n")
-    run.trackers.log(record)
-    metrics.flush()
-    width = len(str(run.args.steps))
-    print(f"step {step:>{width}}/{run.args.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
-          f"{tok_s:,.0f} tok/s{extra} | ETA {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m{eta % 60:02.0f}s"
-          + (f" | val loss {val:.4f}" if val is not None else ""), flush=True)
-    # fp16: a non-finite loss is an overflow that GradScaler handles (it skips the step and halves the
-    # scale), until the scale has fallen below 1: then no scale helps, the run has diverged
+def check_finite(run, loss, step):
+    """fp16: a non-finite loss is an overflow that GradScaler handles (it skips the step and halves the
+    scale), until the scale has fallen below 1: then no scale helps, the run has diverged."""
     if not math.isfinite(loss) and (run.scaler is None or run.scaler.get_scale() < 1):
         raise SystemExit(f"loss is {loss} at step {step}: training diverged; lower --lr or raise --warmup")
 
 
-def open_metrics(path, resume_step):
-    """On resume keep the records up to the checkpoint's step (any later ones were never resumed)."""
-    kept = []
-    if resume_step and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError, AttributeError):
-                    if json.loads(line).get("step", math.inf) <= resume_step:
-                        kept.append(line)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    f = open(path, "w")
-    f.writelines(kept)
-    return f
-
-
-def train(run, metrics, saver):
+def train(run, saver):
     """The loop; returns the exit status: 0, or 128 + the signal that stopped it."""
     args, master = run.args, run.where.master
     if run.step == 0 and run.val is not None:
@@ -481,7 +331,7 @@ def train(run, metrics, saver):
         run.history["val_loss"].append(run.evaluate())
         if master:
             print(f"step 0 | val loss {run.val_loss:.4f}", flush=True)
-    clock = Clock(run.step)
+    clock = loggers.Clock(run.step)
     while run.step < args.steps:
         lr = get_lr(run.step, args.lr, args.min_lr, args.warmup, run.horizon)
         for group in run.optimizer.param_groups:
@@ -498,8 +348,8 @@ def train(run, metrics, saver):
         if step % args.log_interval == 0 or last or stop or evaluating:
             loss = run.where.all_sum(loss) / run.where.world  # on every rank: an all-reduce
             if master:
-                log_step(run, metrics, step, loss, norm, lr, val, clock)
-            clock = Clock(step)
+                check_finite(run, loggers.log_step(run, step, loss, norm, lr, val, clock), step)
+            clock = loggers.Clock(step)
         with clock.pause():
             if master and args.sample_interval and step % args.sample_interval == 0:
                 run.sample()
@@ -546,7 +396,7 @@ def main(argv=None):
         if ckpt and (notice := data_change(ckpt, fingerprint, args.data)) and where.master:
             print(notice, file=sys.stderr, flush=True)
         if where.type == "cpu":
-            keep_freed_memory()
+            train_kernels.keep_freed_memory()
         run = Run(args, ckpt, where, loader, val)
         run.data_fingerprint, saver = fingerprint, Saver(args, args.ckpt, ckpt)
         run.trackers = trackers
@@ -556,12 +406,9 @@ def main(argv=None):
             if changed:
                 print(f"resuming with changed settings: {', '.join(f'{k}={getattr(args, k)}' for k in changed)}")
             describe(run, tokens, where)
-        metrics = open_metrics(args.metrics, run.step) if where.master else None
         for signum in handlers:
             signal.signal(signum, run.on_signal)
-        status = train(run, metrics, saver)
-        if metrics:
-            metrics.close()
+        status = train(run, saver)
         if where.master:
             if not saver.final(run, run.step):
                 return 1
@@ -588,19 +435,6 @@ def resume_latest(args, where):
     if ckpt:
         args.init = None  # the checkpoint already holds the weights --init started the run from
     return ckpt
-
-
-def exit_process(status):
-    """sys.exit, but a torchrun process leaves with os._exit once its output is flushed. A gloo
-    thread that has finished an all-reduce then needs the GIL to let go of the tensor: if Python is
-    shutting down by then the process aborts (SIGABRT; a third to half of 2-process CPU runs here),
-    and freeing the process group first can deadlock on that GIL (torch 2.13; see
-    pytorch/pytorch#190489). Everything is saved by now; the OS closes the group's sockets."""
-    if dist.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,15 @@ def test_a_disk_that_fills_up_mid_run_loses_nothing_and_never_shows_a_traceback(
     assert checkpoint.load_checkpoint(str(folder / "checkpoint_step_4.pt"))["step"] == 4
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux's /dev/full: every write is ENOSPC")
+def test_metrics_that_cannot_be_written_are_one_warning_and_the_run_goes_on(tmp_path, corpus):
+    proc = run_train(tmp_path, *TINY, "--data", corpus, "--steps", 3, "--metrics", "/dev/full")
+    assert proc.stderr.strip().splitlines() == [
+        "train.py: warning: could not write /dev/full at step 1 (No space left on device): training goes on, "
+        "without the records it cannot write"]  # said once, not at every step
+    assert "step 3/3" in proc.stdout and load_ckpt(tmp_path / "checkpoint.pt")["step"] == 3
+
+
 # ----------------------------------------------------------------------------- data, format, best
 def test_resuming_on_changed_data_says_so_and_starts_at_the_beginning_of_the_new_data(tmp_path, corpus):
     text = tmp_path / "text.txt"

@@ -69,18 +69,18 @@ import sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, {root!r})
-import train
+import ddp
 
 dist.init_process_group("gloo")
 for _ in range(20):
     dist.all_reduce(torch.ones(1))  # Python lets go of the tensor before gloo's thread does
 print(f"rank {{dist.get_rank()}} done", end="")  # no newline: exit_process must flush it
-train.exit_process(0)
+ddp.exit_process(0)
 """
 
 
 def test_torchrun_processes_exit_cleanly_right_after_an_all_reduce(tmp_path):
-    """With sys.exit in place of train.exit_process, this aborted (SIGABRT) 7 runs in 10 on a 2-core
+    """With sys.exit in place of ddp.exit_process, this aborted (SIGABRT) 7 runs in 10 on a 2-core
     VM: Python's teardown meets a gloo thread still releasing the last all-reduce's tensor. Four
     runs, so a regression fails here with probability about 99%."""
     script = tmp_path / "exit_after_all_reduces.py"

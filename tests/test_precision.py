@@ -375,10 +375,10 @@ def test_should_stop_all_reduces_only_at_the_steps_given_as_sync(monkeypatch):
 
 
 def test_device_cuda_n_in_one_process_calls_set_device(monkeypatch):
-    import train
+    import ddp
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    where = train.Dist("cuda:1")
+    where = ddp.Dist("cuda:1")
     where.start()
     assert where.device == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]

@@ -336,9 +336,9 @@ def test_compile_auto_is_eager_for_a_tiny_run_and_says_why(tmp_path, corpus):
 
 # ----------------------------------------------------------------------------- memory
 RSS_AFTER_FREE = """
-import sys, torch, train
+import sys, torch, train_kernels
 if sys.argv[1] == "keep":
-    assert train.keep_freed_memory()
+    assert train_kernels.keep_freed_memory()
 def rss_mb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
 before = rss_mb()

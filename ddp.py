@@ -1,0 +1,60 @@
+"""Where a training process runs: one process, or one of torchrun's (RANK, LOCAL_RANK, WORLD_SIZE),
+on nccl between GPUs and gloo between CPU processes. train.py's DDP set-up and its exit."""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from cli import UsageError
+
+
+class Dist:
+    """Where this process runs: torchrun's RANK/LOCAL_RANK/WORLD_SIZE, or a single process."""
+
+    def __init__(self, device):
+        self.rank, self.local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+        if device == "auto":
+            device = next(kind for kind, ok in available.items() if ok)
+        self.type = device.split(":")[0]
+        if not available.get(self.type):
+            raise UsageError(f"--device {device}: not available here; use auto, cpu, cuda, cuda:N or mps")
+        if self.type == "cuda" and self.world > 1:
+            device = f"cuda:{self.local_rank}"
+        self.device, self.master = torch.device(device), self.rank == 0
+
+    def start(self):
+        if self.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # --device cuda:N, or this rank's GPU: kernels go there
+        if self.world > 1:
+            cuda = self.type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": self.device} if cuda else {}))
+            # Rank 0 may tokenise a large corpus for hours while the others wait for it: that wait runs
+            # on a gloo group of its own with a long timeout, not in NCCL (its watchdog aborts at 10 min).
+            self.startup_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+
+    def barrier(self):
+        """Wait for every rank, however long rank 0's tokenisation takes."""
+        if self.world > 1:
+            dist.barrier(group=self.startup_group)
+
+    def all_sum(self, t):
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def exit_process(status):
+    """sys.exit, but a torchrun process leaves with os._exit once its output is flushed. A gloo
+    thread that has finished an all-reduce then needs the GIL to let go of the tensor: if Python is
+    shutting down by then the process aborts (SIGABRT; a third to half of 2-process CPU runs here),
+    and freeing the process group first can deadlock on that GIL (torch 2.13; see
+    pytorch/pytorch#190489). Everything is saved by now; the OS closes the group's sockets."""
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
