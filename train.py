@@ -196,6 +196,7 @@ class Run:
         """Compile now, on a forward and backward of a batch of zeros (no step, no data read, the
         gradients dropped), so that a machine that cannot compile (no C++ compiler, say) says so
         before training: --compile auto then trains eagerly, --compile on stops with one line."""
+        deterministic = torch.are_deterministic_algorithms_enabled()
         if self.where.type == "cpu":
             train_kernels.deterministic_cpu_compile()  # else a resume would drift from the run it continues
         B, T = self.args.batch_size, self.args.seq_len
@@ -213,6 +214,7 @@ class Run:
                 raise UsageError(f"--compile on: torch.compile failed here ({why}); train with --compile off") from None
             self.compiled = False
             self.compile_reason = f"eager: torch.compile failed here ({type(e).__name__})"
+            torch.use_deterministic_algorithms(deterministic)  # eager CPU training repeats without it
             self.wrap_model()
         finally:
             self.optimizer.zero_grad(set_to_none=True)

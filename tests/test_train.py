@@ -308,7 +308,9 @@ def cannot_compile(model, **kw):
     return call
 torch.compile = cannot_compile
 try:
-    sys.exit(train.main(sys.argv[1:]))
+    status = train.main(sys.argv[1:])
+    print("deterministic mode:", torch.are_deterministic_algorithms_enabled())  # set for compiling only
+    sys.exit(status)
 except train.UsageError as e:
     print(f"train.py: error: {{e}}", file=sys.stderr)
     sys.exit(2)
@@ -319,6 +321,7 @@ def test_compile_auto_trains_eagerly_where_torch_compile_fails_and_compile_on_st
     script = NO_COMPILER.format(root=ROOT)
     proc = run_cmd(tmp_path, sys.executable, "-c", script, *TINY, "--data", corpus, "--steps", 3)
     assert "compile: eager: torch.compile failed here (RuntimeError)" in proc.stdout
+    assert "deterministic mode: False" in proc.stdout
     assert load_ckpt(tmp_path / "checkpoint.pt")["step"] == 3
     proc = run_cmd(tmp_path, sys.executable, "-c", script, *TINY, "--data", corpus, "--steps", 3,
                    "--compile", "on", "--save", "other.pt", status=2)
