@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+import checkpoint
 import devices
 
 # record key -> scalar tag; any other numeric key is logged as train/<key>
@@ -30,6 +31,13 @@ def _require(module, flag, package):
         raise MissingPackage(f"{flag} needs the {package} package: pip install {package}") from None
 
 
+def _step(line):
+    """The step of one metrics.jsonl line; infinity for a line that is not a record (a torn write)."""
+    with contextlib.suppress(ValueError, AttributeError):
+        return json.loads(line).get("step", math.inf)
+    return math.inf
+
+
 class MetricsFile:
     """metrics.jsonl, a line a record, flushed at once. Opened at the first record: on resume it keeps
     the records up to the checkpoint's step (later ones belong to a run that was never resumed). A
@@ -40,17 +48,15 @@ class MetricsFile:
         self.path, self.resume_step, self.file, self.failed = path, resume_step, None, False
 
     def _open(self):
-        kept = []
         if self.resume_step and os.path.exists(self.path):
             with open(self.path) as f:
-                for line in f:
-                    with contextlib.suppress(ValueError, AttributeError):
-                        if json.loads(line).get("step", math.inf) <= self.resume_step:
-                            kept.append(line)
+                lines = f.readlines()
+            kept = [line.rstrip("\n") + "\n" for line in lines if _step(line) <= self.resume_step]
+            if kept != lines:  # a temp file renamed over it: a full disk cannot cost the records kept
+                checkpoint.atomic_write(self.path, lambda f: f.writelines(line.encode() for line in kept))
+            return open(self.path, "a")
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        f = open(self.path, "w")
-        f.writelines(kept)
-        return f
+        return open(self.path, "w")
 
     def write(self, record):
         try:

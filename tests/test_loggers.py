@@ -1,10 +1,16 @@
 """--tensorboard and --wandb (loggers.py): the logged steps' scalars read back with tensorboard's own
 EventAccumulator, a resumed run continuing the same TensorBoard curve, a W&B offline run directory,
-and a missing package stopping the run before training in one line."""
+a missing package stopping the run before training in one line, and metrics.jsonl on resume:
+the records up to the checkpoint kept, even when the disk is full."""
+import errno
 import glob
+import json
+import os
 
 import pytest
 
+import checkpoint
+from loggers import MetricsFile
 from conftest import TINY, TRAIN_ENV, read_metrics, run_cmd, train_cmd
 
 
@@ -78,3 +84,40 @@ def test_a_missing_tracker_package_is_one_line_and_exit_2_before_training(tmp_pa
                  env={"PYTHONPATH": str(tmp_path / "site")}, status=2)
     assert proc.stderr == f"train.py: error: {flag} needs the {package} package: pip install {package}\n"
     assert "step" not in proc.stdout and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_metrics_on_resume_keep_the_records_up_to_the_checkpoint_and_append_after_them(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6))
+    path.write_text(records + '{"step": 6, "lo')  # a write torn by a crash
+    metrics = MetricsFile(str(path), resume_step=3)
+    metrics.write({"step": 4, "loss": 0.5})
+    metrics.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == \
+        [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)] + [{"step": 4, "loss": 0.5}]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
+    metrics = MetricsFile(str(path), resume_step=4)  # nothing to drop: appended to
+    metrics.write({"step": 5, "loss": 0.25})
+    metrics.close()
+    assert path.read_text().count("\n") == 5 and json.loads(path.read_text().splitlines()[-1])["step"] == 5
+
+
+def test_a_full_disk_while_dropping_records_on_resume_keeps_the_file_whole(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "metrics.jsonl"
+    before = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
+    path.write_text(before)
+
+    def full_disk(path, write, real=checkpoint.atomic_write):
+        def fail(f):
+            f.write(b'{"step": 1')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, fail)
+    monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
+    metrics = MetricsFile(str(path), resume_step=2)
+    metrics.write({"step": 3, "loss": 0.5})
+    metrics.write({"step": 4, "loss": 0.5})
+    metrics.close()
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"train.py: warning: could not write {path} at step 3 (No space left on device): training goes on, "
+        "without the records it cannot write"]
