@@ -288,9 +288,14 @@ class SmolLM2(nn.Module):
         return self.lm_head(self.trunk(idx, positions, cache, mask)[:, -1])
 
     def compiled_decode_step(self):
-        """decode_step through torch.compile, built once per model; None once compiling has failed."""
+        """decode_step through torch.compile, built once per model; None once compiling has failed.
+        On CPU, two Inductor options make a bf16 token 6% faster (2-core EPYC; fp32 unchanged): each
+        RMSNorm is computed once, not again in every weight row's loop (realize_opcount_threshold),
+        and the wrapper skips 336 input shape checks that Dynamo's guards already make (size_asserts)."""
         if not hasattr(self, "_compiled_step"):
-            self._compiled_step = torch.compile(self.decode_step, dynamic=False, fullgraph=True)
+            cpu = self.lm_head.weight.device.type == "cpu"
+            options = {"realize_opcount_threshold": 4, "size_asserts": False} if cpu else None
+            self._compiled_step = torch.compile(self.decode_step, dynamic=False, fullgraph=True, options=options)
         return self._compiled_step
 
     @torch.inference_mode()
