@@ -40,8 +40,9 @@ def load_corpus(spec, progress=False, column="text", max_tokens=1_000_000):
     """(token ids, UTF-8 bytes of their text) of a data source exactly as train.py reads it: text
     files (their sizes are their bytes), parquet/JSONL rows (the bytes of each row's column), or an
     hf: stream (whole documents from its start until max_tokens; it may be endless)."""
-    if sources.is_stream(spec):
-        return _stream_corpus(spec, column, max_tokens)
+    if sources.is_stream(spec):  # a reading error: one DataError line
+        tokens, _, n_bytes = sources.stream_documents(spec, max_tokens, column)
+        return tokens, n_bytes
     ids = data.tokenize_corpus(spec, progress=progress, text_column=column)
     n_bytes = 0
     for f in data.resolve_files(spec):
@@ -50,24 +51,6 @@ def load_corpus(spec, progress=False, column="text", max_tokens=1_000_000):
         else:
             n_bytes += os.path.getsize(f)
     return ids, n_bytes
-
-
-def _stream_corpus(spec, column, max_tokens):
-    encode = data._SegmentEncoder(data.load_tokenizer())
-    it, pieces, n_tokens, n_bytes, i = iter(sources.open_stream(spec)), [], 0, 0, 0
-    while (example := sources._next(it, spec)) is not None:  # a reading error: one DataError line
-        text = sources.row_text(example, column, f"{spec} example {i}")
-        ids = np.frombuffer(encode(text), dtype=np.uint16)
-        pieces += [np.array([data.EOT_ID], dtype=np.uint16)] * bool(pieces) + [ids]  # EOT between documents
-        n_tokens, n_bytes = n_tokens + len(ids) + (len(pieces) > 1), n_bytes + len(text.encode())
-        i += 1
-        if n_tokens >= max_tokens:
-            break
-    if hasattr(it, "close"):
-        it.close()
-    if not pieces:
-        raise data.DataError(f"{spec}: the stream is empty (no examples in its train split)")
-    return np.concatenate(pieces), n_bytes
 
 
 def windows(n_tokens, seq_len):

@@ -280,25 +280,32 @@ def _next(iterator, spec):
         raise data.DataError(f"{spec}: reading the stream failed ({_reason(e)})") from None
 
 
-def stream_head(spec, n_tokens, column="text", dataset=None, tokenizer=None):
-    """(the first n_tokens tokens of the stream as uint16, digests of the documents they come from)."""
+def stream_documents(spec, n_tokens, column="text", dataset=None, tokenizer=None):
+    """The stream's first whole documents, until they hold n_tokens tokens (EOT between them):
+    (their tokens as uint16, the digests of their texts, their texts' UTF-8 bytes)."""
     dataset = dataset if dataset is not None else open_stream(spec)
     encode = data._SegmentEncoder(tokenizer or data.load_tokenizer())
-    it, pieces, have, digests = iter(dataset), [], 0, set()
+    it, pieces, have, digests, n_bytes = iter(dataset), [], 0, set(), 0
     _OPEN_ITERATORS.add(it)
     while have < n_tokens:
         example = _next(it, spec)
         if example is None:
             break
-        text = row_text(example, column, f"{spec} example")
+        text = row_text(example, column, f"{spec} example {len(pieces)}")
         ids = np.frombuffer(encode(text), dtype=np.uint16)
-        pieces.append(np.concatenate([[np.uint16(data.EOT_ID)], ids]) if digests else ids)
+        pieces.append(np.concatenate([[np.uint16(data.EOT_ID)], ids]) if pieces else ids)
         digests.add(_digest(text))
-        have += len(pieces[-1])
+        have, n_bytes = have + len(pieces[-1]), n_bytes + len(text.encode())
     it.close()
-    if not digests:
+    if not pieces:
         raise data.DataError(f"{spec}: the stream is empty (no examples in its train split)")
-    return np.concatenate(pieces).astype(np.uint16)[:n_tokens], digests
+    return np.concatenate(pieces).astype(np.uint16), digests, n_bytes
+
+
+def stream_head(spec, n_tokens, column="text", dataset=None, tokenizer=None):
+    """(the first n_tokens tokens of the stream as uint16, digests of the documents they come from)."""
+    tokens, digests, _ = stream_documents(spec, n_tokens, column, dataset, tokenizer)
+    return tokens[:n_tokens], digests
 
 
 class StreamLoader:
