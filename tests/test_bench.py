@@ -225,6 +225,39 @@ def test_compiled_decode_step_matches_eager_logits_and_greedy_tokens():
 
 
 @pytest.mark.slow
+def test_compiled_decode_step_follows_weights_changed_after_it_was_built():
+    # the guards skip unchanged module dicts (recursive dict tags): new values, a new dtype
+    # (model.to swaps each tensor's .data, no dict changes) and a new Parameter must still count
+    model, other = tiny_model(), tiny_model(seed=1)
+    prompt = torch.randint(0, TINY.vocab_size, (20,)).tolist()
+
+    def step_logits():
+        out = []
+        for step in (model.compiled_decode_step(), model.decode_step):
+            dtype = model.lm_head.weight.dtype
+            with torch.inference_mode():
+                cache = KVCache(TINY, 1, 64, "cpu", dtype)
+                model.hidden_states(torch.tensor([prompt]), cache)
+                out.append(step(torch.tensor([[7]]), torch.tensor([cache.pos]), cache).float())
+        return out
+
+    compiled, eager = step_logits()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    model.load_state_dict(other.state_dict())  # new values in the same tensors
+    before, (compiled, eager) = eager, step_logits()
+    assert not torch.allclose(eager, before, atol=1e-3)  # the change shows in the logits
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    model.to(torch.bfloat16)  # a new dtype under every parameter
+    compiled, eager = step_logits()
+    assert compiled.dtype == eager.dtype and torch.allclose(compiled, eager, atol=0.05, rtol=0.02)
+    norm = model.model.layers[0].input_layernorm
+    norm.weight = torch.nn.Parameter(torch.full_like(norm.weight, 3.0))  # a new Parameter object
+    compiled, eager = step_logits()
+    assert torch.allclose(compiled, eager, atol=0.05, rtol=0.02)
+    assert model.generate(prompt, 20, compile=True) == model.generate(prompt, 20)
+
+
+@pytest.mark.slow
 def test_compiled_bf16_decode_step_is_as_close_to_fp32_as_eager_bf16():
     # the streaming products in bf16 accumulate in fp32 and round once, as F.linear does in eager
     prompt = torch.randint(0, TINY.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
