@@ -299,7 +299,9 @@ class SmolLM2(nn.Module):
             cpu = self.lm_head.weight.device.type == "cpu"
             options = {"realize_opcount_threshold": 4, "size_asserts": False} if cpu else None
             step = torch.compile(self.decode_step, dynamic=False, fullgraph=True, options=options)
-            self._compiled_step = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)(step)
+            if hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):  # not in older torch
+                step = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)(step)
+            self._compiled_step = step
         return self._compiled_step
 
     @torch.inference_mode()
