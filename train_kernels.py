@@ -103,7 +103,9 @@ class OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.size(-1))  # (M, N)
         grad_x = matmul_nt(g, weight.t()).view(x.shape) if ctx.needs_input_grad[0] else None  # (M, K)
-        grad_w = matmul_nt(g.t(), x.reshape(-1, x.size(-1)).t()) if ctx.needs_input_grad[1] else None  # (N, K)
+        # g.t() made contiguous here, not inside the op: compiled, Inductor writes the transposed copy
+        # (its tiled kernel, not aten's copy_), a 135M fp32 step 3-5% faster on a 2-core Zen 4
+        grad_w = matmul_nt(g.t().contiguous(), x.reshape(-1, x.size(-1)).t()) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w
 
 

@@ -118,7 +118,9 @@ def test_training_step_without_onednn_gives_the_same_gradients(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_training_step_matches_eager_loss_and_gradients():
+@pytest.mark.parametrize("onednn", [pytest.param(True, marks=needs_onednn), False])
+def test_compiled_training_step_matches_eager_loss_and_gradients(monkeypatch, onednn):
+    monkeypatch.setattr(train_kernels, "ONEDNN", onednn)  # each GEMM route, whichever this CPU's vendor picks
     model = tiny_model().train()
     idx = torch.randint(0, TINY.vocab_size, (2, 33))
     loss_fn = ChunkedLoss(model)
