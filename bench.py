@@ -13,7 +13,8 @@ keeps freed memory, as train.py sets it (--default-malloc: not). Measured:
   where train.py's --compile auto compiles a 5000-step run (CPU, 135M), with a row of ours eager
   beside it; transformers as its users run it, eager (--compile on/off: both compiled/eager). On x86
   CPUs also ours on the fp32 GEMM route train_kernels.py did not pick by vendor (MKL or oneDNN), and the
-  CPU's MFU: model FLOP/s over the best fp32 matmul FLOP/s measured on it (a 2048^3 product);
+  CPU's MFU: model FLOP/s over the best fp32 matmul FLOP/s measured on it (a 2048^3 product, in
+  every round, the median of the rounds);
   on CPUs with native bf16 matmuls (what train.py's --dtype auto trains in there) the same in bf16:
   transformers under bf16 autocast, ours as train.py trains there (a bf16 copy of the weights,
   train_kernels.py), MFU against the CPU's bf16 matmul peak;
@@ -216,7 +217,7 @@ class Trainer:
         from model import flops_per_token
         return flops_per_token(self.model.config, seq_len, self.n_params)
 
-    def matmul_peak(self, n=2048, reps=10, dtype="fp32"):
+    def matmul_peak(self, n=2048, reps=5, dtype="fp32"):
         """FLOP/s of an (n, n) @ (n, n) product, the best this CPU does, median of reps. fp32: through
         MKL (what torch's matmul calls) and through oneDNN (train_kernels.matmul_nt); bf16: torch's matmul
         (oneDNN's AMX / AVX-512 bf16 kernels)."""
@@ -325,14 +326,17 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def interleaved(workers, method, rounds, warmup, log, **kwargs):
-    """Per worker name: the results of `rounds` calls after `warmup`, the workers taking turns."""
-    results = {w.name: [] for w in workers}
+def interleaved(workers, method, rounds, warmup, log, each_round=None, **kwargs):
+    """Per worker name: the results of `rounds` calls after `warmup`, the workers taking turns;
+    each_round(), if given, runs after every round counted, its results under "each_round"."""
+    results = {w.name: [] for w in workers} | ({"each_round": []} if each_round else {})
     for r in range(warmup + rounds):
         for w in workers:
             value = w(method, **kwargs)
             if r >= warmup:
                 results[w.name].append(value)
+        if each_round and r >= warmup:
+            results["each_round"].append(each_round())
         log(f"  {method} round {r + 1}/{warmup + rounds}" + (" (warm-up)" if r < warmup else ""))
     return results
 
@@ -392,9 +396,13 @@ def bench_training(args, weights, log, dtype=None):
             w.ready()
             w("reset_peak")
         first = {w.name: w("step") for w in workers}  # untimed (with --compile, compilation), then warm-up rounds
-        times = interleaved(workers, "step", args.repeats, args.warmup, log)
+        # the CPU's matmul peak in every round, as the steps see the machine: one measurement after
+        # the rounds read 88 and 145 GFLOP/s on a noisy 2-core VM (131 and 213 in the run before), an MFU of 107%
+        peak_now = (lambda: workers[0]("matmul_peak", dtype=dtype)) if args.device == "cpu" else None
+        times = interleaved(workers, "step", args.repeats, args.warmup, log, each_round=peak_now)
+        peaks = times.pop("each_round", [])
+        peak = {route: median([p[route] for p in peaks]) for route in peaks[0]} if peaks else {}
         memory = {w.name: w("peak_memory") for w in workers}
-        peak = workers[0]("matmul_peak", dtype=dtype) if args.device == "cpu" else {}
         fpt = workers[0]("flops_per_token", seq_len=T)
     finally:
         for w in workers:
