@@ -6,8 +6,9 @@
 
 Each implementation runs in its own worker process (so each has its own peak memory; what a
 worker runs and times is in bench_workers.py), and the workers take turns, one timed run each per
-round, so that both see the same load on a shared machine. Figures are medians over the rounds after a warm-up. On CPU every worker's glibc malloc
-keeps freed memory, as train.py sets it (--default-malloc: not). Measured:
+round, so that both see the same load on a shared machine. Figures are medians over the rounds
+after a warm-up. On CPU every worker's glibc malloc keeps freed memory, as train.py sets it
+(--default-malloc: not). Measured:
 - training: tokens/s and peak memory at B=4, T=256 with a full AdamW step (fp32 on CPU, bf16
   autocast on CUDA); ours computes the loss as train.py does (train_kernels.ChunkedLoss), compiled
   where train.py's --compile auto compiles a 5000-step run (CPU, 135M), with a row of ours eager
@@ -63,7 +64,6 @@ def interleaved(workers, method, rounds, warmup, log, each_round=None, **kwargs)
             results["each_round"].append(each_round())
         log(f"  {method} round {r + 1}/{warmup + rounds}" + (" (warm-up)" if r < warmup else ""))
     return results
-
 
 
 def other_route():
