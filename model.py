@@ -1,4 +1,5 @@
-"""SmolLM2-135M in one readable file: config, model, KV-cache generation (weights.py loads and saves it).
+"""SmolLM2-135M in one readable file: config, model, KV-cache generation (smollm2/weights.py reads
+and writes its files).
 
 The architecture is Llama (as in Hugging Face's models/llama/modeling_llama.py, our numerical
 oracle): pre-norm RMSNorm, grouped-query attention with half-split RoPE, a SwiGLU MLP, no biases
@@ -7,15 +8,12 @@ loads with strict=True and no key map. References: SmolLM2 (arXiv:2502.02737), L
 (arXiv:2302.13971), RoPE (arXiv:2104.09864), GQA (arXiv:2305.13245), nanoGPT for the layout.
 """
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
@@ -116,11 +114,11 @@ class Linear(nn.Linear):
     """nn.Linear without bias, plus a streaming form for decoding on CPU under torch.compile.
 
     Decoding multiplies one vector by every weight matrix: the time is that of reading the weights.
-    MKL runs that one-row GEMM at a fraction of the memory bandwidth (6-7 GB/s on a 2-core EPYC);
-    written as a broadcast product and a sum, Inductor emits one streaming reduction over the weight
-    rows that runs at the bandwidth (25 GB/s there). Eager mode keeps F.linear: there the product
-    would be materialised, as large as the weight. In bf16 the product and the sum are written in
-    fp32 (as F.linear accumulates), rounded to bf16 once: 46 -> 50 tokens/s on a 2-core Xeon."""
+    MKL runs that one-row GEMM well below the memory bandwidth; written as a broadcast product and a
+    sum, Inductor emits one streaming reduction over the weight rows that runs at the bandwidth
+    (docs/performance.md). Eager mode keeps F.linear: there the product would be materialised, as
+    large as the weight. In bf16 the product and the sum are written in fp32 (as F.linear
+    accumulates), rounded to bf16 once."""
 
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
@@ -160,7 +158,7 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask):
         """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs): causal without a mask (the queries are
         the first T positions), else where mask (T, S) is True. GQA: each group of n_head/n_kv query
-        heads reads one K/V head, without a repeat copy. (CPU training may replace it: train_kernels.)"""
+        heads reads one K/V head, without a repeat copy. (CPU training may replace it: smollm2/speedups.py.)"""
         gqa = q.device.type != "mps"  # SDPA's enable_gqa crashed on MPS in torch <= 2.6: repeat K/V there
         if not gqa:
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, S, hs)
@@ -244,7 +242,7 @@ class SmolLM2(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """idx: (B, T) token ids -> (logits (B, T, V), loss or None). Targets -1 are ignored.
         With a cache, idx continues the cached positions and is added to the cache. (Training
-        computes the loss without the (B, T, V) logits: train_kernels.ChunkedLoss.)"""
+        computes the loss without the (B, T, V) logits: smollm2/chunked_loss.py.)"""
         logits = self.lm_head(self.hidden_states(idx, cache))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -289,12 +287,11 @@ class SmolLM2(nn.Module):
 
     def compiled_decode_step(self):
         """decode_step through torch.compile, built once per model; None once compiling has failed.
-        On CPU, two Inductor options make a bf16 token 6% faster (2-core EPYC; fp32 unchanged): each
-        RMSNorm is computed once, not again in every weight row's loop (realize_opcount_threshold),
-        and the wrapper skips 336 input shape checks that Dynamo's guards already make (size_asserts).
-        Dynamo's recursive dict tags skip re-checking the 366 modules' unchanged attribute dicts
-        before each token: 0.9 -> 0.4 ms of guard checks, a token 5% (fp32) and 3% (bf16) faster
-        (2-core EPYC); weights changed later (new values, a dtype, a new Parameter) still count."""
+        On CPU, two Inductor options: each RMSNorm is computed once, not again in every weight row's
+        loop (realize_opcount_threshold), and the wrapper skips input shape checks that Dynamo's guards
+        already make (size_asserts). Dynamo's recursive dict tags skip re-checking the modules'
+        unchanged attribute dicts before each token; weights changed later (new values, a dtype, a new
+        Parameter) still count. Each is a measured gain (docs/performance.md)."""
         if not hasattr(self, "_compiled_step"):
             cpu = self.lm_head.weight.device.type == "cpu"
             options = {"realize_opcount_threshold": 4, "size_asserts": False} if cpu else None
@@ -313,9 +310,9 @@ class SmolLM2(nn.Module):
         Sampling follows HF's generate: repetition penalty, then temperature, top-k, top-p;
         temperature 0 is greedy. A prompt longer than the cache (the window at most) keeps its last
         tokens; when the cache fills up, it restarts from the last half of the text. compile=True runs each
-        new token through torch.compile'd decode_step: 2-3x faster on CPU, after a one-off
-        compilation on the first call (15 s to 2 min on 2 cores; kept for later calls, and Inductor
-        caches it on disk); if compiling fails, it warns and carries on in eager mode. cache_len: the
+        new token through torch.compile'd decode_step: several times faster on CPU, after a one-off
+        compilation on the first call (kept for later calls, and Inductor caches it on disk); if
+        compiling fails, it warns and carries on in eager mode. cache_len: the
         KV cache's slots (default: prompt + new tokens, rounded up to 256 with compile), each size
         a compiled graph of its own.
         """
@@ -381,18 +378,24 @@ class SmolLM2(nn.Module):
         """Load from an HF model directory, a .safetensors or .gguf file, a training checkpoint
         (.pt, weights only), or a hub id such as HuggingFaceTB/SmolLM2-135M (needs network).
         Sets model.source_info: where the weights came from (and the step, for a checkpoint)."""
-        import weights  # every format's loader and saver (here, not at the top: weights.py imports model.py)
+        from smollm2 import weights  # every format's reader: a config dict and a state dict
         config, state, info = weights.load_weights(str(source))
+        try:
+            config = SmolLM2Config(**{f.name: config[f.name] for f in fields(SmolLM2Config) if f.name in config})
+        except (TypeError, ValueError) as e:
+            raise weights.ModelLoadError(f"{source}: bad config: {e}") from None
         model = cls(config)
         weights.check_state_dict(model, state, source)
         model.load_state_dict(state, strict=False)  # checked strictly above, with clear messages
         model.source_info = info
         return model.to(device=device, dtype=dtype)
 
-    def save_pretrained(self, out_dir, dtype=None, tokenizer_dir=os.path.join(HERE, "tokenizer")):
-        """Write config.json, model.safetensors, generation_config.json and the tokenizer files
-        (none if tokenizer_dir is None): a directory that transformers' AutoModelForCausalLM loads."""
-        import weights
+    def save_pretrained(self, out_dir, dtype=None, tokenizer_dir="default"):
+        """Write config.json, model.safetensors, generation_config.json and the tokenizer files: a
+        directory that transformers' AutoModelForCausalLM loads. tokenizer_dir: "default" copies the
+        repo's tokenizer/, None none."""
+        from smollm2 import weights
+        tokenizer_dir = weights.TOKENIZER_DIR if tokenizer_dir == "default" else tokenizer_dir
         weights.save_pretrained(self, out_dir, dtype, tokenizer_dir)
 
 

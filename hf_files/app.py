@@ -1,7 +1,9 @@
 """SmolLM2-135M as a streaming Gradio demo: the Hugging Face Space that this folder is.
 
 `python app.py` serves it (offline too; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are honoured).
-Everything it needs sits in this folder: copies of the repo's model.py, weights.py, devices.py and tokenizer/
+In the repo it runs as it is (python hf_files/app.py), on the repo's own model.py and smollm2/. A
+Space folder assembled by `python export.py CKPT --space DIR` holds all it needs beside it: model.py,
+the smollm2 modules it imports, tokenizer/ and the weights.
 
 Weights, the first that exists wins (see `weight_candidates`):
   1. the path in env var SMOL_CKPT: a training checkpoint (.pt), an exported HF directory, or a
@@ -26,13 +28,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import devices  # noqa: E402  (the copies in this folder)
+# an assembled Space has model.py beside the app; in the repo it is one folder up
+sys.path.insert(0, HERE if os.path.isfile(os.path.join(HERE, "model.py")) else os.path.dirname(HERE))
 from model import PRESETS, KVCache, SmolLM2  # noqa: E402
-from weights import ModelLoadError  # noqa: E402
+from smollm2 import devices  # noqa: E402
+from smollm2.errors import ModelLoadError  # noqa: E402
+from smollm2.tokenizer import load_tokenizer  # noqa: E402
 
 try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
     import spaces
@@ -153,9 +156,10 @@ def choose_device(cuda_available, capability=None, cpu_bf16=False):
     model trained in bf16, and bf16 is emulated); else the CPU, in bf16 where it has native bf16 dot
     products (cpu_bf16: the compiled decoder gives 53 tokens/s there against 39 in fp32 on a 2-core
     Xeon with AMX), in fp32 elsewhere (bf16 would be emulated, slower than fp32)."""
-    if cuda_available:
-        return "cuda", torch.bfloat16 if capability and tuple(capability) >= (8, 0) else torch.float32
-    return "cpu", torch.bfloat16 if cpu_bf16 else torch.float32
+    device = devices.pick_device("auto", {"cuda": cuda_available, "cpu": True})  # no MPS: untested here
+    if device == "cuda":
+        return device, torch.bfloat16 if capability and tuple(capability) >= (8, 0) else torch.float32
+    return device, torch.bfloat16 if cpu_bf16 else torch.float32
 
 
 def cuda_facts():
@@ -507,7 +511,7 @@ def main():
     model = model.to(device=device, dtype=dtype)
     print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     cpu = device == "cpu"  # one thread decodes every request, with all the cores (Decoder)
-    engine = Engine(model, Tokenizer.from_file(os.path.join(HERE, "tokenizer", "tokenizer.json")),
+    engine = Engine(model, load_tokenizer(),
                     Decoder(cpu_budget()) if cpu else None, compile=cpu and COMPILE)
     print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
     ui = build_ui(engine)

@@ -14,7 +14,18 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from model import SmolLM2, SmolLM2Config  # noqa: E402  (after the repo is on sys.path)
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A tiny model with the real layout's shape rules (GQA 6/2 heads, tied embedding) for unit tests
+TINY_CONFIG = SmolLM2Config(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_model(seed=0):
+    """A TINY_CONFIG model with seeded random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return SmolLM2(TINY_CONFIG).eval()
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +49,6 @@ def gguf_path():
 @pytest.fixture(scope="session")
 def real_model(gguf_path):
     """Our SmolLM2 with the real weights, fp32, eval mode (loaded once per test session)."""
-    from model import SmolLM2
     return SmolLM2.from_pretrained(gguf_path).eval()
 
 

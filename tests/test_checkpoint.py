@@ -11,9 +11,8 @@ import sys
 import pytest
 import torch
 
-import checkpoint
-import data
 from conftest import ROOT, TINY, TRAIN_ENV, TRAIN_PY, load_ckpt, losses, read_metrics, run_cmd, run_train, train_cmd
+from smollm2 import checkpoint, token_cache
 
 # Constant LR (the horizon of a resumed run does not matter), a checkpoint every 4 steps, all kept.
 AUTO = [*TINY, "--lr", "2e-3", "--min-lr", "2e-3", "--warmup", 0, "--ckpt-interval", 4, "--keep-last", 0,
@@ -188,7 +187,7 @@ def test_resuming_on_changed_data_says_so_and_starts_at_the_beginning_of_the_new
     shutil.copy(corpus, text)
     run_train(tmp_path, *TINY, "--data", text, "--steps", 3)
     before = load_ckpt(tmp_path / "checkpoint.pt")
-    assert before["data_fingerprint"] == data.fingerprint(str(text)) and before["data"]["position"] == 3 * 64
+    assert before["data_fingerprint"] == token_cache.fingerprint(str(text)) and before["data"]["position"] == 3 * 64
     text.write_text(text.read_text().replace("Citizen", "Townsman"))
     proc = run_train(tmp_path, "--steps", 5, "--ckpt", "checkpoint.pt")
     notice = proc.stderr.strip()
@@ -196,7 +195,7 @@ def test_resuming_on_changed_data_says_so_and_starts_at_the_beginning_of_the_new
     assert "the loader starts at the beginning of the new data" in notice
     after = load_ckpt(tmp_path / "checkpoint.pt")
     assert after["data"] == {"position": 2 * 64, "epoch": 0}  # two steps from the start, not 5 * 64
-    assert after["data_fingerprint"] == data.fingerprint(str(text)) != before["data_fingerprint"]
+    assert after["data_fingerprint"] == token_cache.fingerprint(str(text)) != before["data_fingerprint"]
 
     other = tmp_path / "other.txt"  # --data naming another corpus: the same
     other.write_text(corpus.read_text()[5000:])

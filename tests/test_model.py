@@ -1,20 +1,24 @@
-"""model.py against its oracle, transformers' LlamaForCausalLM: shapes, logits, generation, I/O."""
+"""model.py against its oracle, transformers' LlamaForCausalLM: shapes, logits, generation, I/O; the
+SmolLM2 presets' published sizes; gradient checkpointing (the model, and train.py's flag)."""
 import math
 import os
-from dataclasses import asdict
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import ROOT
-from model import KVCache, PRESETS, SmolLM2, SmolLM2Config, sample
-from weights import ModelLoadError, hf_config_dict
-from train_kernels import ChunkedLoss
+from conftest import ROOT, TRAIN_PY, losses, run_cmd, run_train
+from conftest import TINY as TINY_RUN
+from conftest import TINY_CONFIG as TINY, tiny_model
+from model import KVCache, PRESETS, SmolLM2, SmolLM2Config, param_breakdown, sample
+from smollm2.chunked_loss import ChunkedLoss
+from smollm2.weights import hf_config_dict
 
 # A random tiny config that keeps the real model's 3:1 GQA layout (and everything else but size).
-TINY = SmolLM2Config(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-                     num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+
+
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
            "Once upon a time, in a land far away, there lived a", "Le chat est sur la table, et"]
 
@@ -150,15 +154,6 @@ def test_real_weights_64_greedy_tokens_match_transformers_generate(real_model, h
     assert tokenizer.decode(ours).startswith("The capital of France is Paris")
 
 
-def test_gguf_loader_reads_the_real_config(real_model):
-    cfg = real_model.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (576, 30, 9, 3)
-    assert (cfg.vocab_size, cfg.intermediate_size, cfg.rope_theta) == (49152, 1536, 100000.0)
-    assert sum(p.numel() for p in real_model.parameters()) == 134_515_008
-    assert real_model.lm_head.weight is real_model.model.embed_tokens.weight
-    assert real_model.source_info["format"] == "gguf"
-
-
 # ----------------------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("prompt_len", [1, 50])
 def test_kv_cache_decoding_equals_full_recomputation(prompt_len):
@@ -277,89 +272,172 @@ def test_save_pretrained_loads_in_transformers_and_back(tmp_path):
     AutoTokenizer.from_pretrained(tmp_path / "ours")  # the tokenizer files work there too
 
 
-def test_bf16_save_and_training_checkpoint_load(tmp_path):
-    ours, _ = tiny_pair()
-    ours.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, tokenizer_dir=None)
-    loaded = SmolLM2.from_pretrained(tmp_path / "bf16")
-    torch.testing.assert_close(loaded.lm_head.weight, ours.lm_head.weight.to(torch.bfloat16).float())
-    ckpt = {"model": ours.state_dict(), "config": asdict(TINY), "step": 7, "val_loss": 3.5,
-            "optimizer": {"state": {}, "param_groups": []}}
-    torch.save(ckpt, tmp_path / "checkpoint.pt")
-    loaded = SmolLM2.from_pretrained(tmp_path / "checkpoint.pt")
-    assert loaded.source_info["step"] == 7 and loaded.source_info["val_loss"] == 3.5
-    torch.testing.assert_close(loaded.state_dict(), ours.state_dict())
+# ----------------------------------------------------------------------------- presets
+HF_CONFIGS = {  # from the config.json files linked beside the presets in model.py
+    "smollm2-360m": dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5),
+    "smollm2-1.7b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
+                         rope_theta=130000.0, rms_norm_eps=1e-5),
+}
 
 
-def test_hub_id_goes_through_huggingface_hub(tmp_path, monkeypatch):
-    import huggingface_hub
-    ours, _ = tiny_pair()
-    ours.save_pretrained(tmp_path, tokenizer_dir=None)
+@pytest.mark.parametrize("name, total", [("smollm2-135m", 134_515_008), ("smollm2-360m", 361_821_120),
+                                         ("smollm2-1.7b", 1_711_376_384)])
+def test_presets_have_the_published_parameter_counts(name, total):
+    with torch.device("meta"):
+        model = SmolLM2(PRESETS[name])
+    assert param_breakdown(model)["total"] == total
+    for key, value in HF_CONFIGS.get(name, {}).items():
+        assert getattr(PRESETS[name], key) == value, key
+
+
+PRINT_1_7B = f"""
+import runpy, sys
+sys.argv = ["model.py", "--model", "smollm2-1.7b"]
+runpy.run_path({os.path.join(ROOT, "model.py")!r}, run_name="__main__")
+sys.path.insert(0, {ROOT!r})
+from smollm2 import devices
+print("peak RSS MB", devices.peak_memory("cpu") // 2**20)  # VmHWM: ru_maxrss would count pytest's own
+"""
+
+
+def test_model_py_prints_the_1_7b_breakdown_without_allocating_its_weights():
+    out = subprocess.run([sys.executable, "-c", PRINT_1_7B], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1,711,376,384" in out.stdout and "rope_theta': 130000.0" in out.stdout
+    assert int(out.stdout.split("peak RSS MB")[-1]) < 2000  # its fp32 weights alone are 6.8 GB
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+def loss_and_grads(model, idx):
+    loss = ChunkedLoss(model)(idx[:, :-1], idx[:, 1:])
+    return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+
+def test_gradient_checkpointing_recomputes_each_layer_with_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = SmolLM2(TINY).train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 33))
     calls = []
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls.append(repo_id)
-        return str(tmp_path)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    loaded = SmolLM2.from_pretrained("HuggingFaceTB/SmolLM2-135M")
-    assert calls == ["HuggingFaceTB/SmolLM2-135M"]
-    torch.testing.assert_close(loaded.state_dict(), ours.state_dict())
-
-
-def test_hub_failure_is_a_clear_error(monkeypatch):
-    import huggingface_hub
-
-    def offline(repo_id, **kwargs):
-        raise OSError("network is unreachable")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(ModelLoadError, match="could not download.*network is unreachable"):
-        SmolLM2.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation may stop early
+    plain_loss, plain = loss_and_grads(model, idx)
+    assert len(calls) == 3
+    model.gradient_checkpointing = True
+    ckpt_loss, ckpt = loss_and_grads(model, idx)
+    assert len(calls) == 3 + 6  # each layer ran again in backward
+    assert torch.equal(ckpt_loss, plain_loss)
+    for a, b in zip(ckpt, plain):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # nothing to recompute without gradients
+        model(idx)
+    assert len(calls) == 12
 
 
-# ----------------------------------------------------------------------------- bad input
-def test_missing_path_says_what_was_expected(tmp_path):
-    with pytest.raises(ModelLoadError, match="no such file.*expected an HF model directory"):
-        SmolLM2.from_pretrained(tmp_path / "nope")
-    with pytest.raises(ModelLoadError, match="no config.json"):
-        SmolLM2.from_pretrained(tmp_path)  # an existing directory without a model
+def test_gradient_checkpointing_cli_with_grad_accum_gives_the_same_losses_and_says_so(tmp_path, corpus):
+    args = [*TINY_RUN, "--data", corpus, "--steps", 3, "--grad-accum", 2, "--val-frac", 0]
+    run_train(tmp_path, *args, "--save", "plain/ckpt.pt", "--metrics", "plain/metrics.jsonl")
+    proc = run_train(tmp_path, *args, "--gradient-checkpointing", "--save", "gc/ckpt.pt", "--metrics", "gc/metrics.jsonl")
+    assert "device cpu, fp32, gradient checkpointing" in proc.stdout
+    assert losses(tmp_path / "gc/metrics.jsonl") == losses(tmp_path / "plain/metrics.jsonl")
 
 
-def test_file_that_is_not_a_model(tmp_path):
-    path = tmp_path / "notes.txt"
-    path.write_text("hello, I am not a model\n")
-    with pytest.raises(ModelLoadError, match="not a model file"):
-        SmolLM2.from_pretrained(path)
-    bogus = tmp_path / "bogus.pt"
-    torch.save({"hello": torch.zeros(1)}, bogus)
-    with pytest.raises(ModelLoadError, match="not a readable training checkpoint"):
-        SmolLM2.from_pretrained(bogus)
+def test_gradient_checkpointing_under_ddp_matches_one_process_with_grad_accum(tmp_path, corpus):
+    args = [*TINY_RUN, "--data", corpus, "--steps", 2, "--val-frac", 0]
+    ddp = run_cmd(tmp_path, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  TRAIN_PY, *args, "--gradient-checkpointing", "--save", "ddp/ckpt.pt", "--metrics", "ddp/metrics.jsonl")
+    assert "2 processes" in ddp.stdout and "gradient checkpointing" in ddp.stdout
+    run_train(tmp_path, *args, "--grad-accum", 2, "--save", "one/ckpt.pt", "--metrics", "one/metrics.jsonl")
+    assert losses(tmp_path / "ddp/metrics.jsonl") == pytest.approx(losses(tmp_path / "one/metrics.jsonl"),
+                                                                   abs=1e-5, rel=0)
 
 
-def test_truncated_safetensors(tmp_path):
-    ours, _ = tiny_pair()
-    ours.save_pretrained(tmp_path, tokenizer_dir=None)
-    path = tmp_path / "model.safetensors"
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
-        SmolLM2.from_pretrained(tmp_path)
+@pytest.mark.slow
+def test_gradient_checkpointing_under_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = SmolLM2(TINY).train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 33))
+    eager_loss, eager = loss_and_grads(model, idx)
+    model.gradient_checkpointing = True
+    compiled_loss, compiled = loss_and_grads(torch.compile(model), idx)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_weights_whose_shapes_do_not_match_the_config(tmp_path):
-    ours, _ = tiny_pair()
-    ours.save_pretrained(tmp_path, tokenizer_dir=None)
-    hf = hf_config_dict(TINY)
-    hf["intermediate_size"] = 200  # the config now disagrees with the stored MLP weights
-    import json
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ModelLoadError, match=r"weights do not match the config: .*mlp.*\(160, 96\) but the config expects \(200, 96\)"):
-        SmolLM2.from_pretrained(tmp_path)
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager_logits_and_greedy_tokens():
+    model = tiny_model()
+    prompt = torch.randint(0, TINY.vocab_size, (20,)).tolist()
+    with torch.inference_mode():
+        cache = KVCache(TINY, 1, 64, "cpu", torch.float32)
+        model.hidden_states(torch.tensor([prompt]), cache)
+        idx, positions = torch.tensor([[7]]), torch.tensor([cache.pos])
+        eager = model.decode_step(idx, positions, cache)
+        compiled = model.compiled_decode_step()(idx, positions, cache)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert model.generate(prompt, 40, compile=True) == model.generate(prompt, 40)
+    # past the window (128 positions) the cache restarts; compiled and eager still agree
+    long_prompt = torch.randint(0, TINY.vocab_size, (100,)).tolist()
+    assert model.generate(long_prompt, 60, compile=True) == model.generate(long_prompt, 60)
+    # a cache of a given size (as the Space asks for): roomier, the same tokens; smaller than prompt
+    # and answer, the prompt keeps its last 63 tokens and the cache restarts, compiled as eager
+    assert model.generate(prompt, 40, compile=True, cache_len=128) == model.generate(prompt, 40)
+    small = model.generate(long_prompt, 60, compile=True, cache_len=64)
+    assert small == model.generate(long_prompt, 60, cache_len=64)
+    assert small[:1] == model.generate(long_prompt[-63:], 1)
 
 
-def test_unsupported_architecture_is_named(tmp_path):
-    ours, _ = tiny_pair()
-    ours.save_pretrained(tmp_path, tokenizer_dir=None)
-    import json
-    hf = hf_config_dict(TINY) | {"attention_bias": True}
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ModelLoadError, match="unsupported config.*attention_bias"):
-        SmolLM2.from_pretrained(tmp_path)
+@pytest.mark.slow
+def test_compiled_decode_step_follows_weights_changed_after_it_was_built():
+    # the guards skip unchanged module dicts (recursive dict tags): new values, a new dtype
+    # (model.to swaps each tensor's .data, no dict changes) and a new Parameter must still count
+    model, other = tiny_model(), tiny_model(seed=1)
+    prompt = torch.randint(0, TINY.vocab_size, (20,)).tolist()
+
+    def step_logits():
+        out = []
+        for step in (model.compiled_decode_step(), model.decode_step):
+            dtype = model.lm_head.weight.dtype
+            with torch.inference_mode():
+                cache = KVCache(TINY, 1, 64, "cpu", dtype)
+                model.hidden_states(torch.tensor([prompt]), cache)
+                out.append(step(torch.tensor([[7]]), torch.tensor([cache.pos]), cache).float())
+        return out
+
+    compiled, eager = step_logits()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    model.load_state_dict(other.state_dict())  # new values in the same tensors
+    before, (compiled, eager) = eager, step_logits()
+    assert not torch.allclose(eager, before, atol=1e-3)  # the change shows in the logits
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    model.to(torch.bfloat16)  # a new dtype under every parameter
+    compiled, eager = step_logits()
+    assert torch.allclose(compiled, eager, atol=0.05, rtol=0.02)
+    norm = model.model.layers[0].input_layernorm
+    norm.weight = torch.nn.Parameter(torch.full_like(norm.weight, 3.0))  # a new Parameter object
+    compiled, eager = step_logits()
+    assert torch.allclose(compiled, eager, atol=0.05, rtol=0.02)
+    assert model.generate(prompt, 20, compile=True) == model.generate(prompt, 20)
+
+
+@pytest.mark.slow
+def test_compiled_bf16_decode_step_is_as_close_to_fp32_as_eager_bf16():
+    # the streaming products in bf16 accumulate in fp32 and round once, as F.linear does in eager
+    prompt = torch.randint(0, TINY.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for name, dtype, compiled in (("fp32", torch.float32, False), ("eager", torch.bfloat16, False),
+                                  ("compiled", torch.bfloat16, True)):
+        model = tiny_model().to(dtype)
+        with torch.inference_mode():
+            cache = KVCache(TINY, 1, 64, "cpu", dtype)
+            model.hidden_states(prompt[None], cache)
+            step = model.compiled_decode_step() if compiled else model.decode_step
+            logits[name] = step(torch.tensor([[7]]), torch.tensor([cache.pos]), cache).float()
+    scale = logits["fp32"].abs().max()
+    err_eager = (logits["eager"] - logits["fp32"]).abs().max()
+    err_compiled = (logits["compiled"] - logits["fp32"]).abs().max()
+    assert err_eager < 0.05 * scale  # bf16 itself: a few bf16 roundings of the logits' scale
+    assert err_compiled <= 1.5 * err_eager, (err_compiled, err_eager)

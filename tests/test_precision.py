@@ -1,68 +1,71 @@
-"""Every device, every precision: the dtype choice (fake device facts), fp16 with a GradScaler and
-bf16 on CPU (train, resume bit for bit, overflow), gradient checkpointing, the chunked loss under
-no_grad and autocast, the SmolLM2 presets and the GPU peak table."""
-import os
-import resource
+"""Training in every precision: fp16 with a GradScaler and bf16 on CPU (train, resume bit for bit,
+compiled, overflow as a skipped step, resume under another dtype), what --dtype auto picks on this
+machine, and smollm2/precision.py's Precision, the object the loop uses."""
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import devices
 from conftest import ROOT, TINY, TRAIN_ENV, TRAIN_PY, load_ckpt, losses, read_metrics, run_cmd, run_train
-from devices import DeviceFacts, peak_flops, pick_dtype
-from model import PRESETS, SmolLM2, SmolLM2Config, param_breakdown
-from train_kernels import ChunkedLoss, chunked_cross_entropy
+from smollm2.devices import DeviceFacts
+from smollm2.precision import Precision
 
 
-# ----------------------------------------------------------------------------- the dtype choice
-@pytest.mark.parametrize("capability, dtype", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
-                                               ((8, 9), "bf16"), ((9, 0), "bf16")])
-def test_auto_on_cuda_is_bf16_from_compute_capability_8_0_else_fp16(capability, dtype):
-    chosen, reason = pick_dtype(DeviceFacts("cuda", "GPU", capability))
-    assert chosen == dtype and f"{capability[0]}.{capability[1]}" in reason
-    assert ("GradScaler" in reason) == (dtype == "fp16")
+# ----------------------------------------------------------------------------- the Precision class
+def one_step(precision, grad):
+    """One optimizer step of a one-parameter model whose gradient is `grad`; the parameter after it."""
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.5)
+    with precision.autocast:
+        loss = (w * torch.tensor(grad)).sum()
+    precision.backward(loss)
+    precision.unscale(opt)
+    norm = torch.nn.utils.clip_grad_norm_([w], 1e9)
+    precision.step(opt, norm)
+    return w.detach()
 
 
-@pytest.mark.parametrize("flags, dtype", [({"amx_bf16"}, "bf16"), ({"avx512_bf16"}, "bf16"),
-                                          ({"amx_bf16", "avx512_bf16"}, "bf16"), (set(), "fp32")])
-def test_auto_on_cpu_is_bf16_only_with_native_bf16_matmuls(flags, dtype):
-    chosen, reason = pick_dtype(DeviceFacts("cpu", cpu_flags=frozenset(flags)))
-    assert chosen == dtype
-    assert all(f in reason for f in flags)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_precision_has_a_grad_scaler_for_fp16_only_and_steps_with_the_true_gradient(dtype):
+    precision = Precision(DeviceFacts("cpu"), dtype, "cpu")
+    assert precision.dtype == dtype and dtype in precision.reason
+    assert (precision.scaler is not None) == (dtype == "fp16")
+    assert torch.equal(one_step(precision, [1.0, -2.0]), torch.tensor([0.5, 2.0]))  # unscaled before the step
+    assert precision.skipped_steps() == 0 and precision.notice is None
 
 
-def test_auto_on_mps_is_fp32_and_an_explicit_dtype_is_kept_with_a_warning_where_emulated():
-    assert pick_dtype(DeviceFacts("mps"))[0] == "fp32"
-    chosen, reason = pick_dtype(DeviceFacts("cuda", "Tesla T4", (7, 5)), "bf16")
-    assert chosen == "bf16" and "emulated" in reason
-    assert pick_dtype(DeviceFacts("cpu"), "fp16") == ("fp16", "fp16 autocast + GradScaler (--dtype fp16)")
+def test_an_fp16_overflow_is_a_skipped_step_counted_and_checkpointed_and_not_a_divergence():
+    precision = Precision(DeviceFacts("cpu"), "fp16", "cpu")
+    init = precision.scaler.get_scale()
+    assert torch.equal(one_step(precision, [float("inf"), 1.0]), torch.ones(2))  # skipped: unchanged
+    assert precision.skipped_steps() == 1 and precision.scaler.get_scale() == init * 0.5
+    assert not precision.diverged(math.inf)  # GradScaler handles it while its scale is >= 1
+    state = precision.state_dict()
+    assert state["dtype"] == "fp16" and state["skipped_steps"] == 1 and state["state"]["scale"] == init * 0.5
+    again = Precision(DeviceFacts("cpu"), "fp16", "cpu")
+    again.load_state_dict(state)  # the same dtype: bit for bit, without a notice
+    assert again.skipped_steps() == 1 and again.scaler.get_scale() == init * 0.5 and again.notice is None
 
 
-@pytest.mark.parametrize("device, requested, n_params, steps, compiled", [
-    ("cpu", "auto", 135e6, 5000, True),  # the real run on CPU
-    ("cpu", "auto", 135e6, 499, False),  # a short one: compiling would not pay
-    ("cpu", "auto", 5e6, 5000, False),  # a tiny model
-    ("cuda", "auto", 135e6, 5000, False),  # not measured on GPUs here
-    ("mps", "auto", 135e6, 5000, False),
-    ("cuda", "on", 135e6, 10, True), ("cpu", "on", 1e6, 1, True), ("cpu", "off", 135e6, 5000, False),
-])
-def test_compile_auto_compiles_long_cpu_runs_of_large_models_and_on_off_are_kept(device, requested, n_params,
-                                                                                 steps, compiled):
-    on, reason = devices.pick_compile(device, requested, n_params, steps)
-    assert on is compiled and reason
+def test_a_non_finite_loss_is_a_divergence_without_a_grad_scaler():
+    precision = Precision(DeviceFacts("cpu"), "bf16", "cpu")
+    assert precision.diverged(math.nan) and not precision.diverged(2.5)
+    assert precision.state_dict() == {"dtype": "bf16", "skipped_steps": 0, "state": None}
 
 
-def test_cpu_flags_reads_the_bf16_flags_from_a_cpuinfo_file(tmp_path):
-    path = tmp_path / "cpuinfo"
-    path.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
-    assert devices.cpu_flags(str(path)) == ("Some Xeon", frozenset({"avx512_bf16"}))
-    assert devices.cpu_flags(str(tmp_path / "none")) == ("", frozenset())
+def test_loading_another_dtypes_state_keeps_the_skipped_steps_and_sets_a_notice():
+    fp16 = Precision(DeviceFacts("cpu"), "fp16", "cpu")
+    bf16 = Precision(DeviceFacts("cpu"), "bf16", "cpu")
+    bf16.load_state_dict(fp16.state_dict())
+    assert bf16.notice == "resuming a fp16 run in bf16: its GradScaler state is dropped"
+    fp16.load_state_dict({"dtype": "fp32", "skipped_steps": 3, "state": None})
+    assert fp16.notice == "resuming a fp32 run in fp16; a new GradScaler starts" and fp16.skipped_steps() == 3
+    bf16.load_state_dict(None)  # a checkpoint from before precision was saved: nothing to load
 
 
+# ----------------------------------------------------------------------------- --dtype auto here
 def test_auto_on_this_machine_logs_what_proc_cpuinfo_implies(tmp_path, corpus):
     with open("/proc/cpuinfo") as f:  # the oracle: the flags line itself
         flags = next(line for line in f if line.startswith("flags")).split()
@@ -180,205 +183,3 @@ def test_resuming_under_another_dtype_is_allowed_with_a_notice(tmp_path, corpus)
     proc = run_train(tmp_path, "--steps", 3, "--ckpt", "checkpoint.pt", "--dtype", "bf16")
     assert "resuming a fp16 run in bf16: its GradScaler state is dropped" in proc.stdout
     assert load_ckpt(tmp_path / "checkpoint.pt")["scaler"] == {"dtype": "bf16", "skipped_steps": 0, "state": None}
-
-
-# ----------------------------------------------------------------------------- gradient checkpointing
-TINY_CFG = SmolLM2Config(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
-
-
-def loss_and_grads(model, idx):
-    loss = ChunkedLoss(model)(idx[:, :-1], idx[:, 1:])
-    return loss, torch.autograd.grad(loss, list(model.parameters()))
-
-
-def test_gradient_checkpointing_recomputes_each_layer_with_the_same_loss_and_gradients():
-    torch.manual_seed(0)
-    model = SmolLM2(TINY_CFG).train()
-    idx = torch.randint(0, TINY_CFG.vocab_size, (2, 33))
-    calls = []
-    for layer in model.model.layers:
-        layer.register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation may stop early
-    plain_loss, plain = loss_and_grads(model, idx)
-    assert len(calls) == 3
-    model.gradient_checkpointing = True
-    ckpt_loss, ckpt = loss_and_grads(model, idx)
-    assert len(calls) == 3 + 6  # each layer ran again in backward
-    assert torch.equal(ckpt_loss, plain_loss)
-    for a, b in zip(ckpt, plain):
-        assert torch.equal(a, b)
-    with torch.no_grad():  # nothing to recompute without gradients
-        model(idx)
-    assert len(calls) == 12
-
-
-def test_gradient_checkpointing_cli_with_grad_accum_gives_the_same_losses_and_says_so(tmp_path, corpus):
-    args = [*TINY, "--data", corpus, "--steps", 3, "--grad-accum", 2, "--val-frac", 0]
-    run_train(tmp_path, *args, "--save", "plain/ckpt.pt", "--metrics", "plain/metrics.jsonl")
-    proc = run_train(tmp_path, *args, "--gradient-checkpointing", "--save", "gc/ckpt.pt", "--metrics", "gc/metrics.jsonl")
-    assert "device cpu, fp32, gradient checkpointing" in proc.stdout
-    assert losses(tmp_path / "gc/metrics.jsonl") == losses(tmp_path / "plain/metrics.jsonl")
-
-
-def test_gradient_checkpointing_under_ddp_matches_one_process_with_grad_accum(tmp_path, corpus):
-    args = [*TINY, "--data", corpus, "--steps", 2, "--val-frac", 0]
-    ddp = run_cmd(tmp_path, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                  TRAIN_PY, *args, "--gradient-checkpointing", "--save", "ddp/ckpt.pt", "--metrics", "ddp/metrics.jsonl")
-    assert "2 processes" in ddp.stdout and "gradient checkpointing" in ddp.stdout
-    run_train(tmp_path, *args, "--grad-accum", 2, "--save", "one/ckpt.pt", "--metrics", "one/metrics.jsonl")
-    assert losses(tmp_path / "ddp/metrics.jsonl") == pytest.approx(losses(tmp_path / "one/metrics.jsonl"),
-                                                                   abs=1e-5, rel=0)
-
-
-@pytest.mark.slow
-def test_gradient_checkpointing_under_torch_compile_matches_eager():
-    torch.manual_seed(0)
-    model = SmolLM2(TINY_CFG).train()
-    idx = torch.randint(0, TINY_CFG.vocab_size, (2, 33))
-    eager_loss, eager = loss_and_grads(model, idx)
-    model.gradient_checkpointing = True
-    compiled_loss, compiled = loss_and_grads(torch.compile(model), idx)
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-
-
-# ----------------------------------------------------------------------------- chunked loss
-class OpLog(TorchDispatchMode):
-    """Every aten op run inside, with its first input's and its output's shapes."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        self.ops.append((func.__name__, tuple(first.shape) if first is not None else None,
-                         tuple(out.shape) if isinstance(out, torch.Tensor) else None))
-        return out
-
-
-def loss_inputs(n=64, c=16, v=200):
-    torch.manual_seed(0)
-    x = torch.randn(n, c, requires_grad=True)
-    w = torch.randn(v, c, requires_grad=True)
-    targets = torch.randint(0, v, (n,))
-    targets[5] = -1
-    return x, w, targets
-
-
-def test_chunked_loss_under_no_grad_allocates_no_weight_gradient_and_gives_the_same_loss():
-    x, w, targets = loss_inputs()
-    ref = F.cross_entropy(x @ w.t(), targets, ignore_index=-1)
-    with torch.no_grad(), OpLog() as log:
-        loss = chunked_cross_entropy(x, w, targets, chunk_rows=16)
-    torch.testing.assert_close(loss, ref)
-    assert not [op for op in log.ops if op[2] == tuple(w.shape)]  # nothing the weight's size is made
-    with OpLog() as log:  # with gradients, the (V, C) gradient buffer does exist: the probe works
-        chunked_cross_entropy(x, w, targets, chunk_rows=16)
-    assert [op for op in log.ops if op[2] == tuple(w.shape)]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
-def test_chunked_loss_under_autocast_casts_the_weight_once_per_forward(dtype, grad):
-    x, w, targets = loss_inputs()
-    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype), OpLog() as log:
-        loss = chunked_cross_entropy(x, w, targets, chunk_rows=16)  # 4 chunks
-        if grad:
-            loss.backward()
-    casts = [op for op in log.ops if op[0].startswith("_to_copy") and op[1] == tuple(w.shape)]
-    assert len(casts) == 1
-
-
-def test_chunked_loss_in_fp16_keeps_the_gradient_of_small_probabilities():
-    """softmax - one_hot near 1/V is subnormal in fp16: scaled as GradScaler scales it, the gradients
-    stay within fp16's rounding of the fp32 ones."""
-    torch.manual_seed(0)
-    x = torch.randn(64, 32, requires_grad=True)
-    w = (0.05 * torch.randn(8192, 32)).requires_grad_()  # V = 8192: probabilities near 1e-4
-    targets = torch.randint(0, 8192, (64,))
-    ref = F.cross_entropy(x @ w.t(), targets)
-    gx, gw = torch.autograd.grad(ref, (x, w))
-    scale = 2.0 ** 16  # GradScaler's initial scale
-    with torch.autocast("cpu", dtype=torch.float16):
-        loss = chunked_cross_entropy(x, w, targets, chunk_rows=16)
-    cx, cw = (g / scale for g in torch.autograd.grad(loss * scale, (x, w)))
-    torch.testing.assert_close(loss, ref, atol=1e-3, rtol=0)
-    assert (cx - gx).norm() / gx.norm() < 2e-3 and (cw - gw).norm() / gw.norm() < 2e-3
-
-
-# ----------------------------------------------------------------------------- presets
-HF_CONFIGS = {  # from the config.json files linked beside the presets in model.py
-    "smollm2-360m": dict(vocab_size=49152, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                         num_attention_heads=15, num_key_value_heads=5, max_position_embeddings=8192,
-                         rope_theta=100000.0, rms_norm_eps=1e-5),
-    "smollm2-1.7b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192,
-                         rope_theta=130000.0, rms_norm_eps=1e-5),
-}
-
-
-@pytest.mark.parametrize("name, total", [("smollm2-135m", 134_515_008), ("smollm2-360m", 361_821_120),
-                                         ("smollm2-1.7b", 1_711_376_384)])
-def test_presets_have_the_published_parameter_counts(name, total):
-    with torch.device("meta"):
-        model = SmolLM2(PRESETS[name])
-    assert param_breakdown(model)["total"] == total
-    for key, value in HF_CONFIGS.get(name, {}).items():
-        assert getattr(PRESETS[name], key) == value, key
-
-
-PRINT_1_7B = f"""
-import runpy, sys
-sys.argv = ["model.py", "--model", "smollm2-1.7b"]
-runpy.run_path({os.path.join(ROOT, "model.py")!r}, run_name="__main__")
-sys.path.insert(0, {ROOT!r})
-import devices
-print("peak RSS MB", devices.peak_memory("cpu") // 2**20)  # VmHWM: ru_maxrss would count pytest's own
-"""
-
-
-def test_model_py_prints_the_1_7b_breakdown_without_allocating_its_weights():
-    out = subprocess.run([sys.executable, "-c", PRINT_1_7B], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "1,711,376,384" in out.stdout and "rope_theta': 130000.0" in out.stdout
-    assert int(out.stdout.split("peak RSS MB")[-1]) < 2000  # its fp32 weights alone are 6.8 GB
-
-
-# ----------------------------------------------------------------------------- GPU peak table, memory
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA RTX A1000", None), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("Tesla T4", 65e12),
-    ("NVIDIA A10G", 70e12), ("NVIDIA GeForce RTX 4090", None)])
-def test_peak_flops_matches_whole_model_names_longest_first(name, peak):
-    assert peak_flops(name) == peak
-
-
-def test_peak_memory_on_cpu_is_the_peak_rss_and_sees_a_freed_block():
-    before = devices.peak_memory("cpu")
-    block = torch.ones(before // 4 + 2**26)  # the peak so far + 256 MB, written: a new peak
-    del block
-    after = devices.peak_memory("cpu")
-    assert after >= before + 2**28 and after <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# ----------------------------------------------------------------------------- GPU defects, on CPU
-def test_should_stop_all_reduces_only_at_the_steps_given_as_sync(monkeypatch):
-    import train
-    reduced = []
-    monkeypatch.setattr(train.dist, "all_reduce", lambda t, op=None: reduced.append(float(t)))
-    run = type("FakeRun", (), {"where": type("Where", (), {"world": 2, "device": "cpu"})(), "signal": 15})()
-    assert train.Run.should_stop(run, sync=False) is False and reduced == []  # no collective, no host sync
-    assert train.Run.should_stop(run, sync=True) is True and reduced == [1.0]
-
-
-def test_device_cuda_n_in_one_process_calls_set_device(monkeypatch):
-    import ddp
-    chosen = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    where = ddp.Dist("cuda:1")
-    where.start()
-    assert where.device == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]

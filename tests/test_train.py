@@ -13,7 +13,9 @@ import torch
 
 from conftest import (ROOT, TINY, TRAIN_ENV, TRAIN_PY, load_ckpt, losses, read_metrics, run_cmd, run_train,
                       train_cmd)
-from train import UsageError, build_parser, get_lr
+from smollm2.errors import UsageError
+from smollm2.train_args import build_parser
+from train import get_lr
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +302,9 @@ def test_compile_on_cpu_trains_and_saves_a_checkpoint_without_orig_mod_prefixes(
 NO_COMPILER = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import devices, train
+import train
+from smollm2 import devices
+from smollm2.errors import UserError
 devices.COMPILE_MIN_PARAMS = devices.COMPILE_MIN_STEPS = 0
 def cannot_compile(model, **kw):
     def call(*args, **kwargs):
@@ -311,7 +315,7 @@ try:
     status = train.main(sys.argv[1:])
     print("deterministic mode:", torch.are_deterministic_algorithms_enabled())  # set for compiling only
     sys.exit(status)
-except train.UsageError as e:
+except UserError as e:
     print(f"train.py: error: {{e}}", file=sys.stderr)
     sys.exit(2)
 """
@@ -339,9 +343,10 @@ def test_compile_auto_is_eager_for_a_tiny_run_and_says_why(tmp_path, corpus):
 
 # ----------------------------------------------------------------------------- memory
 RSS_AFTER_FREE = """
-import sys, torch, train_kernels
+import sys, torch
+from smollm2 import speedups
 if sys.argv[1] == "keep":
-    assert train_kernels.keep_freed_memory()
+    assert speedups.keep_freed_memory()
 def rss_mb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
 before = rss_mb()

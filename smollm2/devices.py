@@ -1,0 +1,181 @@
+"""Device decisions: which device, which dtype to train in, whether to compile, the peak FLOP/s
+behind MFU, peak memory.
+
+Every decision is a small pure function of `DeviceFacts` (or of what is available), so each branch
+is tested without the hardware (tests/test_devices.py feeds it a T4, an A100, CPUs with and without
+bf16 units); `device_facts` and `cpu_info` are the one place that asks torch and /proc/cpuinfo about
+the real machine. train.py logs the reason `pick_dtype` gives; the benchmarks and train.py share the
+peak table.
+"""
+import contextlib
+import re
+import resource
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from smollm2.errors import UsageError
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 dot products
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    type: str  # "cuda", "cpu" or "mps"
+    name: str = ""  # torch.cuda.get_device_name, or the CPU's model name
+    capability: tuple = None  # CUDA compute capability, e.g. (7, 5) for a T4
+    cpu_flags: frozenset = field(default_factory=frozenset)  # the CPU_BF16_FLAGS it has
+
+
+def cpu_info(path="/proc/cpuinfo"):
+    """(model name, vendor_id, every feature flag) of this machine's CPU: the one reader of
+    /proc/cpuinfo; ("", "", empty) where there is none."""
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            text = f.read()
+        fields = {}
+        for line in text.splitlines():  # the first processor's fields are every processor's
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        return fields.get("model name", ""), fields.get("vendor_id", ""), frozenset(fields.get("flags", "").split())
+    return "", "", frozenset()
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """(model name, the CPU_BF16_FLAGS present); ("", empty) where there is no /proc/cpuinfo."""
+    name, _, flags = cpu_info(path)
+    return name, frozenset(f for f in CPU_BF16_FLAGS if f in flags)
+
+
+def available_devices():
+    """{device type: usable here}, in the order --device auto tries them."""
+    return {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+
+
+def pick_device(requested, available):
+    """The device to run on for --device `requested` ("auto", "cpu", "cuda", "cuda:N", "mps"), given
+    `available` as available_devices() gives it; UsageError for one that is not there. The one device
+    choice of train.py, eval.py and the Space."""
+    if requested == "auto":
+        return next(kind for kind, ok in available.items() if ok)
+    if not available.get(requested.split(":")[0]):
+        raise UsageError(f"--device {requested}: not available here; use auto, cpu, cuda, cuda:N or mps")
+    return requested
+
+
+def device_facts(device):
+    """The facts pick_dtype needs about torch.device `device`, asked of this machine."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        # including_emulation=False: a T4 or V100 answers True by default, through slow emulation
+        return DeviceFacts("cuda", torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+    if device.type == "cpu":
+        name, flags = cpu_flags()
+        return DeviceFacts("cpu", name, cpu_flags=flags)
+    return DeviceFacts(device.type)
+
+
+def cpu_bf16():
+    """Whether this CPU has native bf16 matmuls: train.py's --dtype auto trains in bf16 there, the benchmark
+    adds its bf16 rows and the Space serves bf16 weights."""
+    return pick_dtype(device_facts("cpu"))[0] == "bf16"
+
+
+def pick_dtype(facts, requested="auto"):
+    """(dtype, reason) to train in: "fp32", "bf16" or "fp16", and one line for the start-up log."""
+    if requested != "auto":
+        note = ""
+        if requested == "bf16" and facts.type == "cuda" and facts.capability and facts.capability < (8, 0):
+            note = f": emulated on compute capability {facts.capability[0]}.{facts.capability[1]}, slow"
+        return requested, f"{describe_dtype(requested)} (--dtype {requested}{note})"
+    if facts.type == "cuda":
+        major, minor = facts.capability
+        if facts.capability >= (8, 0):
+            return "bf16", f"bf16 autocast: native bf16 on compute capability {major}.{minor}"
+        return "fp16", (f"fp16 autocast + GradScaler: compute capability {major}.{minor} has fp16 tensor "
+                        "cores but no native bf16 (it needs 8.0)")
+    if facts.type == "cpu":
+        native = [f for f in CPU_BF16_FLAGS if f in facts.cpu_flags]
+        if native:
+            return "bf16", f"bf16 autocast: native bf16 matmuls on this CPU ({', '.join(native)})"
+        return "fp32", "fp32: this CPU has no native bf16 matmuls (no amx_bf16 or avx512_bf16)"
+    # MPS: autocast and GradScaler on MPS are recent and untested here; fp32 is what works everywhere
+    return "fp32", f"fp32: the default on {facts.type} (pass --dtype bf16 or fp16 to try autocast there)"
+
+
+COMPILE = ("auto", "on", "off")
+COMPILE_MIN_PARAMS, COMPILE_MIN_STEPS = 100e6, 500
+
+
+def pick_compile(device_type, requested, n_params, steps):
+    """(compile?, reason) for training a model of n_params for `steps` steps (the run's horizon: the
+    same for a run and its resumes). "auto" compiles on CPU for runs of >= 500 steps of models of
+    >= 100M parameters, where Inductor's one-off compilation (about a minute on 2 cores) is repaid
+    within a few hundred steps (docs/performance.md: the gains measured). Not on GPUs by default:
+    not measured there (--compile on)."""
+    if requested != "auto":
+        return requested == "on", f"--compile {requested}"
+    if device_type != "cpu":
+        return False, f"eager: --compile auto compiles on CPU only (pass --compile on {device_type})"
+    if n_params < COMPILE_MIN_PARAMS or steps < COMPILE_MIN_STEPS:
+        return False, (f"eager: --compile auto compiles runs of >= {COMPILE_MIN_STEPS} steps of models of "
+                       f">= {COMPILE_MIN_PARAMS / 1e6:.0f}M parameters on CPU, where compiling pays")
+    return True, "torch.compile: a run this long on CPU repays its one-off compilation (--compile off: eager)"
+
+
+def describe_dtype(dtype):
+    return {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler"}[dtype]
+
+
+def autocast(device_type, dtype):
+    """The context a forward pass runs in: autocast to bf16/fp16, nothing for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=TORCH_DTYPES[dtype])
+
+
+def grad_scaler(device_type, dtype):
+    """A GradScaler for fp16 (bf16 has fp32's range: no loss scaling), else None."""
+    return torch.amp.GradScaler(device_type) if dtype == "fp16" else None
+
+
+# ----------------------------------------------------------------------------- MFU
+# Dense 16-bit tensor-core peaks (FLOP/s; bf16, or fp16 where there is no bf16), from NVIDIA's data
+# sheets. Keys are whole words of torch.cuda.get_device_name(); the longest matching key wins, so
+# "NVIDIA H100 PCIe" is the PCIe card and "NVIDIA H100 80GB HBM3" the SXM one.
+PEAK_FLOPS = {
+    "B200": 2250e12, "H200": 989e12, "GH200": 989e12, "H100": 989e12, "H100 PCIe": 756e12,
+    "H100 NVL": 835e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10": 125e12, "A10G": 70e12, "RTX A6000": 155e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def peak_flops(gpu_name, table=PEAK_FLOPS):
+    """The table's peak for this GPU name, matched by whole words, longest key first; None if unknown
+    (better no MFU than a wrong one: "L4" must not match "NVIDIA L40S", nor "A100" "RTX A1000")."""
+    words = " ".join(re.split(r"[^A-Za-z0-9]+", gpu_name.upper()))
+    for key in sorted(table, key=len, reverse=True):
+        if re.search(rf"(^| ){re.escape(key.upper())}( |$)", words):
+            return table[key]
+    return None
+
+
+# ----------------------------------------------------------------------------- memory
+def peak_memory(device):
+    """Peak bytes of this process so far: CUDA's max_memory_allocated (tensors), else the peak RSS
+    (everything: Python, torch, weights, activations). None on MPS, which keeps no peak."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "mps":
+        return None
+    # Linux: VmHWM, the peak of this program's own memory. getrusage's ru_maxrss survives exec, so a
+    # process started by a large one (pytest, a notebook) would report its parent's peak.
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB

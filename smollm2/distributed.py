@@ -1,0 +1,58 @@
+"""This training process among its peers: one process, or one of torchrun's (RANK, LOCAL_RANK,
+WORLD_SIZE), on nccl between GPUs and gloo between CPU processes; its device. train.py's DDP set-up,
+its sums over ranks and its exit."""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from smollm2.devices import available_devices, pick_device
+
+
+class Process:
+    """This process: its rank and local rank among `world` processes (torchrun's RANK, LOCAL_RANK,
+    WORLD_SIZE; 0, 0, 1 alone), its device, and whether it is the master (rank 0: logs and saves)."""
+
+    def __init__(self, device):
+        self.rank, self.local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        device = pick_device(device, available_devices())
+        self.type = device.split(":")[0]
+        if self.type == "cuda" and self.world > 1:
+            device = f"cuda:{self.local_rank}"
+        self.device, self.master = torch.device(device), self.rank == 0
+
+    def start(self):
+        if self.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # --device cuda:N, or this rank's GPU: kernels go there
+        if self.world > 1:
+            cuda = self.type == "cuda"
+            dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": self.device} if cuda else {}))
+            # Rank 0 may tokenise a large corpus for hours while the others wait for it: that wait runs
+            # on a gloo group of its own with a long timeout, not in NCCL (its watchdog aborts at 10 min).
+            self.startup_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+
+    def barrier(self):
+        """Wait for every rank, however long rank 0's tokenisation takes."""
+        if self.world > 1:
+            dist.barrier(group=self.startup_group)
+
+    def all_sum(self, t):
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def exit_process(status):
+    """sys.exit, but a torchrun process leaves with os._exit once its output is flushed. A gloo
+    thread that has finished an all-reduce then needs the GIL to let go of the tensor: if Python is
+    shutting down by then the process aborts (SIGABRT; a third to half of 2-process CPU runs here),
+    and freeing the process group first can deadlock on that GIL (torch 2.13; see
+    pytorch/pytorch#190489). Everything is saved by now; the OS closes the group's sockets."""
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

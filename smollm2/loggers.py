@@ -1,0 +1,183 @@
+"""What a training run records at each logged step, on rank 0 only: the console's step line,
+metrics.jsonl (one JSON record a step), and the optional trackers, TensorBoard (--tensorboard DIR)
+and Weights & Biases (--wandb PROJECT). A record holds loss, lr, grad_norm, tok_s, val_loss, peak
+memory, whatever log_step puts in it. Neither tracker package is imported unless asked for; a
+missing one stops the run before training with what to pip install.
+"""
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+from smollm2 import devices
+from smollm2.errors import MissingPackage
+from smollm2.files import atomic_write
+
+# record key -> scalar tag; any other numeric key is logged as train/<key>
+TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+        "tok_s": "train/tokens_per_s", "val_loss": "val/loss"}
+
+
+def _require(module, flag, package):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingPackage(f"{flag} needs the {package} package: pip install {package}") from None
+
+
+def _step(line):
+    """The step of one metrics.jsonl line; infinity for a line that is not a record (a torn write)."""
+    with contextlib.suppress(ValueError, AttributeError):
+        return json.loads(line).get("step", math.inf)
+    return math.inf
+
+
+class MetricsFile:
+    """metrics.jsonl, a line a record, flushed at once. Opened at the first record: on resume it keeps
+    the records up to the checkpoint's step (later ones belong to a run that was never resumed). A
+    write that fails (a full disk) is one warning line and training goes on: what is lost is the
+    records, never the run (the checkpoints report their own failures)."""
+
+    def __init__(self, path, resume_step):
+        self.path, self.resume_step, self.file, self.failed = path, resume_step, None, False
+
+    def _open(self):
+        if self.resume_step and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.readlines()
+            kept = [line.rstrip("\n") + "\n" for line in lines if _step(line) <= self.resume_step]
+            if kept != lines:  # a temp file renamed over it: a full disk cannot cost the records kept
+                atomic_write(self.path, lambda f: f.writelines(line.encode() for line in kept))
+            return open(self.path, "a")
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        return open(self.path, "w")
+
+    def write(self, record):
+        try:
+            if self.file is None:
+                self.file = self._open()
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()  # a killed run keeps its records up to the last logged step
+        except OSError as e:
+            if not self.failed:
+                print(f"train.py: warning: could not write {self.path} at step {record['step']} "
+                      f"({e.strerror or e}): training goes on, without the records it cannot write",
+                      file=sys.stderr, flush=True)
+            self.failed = True
+
+    def close(self):
+        if self.file is not None:
+            with contextlib.suppress(OSError):  # its failure was said already
+                self.file.close()
+
+
+class Loggers:
+    """metrics.jsonl and the trackers of one run: log(record) after every logged step, close() at the end."""
+
+    def __init__(self, args, resume_step=0, master=True):
+        self.writers, self.wandb_run, self.metrics = [], None, None
+        if not master:
+            return
+        self.metrics = MetricsFile(args.metrics, resume_step)
+        if args.tensorboard:
+            tensorboard = _require("torch.utils.tensorboard", "--tensorboard", "tensorboard")
+            # on resume, drop events past the checkpoint's step: they belong to a run never resumed
+            self.writers.append(tensorboard.SummaryWriter(args.tensorboard,
+                                                          purge_step=resume_step + 1 if resume_step else None))
+        if args.wandb:
+            wandb = _require("wandb", "--wandb", "wandb")  # WANDB_MODE=offline / disabled are honoured
+            self.wandb_run = wandb.init(project=args.wandb, config={k: v for k, v in vars(args).items()
+                                                                     if isinstance(v, (int, float, str, bool))},
+                                        dir=os.path.dirname(os.path.abspath(args.save)),
+                                        name=os.path.splitext(os.path.basename(args.save))[0]
+                                        + (f"-from-{resume_step}" if resume_step else ""))
+
+    def log(self, record):
+        self.metrics.write(record)
+        step = record["step"]
+        scalars = {TAGS.get(k, f"train/{k}"): float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v)}
+        for writer in self.writers:
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, step)
+            writer.flush()  # a killed run keeps its curve up to the last logged step
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=step)
+
+    def close(self):
+        if self.metrics is not None:
+            self.metrics.close()
+        for writer in self.writers:
+            writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        self.writers, self.wandb_run, self.metrics = [], None, None
+
+
+class Clock:
+    """Seconds of training since the last log line, not counting evaluation, samples and saves."""
+
+    def __init__(self, step):
+        self.start, self.step, self.paused = time.perf_counter(), step, 0.0
+
+    @contextlib.contextmanager
+    def pause(self):
+        t = time.perf_counter()
+        yield
+        self.paused += time.perf_counter() - t
+
+    def seconds_per_step(self, step):
+        return (time.perf_counter() - self.start - self.paused) / max(step - self.step, 1)
+
+
+def log_step(run, step, loss, norm, lr, val, clock):
+    """Log one step: its record to metrics.jsonl and the trackers, its line to stdout, its losses to
+    run.history (the checkpoint's loss curve). Returns the loss as a float."""
+    loss, norm = loss.item(), float(norm)  # .item() waits for the device: the timing below is real
+    per_step = clock.seconds_per_step(step)
+    tok_s, eta = run.tokens_per_step / max(per_step, 1e-9), (run.args.steps - step) * per_step
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tok_s": round(tok_s, 1)}  # exact floats
+    extra = ""
+    peak = devices.peak_memory(run.proc.device)
+    if peak is not None:
+        record["peak_mem_bytes"] = peak
+        extra += f" | mem {peak / 2**30:.2f} GiB"
+    if run.proc.type == "cuda" and run.peak_flops:
+        record["mfu"] = tok_s * run.flops_per_token / (run.peak_flops * run.proc.world)
+        extra += f" | MFU {record['mfu']:.1%}"
+    if run.precision.scaler is not None:
+        record["skipped_steps"] = run.precision.skipped_steps()
+        extra += f" | skipped {record['skipped_steps']}"
+    run.history["step"].append(step)
+    run.history["loss"].append(loss)
+    if val is not None:
+        record["val_loss"] = val
+        run.history["val_step"].append(step)
+        run.history["val_loss"].append(val)
+    run.trackers.log(record)
+    width = len(str(run.args.steps))
+    print(f"step {step:>{width}}/{run.args.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
+          f"{tok_s:,.0f} tok/s{extra} | ETA {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m{eta % 60:02.0f}s"
+          + (f" | val loss {val:.4f}" if val is not None else ""), flush=True)
+    return loss
+
+
+def plot_loss(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(history["step"], history["loss"], lw=1, label="train")
+    if history["val_step"]:
+        ax.plot(history["val_step"], history["val_loss"], "o-", ms=3, label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="SmolLM2 training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)

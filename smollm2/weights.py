@@ -1,0 +1,279 @@
+"""SmolLM2 weights in and out: an HF model directory (what transformers loads), a .safetensors,
+llama.cpp .gguf or training-checkpoint .pt file, or a hub id. model.py's SmolLM2.from_pretrained and
+save_pretrained call these, and export.py writes GGUF files with write_gguf. Loading gives a config
+dict and a state dict and imports nothing of model.py (which imports this module). Every failure is
+a ModelLoadError whose message says what was wrong and what was expected.
+"""
+import json
+import os
+import re
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from smollm2.errors import ExportError, ModelLoadError
+from smollm2.tokenizer import TOKENIZER_DIR, load_tokenizer
+
+
+def save_pretrained(model, out_dir, dtype=None, tokenizer_dir=None):
+    """Write config.json, model.safetensors, generation_config.json and tokenizer_dir's files (if
+    given): a directory that transformers' AutoModelForCausalLM.from_pretrained loads."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = dtype or model.lm_head.weight.dtype
+    # the tied lm_head is not stored (safetensors refuses shared tensors; HF re-ties it)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()
+             if k != "lm_head.weight"}
+    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    hf = hf_config_dict(model.config, dtype)
+    _write_json(os.path.join(out_dir, "config.json"), hf)
+    _write_json(os.path.join(out_dir, "generation_config.json"),
+                {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id})
+    if tokenizer_dir and os.path.isdir(tokenizer_dir):
+        for name in os.listdir(tokenizer_dir):
+            with open(os.path.join(tokenizer_dir, name), "rb") as fin, \
+                    open(os.path.join(out_dir, name), "wb") as fout:
+                fout.write(fin.read())
+
+
+EXPECTED = ("expected an HF model directory (config.json + model.safetensors), a .safetensors, .gguf "
+            "or training-checkpoint .pt file, or a hub id such as HuggingFaceTB/SmolLM2-135M")
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def hf_config_dict(config, dtype=torch.float32):
+    """Our config as transformers' LlamaConfig JSON (rope_theta in both the old and new spelling)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            **asdict(config), "head_dim": config.head_dim, "tie_word_embeddings": True,
+            "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+            "dtype": str(dtype).removeprefix("torch."), "use_cache": True}
+
+
+def config_from_hf(hf, source):
+    """An HF Llama config.json dict, checked: refuse what this architecture does not implement."""
+    hf = dict(hf)
+    hf.setdefault("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    problems = [f"{k}={hf.get(k)!r}" for k, ok in [
+        ("model_type", hf.get("model_type", "llama") == "llama"),
+        ("hidden_act", hf.get("hidden_act", "silu") == "silu"),
+        ("attention_bias", not hf.get("attention_bias")), ("mlp_bias", not hf.get("mlp_bias")),
+        ("tie_word_embeddings", hf.get("tie_word_embeddings", True)),
+        ("head_dim", hf.get("head_dim") in (None, hf.get("hidden_size", 0) // hf.get("num_attention_heads", 1))),
+        ("rope_scaling", not hf.get("rope_scaling") and (hf.get("rope_parameters") or {}).get("rope_type", "default") == "default"),
+    ] if not ok]
+    if problems:
+        raise ModelLoadError(f"{source}: unsupported config ({', '.join(problems)}); expected a Llama "
+                             "model with SiLU, no biases, tied embeddings and plain RoPE, like SmolLM2")
+    return {k: v for k, v in hf.items() if v is not None}  # from_pretrained takes SmolLM2Config's fields
+
+
+def load_weights(source):
+    """(config fields as a dict, state_dict, info) from any source that from_pretrained accepts."""
+    if not os.path.exists(source):
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
+            return _load_hub(source)
+        raise ModelLoadError(f"{source}: no such file or directory; {EXPECTED}")
+    if os.path.isdir(source):
+        path = os.path.join(source, "model.safetensors")
+        if not os.path.isfile(os.path.join(source, "config.json")) or not os.path.isfile(path):
+            raise ModelLoadError(f"{source}: directory has no config.json + model.safetensors; {EXPECTED}")
+        return _load_safetensors(path)
+    with open(source, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return _load_gguf(source)
+    if magic[:2] == b"PK":  # torch.save's zip format
+        return _load_checkpoint(source)
+    if source.endswith(".safetensors"):
+        return _load_safetensors(source)
+    raise ModelLoadError(f"{source}: not a model file (unrecognised format); {EXPECTED}")
+
+
+def _load_hub(repo_id):
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"])
+    except Exception as e:
+        raise ModelLoadError(f"{repo_id}: could not download from the Hugging Face hub "
+                             f"({type(e).__name__}: {e}); {EXPECTED}") from None
+    return load_weights(folder)
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+    try:
+        with open(config_path) as f:
+            config = config_from_hf(json.load(f), config_path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{config_path}: cannot read the model config ({e}); {EXPECTED}") from None
+    try:
+        state = load_file(path)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    return config, state, {"source": path, "format": "safetensors"}
+
+
+def _load_checkpoint(path):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config, state = dict(ckpt["config"]), ckpt["model"]
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable training checkpoint with 'model' and 'config' "
+                             f"({type(e).__name__}: {e}); {EXPECTED}") from None
+    info = {"source": path, "format": "checkpoint", "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss")}
+    return config, state, info
+
+
+def _load_gguf(path):
+    """Dequantise a llama.cpp GGUF file into HF names, undoing llama.cpp's Q/K row permutation."""
+    import gguf
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        arch = meta["general.architecture"]
+        config = dict(
+            vocab_size=int(meta[f"{arch}.vocab_size"]), hidden_size=int(meta[f"{arch}.embedding_length"]),
+            intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
+            num_hidden_layers=int(meta[f"{arch}.block_count"]),
+            num_attention_heads=int(meta[f"{arch}.attention.head_count"]),
+            num_key_value_heads=int(meta[f"{arch}.attention.head_count_kv"]),
+            max_position_embeddings=int(meta[f"{arch}.context_length"]),
+            rope_theta=float(meta[f"{arch}.rope.freq_base"]),
+            rms_norm_eps=float(np.float32(meta[f"{arch}.attention.layer_norm_rms_epsilon"])),
+            bos_token_id=int(reader.fields["tokenizer.ggml.bos_token_id"].contents()),
+            eos_token_id=int(reader.fields["tokenizer.ggml.eos_token_id"].contents()))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: unreadable GGUF file or not a Llama model ({type(e).__name__}: {e})") from None
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    state = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")  # e.g. blk.3.attn_q.weight or token_embd.weight
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{names[parts[2]]}.weight"
+        elif parts[0] in names:
+            name = f"{names[parts[0]]}.weight"
+        else:
+            continue  # output.weight (untied models) and rope tables are not ours
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        w = w.reshape([int(n) for n in reversed(t.shape)])
+        if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads"] if parts[2] == "attn_q" else config["num_key_value_heads"]
+            head_dim = config["hidden_size"] // config["num_attention_heads"]
+            # llama.cpp interleaves each head's rotary halves; restore HF's half-split order
+            w = w.reshape(heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        state[name] = w
+    return config, state, {"source": path, "format": "gguf"}
+
+
+def check_state_dict(model, state, source):
+    """Raise ModelLoadError naming the first missing, unexpected or misshapen tensors."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))  # tied
+    missing = [k for k in expected if state.get(k) is None]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} has shape {tuple(state[k].shape)} but the config expects {tuple(s)}"
+             for k, s in expected.items() if state.get(k) is not None and state[k].shape != s]
+    c = model.config
+    summary = (f"config: vocab {c.vocab_size}, hidden {c.hidden_size}, layers {c.num_hidden_layers}, "
+               f"heads {c.num_attention_heads}/{c.num_key_value_heads} kv, mlp {c.intermediate_size}")
+    for problem, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                           ("weights do not match the config", wrong)):
+        if items:
+            more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
+            raise ModelLoadError(f"{source}: {problem}: {'; '.join(items[:3])}{more}; {summary}")
+
+
+# ----------------------------------------------------------------------------- GGUF
+def llama_cpp_qk(w, heads):
+    """HF's half-split RoPE rows -> llama.cpp's interleaved pairs, per head (_load_gguf undoes
+    exactly this)."""
+    rows, cols = w.shape
+    return w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def write_gguf(model, path, ggml_type, tokenizer_dir=TOKENIZER_DIR):
+    """One GGUF file: metadata, the tokenizer, then every tensor (matrices in ggml_type)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("--export: a .gguf output needs the gguf package: pip install gguf") from None
+    c = model.config
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                 "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ggml_type]
+    w = gguf.GGUFWriter(path=None, arch="llama")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(os.path.splitext(os.path.basename(path))[0])
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(w, c, tokenizer_dir)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    qtype = getattr(gguf.GGMLQuantizationType, ggml_type)
+    for hf_name, t in model.state_dict().items():
+        if hf_name == "lm_head.weight":
+            continue  # tied: llama.cpp reuses token_embd
+        a = t.detach().to("cpu", torch.float32).numpy()
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            a = llama_cpp_qk(a, c.num_attention_heads if "q_proj" in hf_name else c.num_key_value_heads)
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ExportError(f"--export: no GGUF name for tensor {hf_name}")
+        if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:  # norms stay F32 in every file
+            w.add_tensor(name, np.ascontiguousarray(a))
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:  # BF16 and Q8_0: gguf's numpy quantizer, stored as raw bytes of that type
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # a half-written .gguf never takes the name
+    try:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def add_tokenizer(w, config, tokenizer_dir):
+    """Tokens by id, CONTROL for the special added tokens, merges and chat template (SpecialVocab)."""
+    import gguf
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if len(vocab) != config.vocab_size or sorted(vocab.values()) != list(range(config.vocab_size)):
+        raise ExportError(f"--export: tokenizer in {tokenizer_dir} has {len(vocab)} tokens, the model "
+                          f"{config.vocab_size}; expected one token per embedding row")
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")  # llama.cpp's name for this tokenizer's pre-tokenizer regex
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    vocab_extra = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=config.vocab_size)
+    # the model's own ids win over tokenizer_config's: the Instruct model ends turns with <|im_end|>
+    vocab_extra.special_token_ids.update(bos=config.bos_token_id, eos=config.eos_token_id)
+    vocab_extra.add_to_gguf(w, quiet=True)

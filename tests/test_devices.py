@@ -1,0 +1,121 @@
+"""smollm2/devices.py: the device choice (fake availability), the dtype choice (fake device facts),
+the compile choice, /proc/cpuinfo, the GPU peak table and peak memory; --device cuda:N in one process."""
+import resource
+
+import pytest
+import torch
+
+from smollm2 import devices
+from smollm2.devices import DeviceFacts, peak_flops, pick_device, pick_dtype
+from smollm2.errors import UsageError
+
+
+# ----------------------------------------------------------------------------- the device choice
+def available(cuda=False, mps=False):
+    return {"cuda": cuda, "mps": mps, "cpu": True}  # in available_devices()' order
+
+
+@pytest.mark.parametrize("cuda, mps, chosen", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"),
+                                               (False, False, "cpu")])
+def test_auto_picks_cuda_then_mps_then_cpu(cuda, mps, chosen):
+    assert pick_device("auto", available(cuda, mps)) == chosen
+
+
+@pytest.mark.parametrize("requested", ["cpu", "cuda", "cuda:1", "mps"])
+def test_an_available_device_is_kept_as_asked(requested):
+    assert pick_device(requested, available(cuda=True, mps=True)) == requested
+
+
+@pytest.mark.parametrize("requested", ["cuda", "cuda:0", "mps", "tpu"])
+def test_an_unavailable_device_is_a_usage_error_naming_it(requested):
+    with pytest.raises(UsageError, match=f"--device {requested}: not available here"):
+        pick_device(requested, available())
+
+
+def test_available_devices_lists_cuda_mps_cpu_in_that_order_and_cpu_always():
+    found = devices.available_devices()
+    assert list(found) == ["cuda", "mps", "cpu"] and found["cpu"] is True
+    assert found["cuda"] == torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- the dtype choice
+@pytest.mark.parametrize("capability, dtype", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                               ((8, 9), "bf16"), ((9, 0), "bf16")])
+def test_auto_on_cuda_is_bf16_from_compute_capability_8_0_else_fp16(capability, dtype):
+    chosen, reason = pick_dtype(DeviceFacts("cuda", "GPU", capability))
+    assert chosen == dtype and f"{capability[0]}.{capability[1]}" in reason
+    assert ("GradScaler" in reason) == (dtype == "fp16")
+
+
+@pytest.mark.parametrize("flags, dtype", [({"amx_bf16"}, "bf16"), ({"avx512_bf16"}, "bf16"),
+                                          ({"amx_bf16", "avx512_bf16"}, "bf16"), (set(), "fp32")])
+def test_auto_on_cpu_is_bf16_only_with_native_bf16_matmuls(flags, dtype):
+    chosen, reason = pick_dtype(DeviceFacts("cpu", cpu_flags=frozenset(flags)))
+    assert chosen == dtype
+    assert all(f in reason for f in flags)
+
+
+def test_auto_on_mps_is_fp32_and_an_explicit_dtype_is_kept_with_a_warning_where_emulated():
+    assert pick_dtype(DeviceFacts("mps"))[0] == "fp32"
+    chosen, reason = pick_dtype(DeviceFacts("cuda", "Tesla T4", (7, 5)), "bf16")
+    assert chosen == "bf16" and "emulated" in reason
+    assert pick_dtype(DeviceFacts("cpu"), "fp16") == ("fp16", "fp16 autocast + GradScaler (--dtype fp16)")
+
+
+@pytest.mark.parametrize("device, requested, n_params, steps, compiled", [
+    ("cpu", "auto", 135e6, 5000, True),  # the real run on CPU
+    ("cpu", "auto", 135e6, 499, False),  # a short one: compiling would not pay
+    ("cpu", "auto", 5e6, 5000, False),  # a tiny model
+    ("cuda", "auto", 135e6, 5000, False),  # not measured on GPUs here
+    ("mps", "auto", 135e6, 5000, False),
+    ("cuda", "on", 135e6, 10, True), ("cpu", "on", 1e6, 1, True), ("cpu", "off", 135e6, 5000, False),
+])
+def test_compile_auto_compiles_long_cpu_runs_of_large_models_and_on_off_are_kept(device, requested, n_params,
+                                                                                 steps, compiled):
+    on, reason = devices.pick_compile(device, requested, n_params, steps)
+    assert on is compiled and reason
+
+
+# ----------------------------------------------------------------------------- /proc/cpuinfo
+def test_cpu_flags_reads_the_bf16_flags_from_a_cpuinfo_file(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n")
+    assert devices.cpu_flags(str(path)) == ("Some Xeon", frozenset({"avx512_bf16"}))
+    assert devices.cpu_flags(str(tmp_path / "none")) == ("", frozenset())
+
+
+def test_cpu_info_reads_the_first_processors_name_vendor_and_flags(tmp_path):
+    path = tmp_path / "cpuinfo"
+    first = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx512_bf16\n"
+    second = "processor\t: 1\nvendor_id\t: GenuineIntel\nmodel name\t: Other\nflags\t\t: fpu amx_bf16\n"
+    path.write_text(first + "\n" + second)
+    assert devices.cpu_info(str(path)) == ("AMD EPYC 9R14", "AuthenticAMD", frozenset({"fpu", "avx512_bf16"}))
+    assert devices.cpu_info(str(tmp_path / "none")) == ("", "", frozenset())
+
+
+# ----------------------------------------------------------------------------- GPU peak table, memory
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA RTX A1000", None), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("Tesla T4", 65e12),
+    ("NVIDIA A10G", 70e12), ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_flops_matches_whole_model_names_longest_first(name, peak):
+    assert peak_flops(name) == peak
+
+
+def test_peak_memory_on_cpu_is_the_peak_rss_and_sees_a_freed_block():
+    before = devices.peak_memory("cpu")
+    block = torch.ones(before // 4 + 2**26)  # the peak so far + 256 MB, written: a new peak
+    del block
+    after = devices.peak_memory("cpu")
+    assert after >= before + 2**28 and after <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- GPU defects, on CPU
+def test_device_cuda_n_in_one_process_calls_set_device(monkeypatch):
+    from smollm2.distributed import Process
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    proc = Process("cuda:1")
+    proc.start()
+    assert proc.device == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]

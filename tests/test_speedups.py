@@ -1,0 +1,201 @@
+"""smollm2/speedups.py: the bf16 copy of the weights that CPU bf16 training runs forward and backward
+with, against fp32 and bf16 autocast (the same model, the same batch)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_CONFIG as TINY, tiny_model
+from model import Linear, SmolLM2
+from smollm2 import devices, speedups
+from smollm2.chunked_loss import ChunkedLoss
+from smollm2.speedups import CausalAttention, LowPrecisionWeights, RoutedAttention, RoutedLinear
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_bf16_copy_gives_fp32_gradients_close_to_fp32_and_autocast_and_accumulates_micro_batches():
+    torch.manual_seed(0)
+    model = SmolLM2(TINY).train()
+    loss_fn = ChunkedLoss(model)
+    idx = torch.randint(0, TINY.vocab_size, (2, 2, 33))
+    loss_fn(idx[0, :, :-1], idx[0, :, 1:]).backward()
+    ref = grads(model)  # fp32
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_fn(idx[0, :, :-1], idx[0, :, 1:]).backward()
+    auto = grads(model)
+    model.zero_grad(set_to_none=True)
+    low = LowPrecisionWeights(loss_fn)
+    assert all(p.dtype == torch.bfloat16 for p in low.low) and len(low.low) == len(list(model.parameters()))
+    loss = low(idx[0, :, :-1], idx[0, :, 1:])
+    loss.backward()
+    low.accumulate_grads()
+    ours = grads(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the masters stay fp32
+    assert all(g.dtype == torch.float32 for g in ours.values()) and all(p.grad is None for p in low.low)
+    for n in ref:  # bf16 products: within a few bf16 ulps of the gradient's scale, as autocast is
+        scale = ref[n].abs().max()
+        assert (ours[n] - ref[n]).abs().max() <= 0.05 * scale, n
+        assert (auto[n] - ref[n]).abs().max() <= 0.05 * scale, n
+    # the tied embedding/lm_head gets both gradients, as in fp32
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # a second micro-batch adds into the fp32 .grad
+    low(idx[1, :, :-1], idx[1, :, 1:]).backward()
+    second = {n: p.grad.float() for n, p in zip(low.names, low.low)}
+    low.accumulate_grads()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ours[n] + second["model." + n])
+
+
+def test_refresh_copies_the_updated_masters():
+    model = SmolLM2(TINY)
+    low = LowPrecisionWeights(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    low.refresh()
+    for master, copy in zip(model.parameters(), low.low):
+        assert torch.equal(copy, master.to(torch.bfloat16))
+
+
+def onednn_calls(fn):
+    """(fn's result, how many times it called our oneDNN matmul)."""
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "smollm2::onednn_matmul_nt")
+
+
+def test_gemm_route_follows_the_cpu_vendor_not_the_architecture(tmp_path):
+    route = speedups.onednn_route
+    assert route("AuthenticAMD", "x86_64", True)  # MKL's dispatch slows AMD: oneDNN
+    assert not route("GenuineIntel", "x86_64", True)  # MKL is the faster one on Intel
+    assert not route("", "x86_64", True) and not route("AuthenticAMD", "aarch64", True)
+    assert not route("AuthenticAMD", "x86_64", False)  # torch built without oneDNN
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
+    assert devices.cpu_info(str(cpuinfo))[1] == "AuthenticAMD"
+    assert devices.cpu_info(str(tmp_path / "missing"))[1] == ""
+
+
+needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and speedups.platform.machine()
+                                       .lower() in ("x86_64", "amd64")), reason="oneDNN matmuls: x86 CPUs only")
+
+
+@needs_onednn
+def test_onednn_linear_equals_f_linear_in_value_and_gradients(monkeypatch):
+    monkeypatch.setattr(speedups, "ONEDNN", True)  # whichever route this CPU's vendor picks
+    torch.manual_seed(0)
+    layer = RoutedLinear(96, 160)
+    x = torch.randn(3, 17, 96, requires_grad=True)  # 3-D, as in the model
+    y, calls = onednn_calls(lambda: layer(x))
+    ref = F.linear(x, layer.weight)
+    assert calls == 1  # the fast path was taken, not F.linear again
+    dy = torch.randn_like(ref)
+    (gx, gw), calls = onednn_calls(lambda: torch.autograd.grad(y, (x, layer.weight), dy))
+    rx, rw = torch.autograd.grad(ref, (x, layer.weight), dy)
+    assert calls == 2  # d/dx and d/dweight
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
+@needs_onednn
+def test_inference_and_autocast_keep_f_linear_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(speedups, "ONEDNN", True)
+    torch.manual_seed(0)
+    layer, x = RoutedLinear(96, 160), torch.randn(4, 96)
+    with torch.no_grad():  # inference: MKL, so logits stay identical to transformers'
+        y, calls = onednn_calls(lambda: layer(x))
+        assert calls == 0 and torch.equal(y, F.linear(x, layer.weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 matmul, not an fp32 one
+        y, calls = onednn_calls(lambda: layer(x))
+        assert calls == 0 and y.dtype == torch.bfloat16
+
+
+@needs_onednn
+def test_training_step_without_onednn_gives_the_same_gradients(monkeypatch):
+    monkeypatch.setattr(speedups, "ONEDNN", True)
+    model = tiny_model().train()
+    loss_fn = ChunkedLoss(model)  # routes every Linear of the model
+    assert all(type(m) is RoutedLinear for m in model.modules() if isinstance(m, Linear))
+    idx = torch.randint(0, TINY.vocab_size, (2, 33))
+    fast, calls = onednn_calls(lambda: torch.autograd.grad(loss_fn(idx[:, :-1], idx[:, 1:]), list(model.parameters())))
+    assert calls > 0  # the oneDNN products ran
+    monkeypatch.setattr(speedups, "ONEDNN", False)
+    plain = torch.autograd.grad(loss_fn(idx[:, :-1], idx[:, 1:]), list(model.parameters()))
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("onednn", [pytest.param(True, marks=needs_onednn), False])
+def test_compiled_training_step_matches_eager_loss_and_gradients(monkeypatch, onednn):
+    monkeypatch.setattr(speedups, "ONEDNN", onednn)  # each GEMM route, whichever this CPU's vendor picks
+    model = tiny_model().train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 33))
+    loss_fn = ChunkedLoss(model)
+    eager = loss_fn(idx[:, :-1], idx[:, 1:])
+    compiled = torch.compile(loss_fn)(idx[:, :-1], idx[:, 1:])
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(torch.autograd.grad(compiled, list(model.parameters())),
+                    torch.autograd.grad(eager, list(model.parameters()))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _attention_grads(fn, q, k, v, grad_out, dtype):
+    q, k, v = (t.to(dtype).clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad_out.to(dtype))
+    return [t.float() for t in (out, q.grad, k.grad, v.grad)]
+
+
+def test_causal_attention_backward_is_sdpa_in_fp32_and_as_close_to_it_as_flash_in_bf16():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 64, 16) * 2, torch.randn(2, 2, 64, 16) * 2, torch.randn(2, 2, 64, 16)
+    grad_out = torch.randn(2, 6, 64, 16)  # 3 query heads per K/V head, as in SmolLM2
+    flash = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    ref = _attention_grads(flash, q, k, v, grad_out, torch.float32)
+    ours = _attention_grads(CausalAttention.apply, q, k, v, grad_out, torch.float32)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    flash_bf16 = _attention_grads(flash, q, k, v, grad_out, torch.bfloat16)
+    ours_bf16 = _attention_grads(CausalAttention.apply, q, k, v, grad_out, torch.bfloat16)
+    for name, r, a, b in zip(("out", "dq", "dk", "dv"), ref, flash_bf16, ours_bf16):
+        err_flash, err_ours = (a - r).abs().max(), (b - r).abs().max()
+        assert err_ours <= 1.25 * err_flash, (name, err_ours, err_flash)  # measured: 0.65-1.0x
+
+
+def test_attention_is_routed_only_in_a_compiled_bf16_cpu_training_step(monkeypatch):
+    model = tiny_model()
+    ChunkedLoss(model)
+    attn = model.model.layers[0].self_attn
+    assert type(attn) is RoutedAttention
+    calls = []
+    monkeypatch.setattr(CausalAttention, "apply", lambda *t: calls.append(t) or t[0])
+    q, k, v = torch.randn(1, 6, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    attn.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)  # eager: flash's own backward
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    attn.attend(q, k, v, None)  # fp32
+    with torch.no_grad():
+        attn.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)  # no training
+    assert calls == []
+    attn.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn.attend(q, k, v.bfloat16(), None)  # autocast: cast to bf16 as SDPA would be
+    assert len(calls) == 2 and all(t.dtype == torch.bfloat16 for t in calls[1])
+
+
+@pytest.mark.slow
+def test_compiled_bf16_training_step_is_as_close_to_fp32_as_eager_bf16():
+    model = tiny_model().train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 65))
+    loss_fn = ChunkedLoss(model)
+    params = list(model.parameters())
+    ref = torch.autograd.grad(loss_fn(idx[:, :-1], idx[:, 1:]), params)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = torch.autograd.grad(loss_fn(idx[:, :-1], idx[:, 1:]), params)
+        compiled = torch.autograd.grad(torch.compile(loss_fn)(idx[:, :-1], idx[:, 1:]), params)
+    err = lambda grads: max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, ref))
+    assert err(compiled) <= 1.5 * err(eager), (err(compiled), err(eager))
