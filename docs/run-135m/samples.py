@@ -8,12 +8,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import data  # noqa: E402
+from smollm2.tokenizer import load_tokenizer  # noqa: E402
 from model import SmolLM2  # noqa: E402
 
 PROMPT, TOKENS, SEED = "ROMEO:\n", 80, 1337
 
-tok = data.load_tokenizer()
+tok = load_tokenizer()
 for path in sys.argv[1:]:
     model = SmolLM2.from_pretrained(path).eval()
     gen = torch.Generator().manual_seed(SEED)
