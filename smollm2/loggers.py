@@ -134,6 +134,12 @@ class Clock:
         return (time.perf_counter() - self.start - self.paused) / max(step - self.step, 1)
 
 
+def eta_text(seconds):
+    """0h01m00s for 59.6 s: rounded once, then split (not 0h00m60s)."""
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
+
+
 def log_step(run, step, loss, norm, lr, val, clock):
     """Log one step: its record to metrics.jsonl and the trackers, its line to stdout, its losses to
     run.history (the checkpoint's loss curve). Returns the loss as a float."""
@@ -161,7 +167,7 @@ def log_step(run, step, loss, norm, lr, val, clock):
     run.trackers.log(record)
     width = len(str(run.args.steps))
     print(f"step {step:>{width}}/{run.args.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
-          f"{tok_s:,.0f} tok/s{extra} | ETA {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m{eta % 60:02.0f}s"
+          f"{tok_s:,.0f} tok/s{extra} | ETA {eta_text(eta)}"
           + (f" | val loss {val:.4f}" if val is not None else ""), flush=True)
     return loss
 

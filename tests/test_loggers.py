@@ -121,3 +121,10 @@ def test_a_full_disk_while_dropping_records_on_resume_keeps_the_file_whole(tmp_p
     assert capsys.readouterr().err.splitlines() == [
         f"train.py: warning: could not write {path} at step 3 (No space left on device): training goes on, "
         "without the records it cannot write"]
+
+
+def test_eta_rounds_once_then_splits_into_hours_minutes_seconds():
+    from smollm2.loggers import eta_text
+    assert eta_text(59.6) == "0h01m00s"  # not 0h00m60s
+    assert eta_text(3599.5) == "1h00m00s" and eta_text(0) == "0h00m00s"
+    assert eta_text(2 * 3600 + 35 * 60 + 59.4) == "2h35m59s"
