@@ -9,10 +9,13 @@ from the second on predicted once, in windows of --seq-len; bits per byte = tota
 data's UTF-8 bytes (tokenizer-independent, as in nanochat's loss_eval).
 """
 import json
+import os
 import sys
 
 from smollm2.cli import POS_INT, OneLineParser, main_guard
 from smollm2.devices import available_devices, pick_device
+from smollm2.errors import UsageError
+from smollm2.files import check_writable
 from smollm2.loss_eval import evaluate
 
 
@@ -21,14 +24,23 @@ def main(argv=None):
     p.add_argument("source", help="checkpoint, HF directory, .gguf, .safetensors or hub id")
     p.add_argument("--data", required=True, help="any train.py --data: text, .parquet, .jsonl(.gz) "
                    "files, a directory or glob of them, or hf:NAME[:CONFIG]")
-    p.add_argument("--text-column", default="text", help="the text column of parquet/JSONL/hf: rows")
-    p.add_argument("--max-tokens", type=POS_INT, default=1_000_000,
-                   help="hf: streams only: whole documents from the start up to this many tokens")
-    p.add_argument("--seq-len", type=POS_INT, default=1024, help="tokens predicted per window (default 1024)")
-    p.add_argument("--batch-size", type=POS_INT, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--json", metavar="OUT", help="also write the result as JSON to this file")
+    p.add_argument("--text-column", default="text",
+                   help="the text column of parquet/JSONL/hf: rows (default %(default)s)")
+    p.add_argument("--max-tokens", type=POS_INT, default=1_000_000, help="hf: streams only: whole "
+                   "documents from the start up to this many tokens (default %(default)s)")
+    p.add_argument("--seq-len", type=POS_INT, default=1024,
+                   help="tokens predicted per window (default %(default)s)")
+    p.add_argument("--batch-size", type=POS_INT, default=1,
+                   help="windows per forward pass (default %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or mps (default %(default)s: cuda, then mps, then cpu)")
+    p.add_argument("--json", metavar="OUT", help="also write the result as JSON to this file (default none: "
+                   "printed only)")
     args = p.parse_args(argv)
+    if args.json:  # checked before the evaluation, which takes minutes on a real model
+        if os.path.isdir(args.json):
+            raise UsageError(f"--json {args.json} is a directory; give a file path")
+        check_writable(args.json)
     device = pick_device(args.device, available_devices())
     result = evaluate(args.source, args.data, args.seq_len, args.batch_size, device,
                       sys.stderr.isatty(), args.text_column, args.max_tokens)

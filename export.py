@@ -1,17 +1,19 @@
 """Take a trained model out of the repo: a GGUF file for llama.cpp / Ollama / LM Studio, or an HF
 directory with a model card, optionally pushed to the Hugging Face hub.
 
-    python train.py --export checkpoint.pt out/                   # HF directory + README.md card
-    python train.py --export checkpoint.pt model.gguf --dtype fp16
-    python export.py checkpoint.pt model-q8.gguf --dtype q8_0     # Q8_0 (not a training dtype)
-    python train.py --export checkpoint.pt out/ --push-to-hub you/smollm2-shakespeare
+    python export.py checkpoint.pt out/                           # HF directory + README.md card
+    python export.py checkpoint.pt model.gguf                     # one GGUF file, F16
+    python export.py checkpoint.pt model-q8.gguf --dtype q8_0     # Q8_0
+    python export.py checkpoint.pt out/ --push-to-hub you/smollm2-shakespeare
     python export.py checkpoint.pt --space space/                 # a Space folder to push alone
 
+`python train.py --export SRC OUT` does the same but for --space and q8_0 (not a training dtype).
 The GGUF layout follows llama.cpp's convert_hf_to_gguf.py for Llama models: llama.* metadata
 keys, Q/K rows permuted into llama.cpp's interleaved RoPE order, token_embd / blk.N.* /
 output_norm tensor names, no output.weight (llama.cpp ties it to the embedding), norms in F32,
 and the tokenizer as "gpt2" byte-level BPE with the "smollm" pre-tokenizer.
 """
+import argparse
 import json
 import os
 
@@ -21,6 +23,8 @@ from model import SmolLM2
 from smollm2 import space
 from smollm2.cli import OneLineParser, main_guard
 from smollm2.errors import ExportError
+from smollm2.files import existing_folder
+from smollm2.files import public_name
 from smollm2.model_card import write_model_card
 from smollm2.weights import write_gguf
 
@@ -30,22 +34,26 @@ DTYPES = {"auto": (torch.bfloat16, "F16"), "bf16": (torch.bfloat16, "BF16"),
           "fp16": (torch.float16, "F16"), "f16": (torch.float16, "F16"), "q8_0": (None, "Q8_0")}
 
 
-def export(source, out, dtype="auto", push_to_hub=None):
+def export(source, out, dtype="auto", push_to_hub=None, prefix="--export: "):
     """Write source (anything SmolLM2.from_pretrained reads) to out: a .gguf file if out ends in
-    .gguf, else an HF directory with a model card; then upload it to push_to_hub if given."""
+    .gguf, else an HF directory with a model card; then upload it to push_to_hub if given. prefix
+    starts the error messages: train.py's flag; export.py's own command line has none."""
     dtype = (dtype or "auto").lower()
     gguf_out = str(out).endswith(".gguf")
     if dtype not in DTYPES or (not gguf_out and DTYPES[dtype][0] is None):
         allowed = "auto, fp32, fp16, bf16" + (", q8_0" if gguf_out else " (q8_0: GGUF only)")
-        raise ExportError(f"--export: --dtype {dtype} is not an export dtype; use {allowed}")
+        raise ExportError(f"{prefix}--dtype {dtype} is not an export dtype; use {allowed}")
     if push_to_hub:
         hub = hub_api()  # offline or not logged in: fail before the work, not after
     if gguf_out and os.path.isdir(out):
-        raise ExportError(f"--export: {out} is a directory; a .gguf output must be a file path")
+        raise ExportError(f"{prefix}{out} is a directory; a .gguf output must be a file path")
     if not gguf_out and os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"--export: {out} exists and is not a directory")
+        raise ExportError(f"{prefix}{out} exists and is not a directory")
+    check_output(out, directory=not gguf_out, prefix=prefix)
     model = SmolLM2.from_pretrained(source)
-    info = {k: model.source_info.get(k) for k in ("source", "format", "step", "val_loss")}
+    # the source by its file name (or hub id): training_info.json and the card are published
+    info = {"source": public_name(str(source)),
+            **{k: model.source_info.get(k) for k in ("format", "step", "val_loss")}}
     if gguf_out:
         write_gguf(model, out, DTYPES[dtype][1])
         what = f"GGUF {DTYPES[dtype][1]}"
@@ -56,11 +64,20 @@ def export(source, out, dtype="auto", push_to_hub=None):
         card = write_model_card(out, source, info, push_to_hub)
         what = (f"{str(DTYPES[dtype][0]).removeprefix('torch.')}: config.json, model.safetensors, "
                 f"tokenizer files, {os.path.basename(card)}")
-    run = f" (step {info['step']}, val loss {info['val_loss']})" if info["step"] is not None else ""
+    val_loss = f", val loss {info['val_loss']:.4f}" if info["val_loss"] is not None else ""
+    run = f" (step {info['step']}{val_loss})" if info["step"] is not None else ""
     print(f"exported {source}{run} to {out} in {what}")
     if push_to_hub:
         push(hub, out, push_to_hub)
     return 0
+
+
+def check_output(path, directory, prefix=""):
+    """Refuse, before any work, an output that could not be written: a directory output's own folder
+    if it exists, else its nearest existing ancestor; a file's folder (or that folder's ancestor)."""
+    folder = path if directory and os.path.isdir(path) else existing_folder(path)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ExportError(f"{prefix}cannot write {path}: {folder} is not a writable directory")
 
 
 # ----------------------------------------------------------------------------- hub
@@ -90,7 +107,9 @@ def push(api, out, repo_id):
 
 
 def main(argv=None):
-    p = OneLineParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    intro, examples = __doc__.split("\n\n")[:2]  # what it does, then the commands, as laid out
+    p = OneLineParser(description=intro, epilog="examples:\n" + examples,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="checkpoint, best.pt, HF directory, .gguf, .safetensors or hub id")
     p.add_argument("out", nargs="?", help="OUT.gguf for a GGUF file, anything else for an HF directory")
     p.add_argument("--dtype", default="auto", help="fp32, fp16, bf16, q8_0 (GGUF only); auto = bf16 "
@@ -105,13 +124,15 @@ def main(argv=None):
         return export_space(args.source, args.space, args.dtype)
     if not args.out:
         raise ExportError("give OUT (a .gguf file or an HF directory), or --space DIR")
-    return export(args.source, args.out, args.dtype, args.push_to_hub)
+    return export(args.source, args.out, args.dtype, args.push_to_hub, prefix="")
 
 
 def export_space(source, out_dir, dtype="auto"):
     dtype = (dtype or "auto").lower()
     if dtype not in DTYPES or DTYPES[dtype][0] is None:
         raise ExportError(f"--space: --dtype {dtype} is not a Space dtype; use auto, fp32, fp16, bf16")
+    if not os.path.exists(out_dir) or os.path.isdir(out_dir):  # a file there: assemble says so
+        check_output(out_dir, directory=True, prefix="--space: ")
     files = space.assemble(source, out_dir, DTYPES[dtype][0])
     print(f"assembled the Space {out_dir}: {', '.join(files)}\n"
           f"run it: python {os.path.join(out_dir, 'app.py')}; push it: hf upload USER/SPACE {out_dir} "

@@ -16,6 +16,7 @@ training and a failed save is one line, not a lost run.
 """
 import math
 import os
+import shlex
 import signal
 import sys
 
@@ -23,7 +24,8 @@ import torch
 
 from model import PRESETS, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
 from smollm2 import devices, loggers, speedups
-from smollm2.checkpoint import Saver, check_disk_space, data_change, find_latest, load_checkpoint, set_rng_state
+from smollm2.checkpoint import (Saver, check_disk_space, data_change, find_latest, load_checkpoint, resume_names,
+                                set_rng_state)
 from smollm2.cli import main_guard
 from smollm2.distributed import Process, exit_process
 from smollm2.documents import resolve_files
@@ -32,6 +34,7 @@ from smollm2.files import check_writable
 from smollm2.loaders import load_data
 from smollm2.loss_eval import validation_loss
 from smollm2.precision import Precision
+from smollm2.run_lock import RunLock
 from smollm2.sampling import sample_text
 from smollm2.signals import StopSignals
 from smollm2.token_cache import dataset_stats, fingerprint
@@ -163,8 +166,10 @@ def describe(run, tokens):
     notice = f"; {run.precision.notice}" if run.precision.notice else ""
     print(f"precision: {run.precision.reason}{how}{notice}")
     print(f"compile: {run.loss.compile_reason}")
+    short = (f" (warning: the warmup is longer than the run's {run.horizon} steps: the LR never reaches its "
+             f"peak {args.lr:g}; lower --warmup)" if args.warmup > run.horizon else "")
     print(f"LR: warmup {args.warmup} steps to {args.lr:g}, cosine to {args.min_lr:g} at step {run.horizon} "
-          f"(the horizon set by this run's first launch), {args.min_lr:g} after it")
+          f"(the horizon set by this run's first launch), {args.min_lr:g} after it{short}")
     if args.steps > run.horizon:
         print(f"steps {max(run.step, run.horizon) + 1}..{args.steps} are past the horizon: LR stays at {args.min_lr:g}")
 
@@ -219,7 +224,8 @@ def main(argv=None):
             raise UsageError("--push-to-hub uploads an export: give --export SRC OUT with it")
         return export.export(*args.export, args.dtype, args.push_to_hub)
     proc = Process(args.device)
-    if args.ckpt == "auto":
+    auto = args.ckpt == "auto"
+    if auto:
         ckpt = resume_latest(args, proc)
         if ckpt and ckpt["step"] >= args.steps:
             print(f"--ckpt auto: {args.ckpt} is at step {ckpt['step']} already (--steps {args.steps}): "
@@ -228,12 +234,21 @@ def main(argv=None):
     else:
         ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
     check_args(args, ckpt)
+    if ckpt and not auto and proc.master:  # --ckpt auto said so when it found it
+        print(f"resuming from {args.ckpt} at step {ckpt['step']}", flush=True)
     changed = resolve_args(args, ckpt["args"] if ckpt else None, proc.world)
     check_writable(args.save, args.metrics, args.plot)
-    # a missing tracker package stops the run here (MissingPackage), before anything heavy
-    trackers = loggers.Loggers(args, ckpt["step"] if ckpt else 0, proc.master)
-    proc.start()
+    lock = RunLock(args.save) if proc.master else None  # a second run on this --save stops here
+    trackers = None
+    new_run = auto and ckpt is None and proc.master  # --ckpt auto found nothing: say what starts
     try:
+        if new_run and not args.init:  # a preset's size is known before anything is built
+            with torch.device("meta"):  # no memory, no time
+                preset = SmolLM2(PRESETS[args.model])
+            print(new_run_notice(args, proc, preset), flush=True)
+        # a missing tracker package stops the run here (MissingPackage), before anything heavy
+        trackers = loggers.Loggers(args, ckpt["step"] if ckpt else 0, proc.master)
+        proc.start()
         tokens, loader, val = load_data(args, proc)  # DataError: before anything heavy is built
         data_id = fingerprint(args.data, column=args.text_column)
         if ckpt and (notice := data_change(ckpt, data_id, args.data)) and proc.master:
@@ -241,6 +256,8 @@ def main(argv=None):
         if proc.type == "cpu":
             speedups.keep_freed_memory()
         run = Run(args, ckpt, proc, loader, val)
+        if new_run and args.init:  # the --init source's size is known once it is loaded
+            print(new_run_notice(args, proc, run.model), flush=True)
         run.data_fingerprint, run.trackers, saver = data_id, trackers, Saver(args, args.ckpt, ckpt)
         del ckpt
         check_disk_space(args.save, run.model, run.optimizer)  # before hours of training, not after
@@ -248,19 +265,22 @@ def main(argv=None):
             if changed:
                 print(f"resuming with changed settings: {', '.join(f'{k}={getattr(args, k)}' for k in changed)}")
             describe(run, tokens)
-        with StopSignals(proc) as stop:
+        with StopSignals(proc, saved=lambda: saved_so_far(saver, args, proc)) as stop:
             status = train(run, saver, stop)
             if proc.master:
                 if not saver.final(run, run.step):
                     return 1
-                print(f"saved {args.save} at step {run.step}; loss curve {args.plot}", flush=True)
+                print(f"saved {args.save} at step {run.step}{saver.final_note}; loss curve {args.plot}",
+                      flush=True)
                 if status:
-                    launcher = f"torchrun --nproc_per_node={proc.world}" if proc.world > 1 else "python"
                     print(f"stopped by {signal.Signals(status - 128).name}; resume with:\n  "
-                          f"{launcher} train.py --steps {args.steps} --ckpt {args.save}", flush=True)
+                          f"{resume_command(args, proc, args.save)}", flush=True)
         return status
     finally:
-        trackers.close()
+        if trackers is not None:
+            trackers.close()
+        if lock is not None:
+            lock.release()
 
 
 def resume_latest(args, proc):
@@ -268,12 +288,50 @@ def resume_latest(args, proc):
     None for a new run. The same command line, re-run after a crash, so continues the run."""
     save = args.save or DEFAULTS["save"]
     args.ckpt, ckpt = find_latest(save, say=proc.master)
-    if proc.master:
-        print(f"--ckpt auto: resuming from {args.ckpt} at step {ckpt['step']}" if ckpt else
-              f"--ckpt auto: no checkpoint at {save} or beside it: starting a new run", flush=True)
+    if ckpt and proc.master:  # none: main says what the new run trains (new_run_notice)
+        print(f"--ckpt auto: resuming from {args.ckpt} at step {ckpt['step']}", flush=True)
     if ckpt:
         args.init = None  # the checkpoint already holds the weights --init started the run from
     return ckpt
+
+
+def new_run_notice(args, proc, model):
+    """--ckpt auto found nothing: where it looked, what the new run trains, and about how long that
+    takes here (rough: a quick matmul measurement or the GPU's peak; the step lines' ETA is measured)."""
+    facts = devices.device_facts(proc.device)
+    dtype = devices.pick_dtype(facts, args.dtype)[0]
+    peak = args.peak_flops or (devices.peak_flops(facts.name) if proc.type == "cuda" else None)
+    measured = None if peak else devices.matmul_flops(proc.device, model.config.hidden_size,
+                                                      min(args.batch_size * args.seq_len, 256))
+    gpus = proc.world if proc.type == "cuda" else 1  # CPU processes share this machine's cores
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * proc.world
+    took = devices.time_estimate(args.steps * tokens_per_step, flops_per_token(model.config, args.seq_len, n_params),
+                                 devices.training_flops_per_s(dtype, measured, peak) * gpus)
+    where = ("this GPU" if gpus == 1 else f"these {gpus} GPUs") if proc.type == "cuda" else \
+        "this Mac's GPU" if proc.type == "mps" else "this CPU"
+    return (f"--ckpt auto: no checkpoint ({', '.join(resume_names(args.save))}) in "
+            f"{os.path.abspath(os.path.dirname(args.save))}: starting a new run of "
+            f"{f'--init {args.init}' if args.init else args.model} ({n_params / 1e6:,.1f}M parameters), "
+            f"{args.steps:,} steps of {tokens_per_step:,} tokens: {took} on {where}, roughly")
+
+
+def saved_so_far(saver, args, proc):
+    """What a second Ctrl-C, which stops at once, leaves: the checkpoints so far and the command
+    that resumes from the newest."""
+    if not saver.last_good:
+        return "nothing was saved yet"
+    path, step = saver.last_good
+    best = (saver.best and os.path.exists(saver.best_path)
+            and os.path.abspath(saver.best_path) != os.path.abspath(path))
+    return (f"the last checkpoint is {path} at step {step}"
+            + (f", the best {saver.best_path} at step {saver.best['step']}" if best else "")
+            + f"; resume with: {resume_command(args, proc, path)}")
+
+
+def resume_command(args, proc, path):
+    launcher = f"torchrun --nproc_per_node={proc.world}" if proc.world > 1 else "python"
+    return f"{launcher} train.py --steps {args.steps} --ckpt {shlex.quote(path)}"
 
 
 if __name__ == "__main__":

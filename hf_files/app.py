@@ -35,6 +35,7 @@ sys.path.insert(0, HERE if os.path.isfile(os.path.join(HERE, "model.py")) else o
 from model import PRESETS, KVCache, SmolLM2  # noqa: E402
 from smollm2 import devices  # noqa: E402
 from smollm2.errors import ModelLoadError  # noqa: E402
+from smollm2.sampling import TextStream, chat_wrap, is_chat_model  # noqa: E402
 from smollm2.tokenizer import load_tokenizer  # noqa: E402
 
 try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
@@ -52,7 +53,6 @@ CONCURRENCY = int(os.environ.get("SMOL_CONCURRENCY", 2))  # requests generating 
 COMPILE = os.environ.get("SMOL_COMPILE", "1") != "0"  # on CPU: build the compiled decoder at start-up
 CPU_BF16 = os.environ.get("SMOL_CPU_BF16", "1") != "0"  # bf16 weights on CPUs with native bf16 dot products
 CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a request gets on CPU: one compiled graph each
-SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # chat_template.jinja
 EXAMPLES = ["What is the capital of France?", "Once upon a time, in a small village by the sea,",
             "ROMEO:\nBut soft, what light", "def fibonacci(n):"]
 
@@ -177,32 +177,7 @@ def on_gpu(fn):
     return spaces.GPU(fn) if spaces is not None else fn
 
 
-# --------------------------------------------------------------------------------- text
-class TextStream:
-    """Token ids in, text pieces out, as they are generated. Only the ids not yet shown are decoded,
-    and they are held back while their text ends in U+FFFD (a UTF-8 character cut between tokens),
-    so a character split across tokens appears whole and the text is never re-decoded from scratch."""
-
-    HOLD_LIMIT = 8  # a character spans at most 4 bytes: longer pending runs are really invalid bytes
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.pending = []
-
-    def push(self, token_id):
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < self.HOLD_LIMIT:
-            return ""
-        self.pending = []
-        return text
-
-    def flush(self):
-        text = self.tokenizer.decode(self.pending) if self.pending else ""
-        self.pending = []
-        return text
-
-
+# --------------------------------------------------------------------------------- input
 def bad_input(message):
     """The error a user sees for bad input: a message, without a traceback in the server log."""
     return gr.Error(message, title="Invalid input", print_exception=False)
@@ -350,13 +325,8 @@ class Engine:
         self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
         self.eos = model.config.eos_token_id
         # an Instruct model ends its turns with <|im_end|>: wrap prompts in its chat template
-        self.chat = tokenizer.token_to_id("<|im_end|>") == self.eos
-        if self.chat:
-            system = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
-            self.prefix = tokenizer.encode(system + "<|im_start|>user\n").ids
-            self.suffix = tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n").ids
-        else:
-            self.prefix, self.suffix = [], []
+        self.chat = is_chat_model(tokenizer, self.eos)
+        self.prefix, self.suffix = chat_wrap(tokenizer) if self.chat else ([], [])
         self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
         self.warmup = Warmup(model, self.context, compile, decoder.cores if decoder else 1)
         self.weights_markdown = describe_weights(model.source_info, model)

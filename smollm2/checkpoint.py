@@ -3,17 +3,22 @@
 A checkpoint is one torch.save'd dict of tensors and plain Python values (it loads with
 weights_only=True): format_version, model, config, step, val_loss, optimizer, lr_horizon, data (the
 loader's position), data_fingerprint (the token cache's key: which data that position is in), rng,
-args, history (the loss curve so far), best (the step and validation loss of best.pt) and scaler
+args, history (the loss curve so far), best (the step and validation loss of the best one) and scaler
 (the dtype trained in, the steps skipped for overflow, fp16's GradScaler state). Every file
 is written to a temporary file beside it, fsynced, then renamed over the old one, so a crash at any
 moment leaves the previous one whole.
 
-Beside --save go checkpoint_step_N.pt (every --ckpt-interval steps, the newest --keep-last kept),
-best.pt (the lowest validation loss so far, the same format) and the loss curve. `--ckpt auto`
-resumes from the newest of them that loads. A save that fails (full disk, I/O error, permissions) is
-one line naming the file, the error and the last good checkpoint, never a traceback: training goes
-on and the next interval tries again; only a failed final save ends the run with an error.
+Beside --save DIR/NAME.pt go files named after the run (run_file), so that two runs in one folder
+never touch each other's: NAME_step_N.pt (every --ckpt-interval steps, the newest --keep-last kept),
+NAME_best.pt (the lowest validation loss so far, the same format), the loss curve NAME_loss.png and
+NAME_metrics.jsonl; the default run, checkpoint.pt, keeps the older names best.pt, loss.png and
+metrics.jsonl. A final save at the step best was just written at is a hard link to it, not a second
+copy. `--ckpt auto` resumes from the newest of the run's own checkpoints that loads. A save that
+fails (full disk, I/O error, permissions) is one line naming the file, the error and the last good
+checkpoint, never a traceback: training goes on and the next interval tries again; only a failed
+final save ends the run with an error.
 """
+import codecs
 import contextlib
 import os
 import random
@@ -27,20 +32,58 @@ import torch
 
 from model import SmolLM2Config
 from smollm2.errors import CheckpointError
-from smollm2.files import atomic_write, existing_folder
+from smollm2.files import atomic_link, atomic_write, existing_folder
 from smollm2.loggers import plot_loss
 
 FORMAT_VERSION = 1  # bump when older code would misread a new checkpoint; version-less ones are 0
 CKPT_KEYS = ("model", "config", "step", "optimizer", "lr_horizon", "data", "rng", "args")
-PERIODIC = re.compile(r"checkpoint_step_(\d+)\.pt")
-BEST = "best.pt"
 MB = 1e6
+DEFAULT_RUN = "checkpoint"  # the default --save's name: its files keep the names they had before run names
+SIDE_FILES = {"best": "best.pt", "plot": "loss.png", "metrics": "metrics.jsonl"}
+
+
+def run_name(save):
+    """NAME of --save NAME.pt: what the files a run writes beside its --save are named after."""
+    return os.path.splitext(os.path.basename(save))[0]
+
+
+def run_file(save, kind, step=None):
+    """The file of `kind` (best, plot, metrics, or periodic at `step`) of the run saving to --save
+    DIR/NAME.pt: DIR/NAME_best.pt, NAME_loss.png, NAME_metrics.jsonl, NAME_step_N.pt, so that two
+    runs in one folder never write each other's files. The default run, checkpoint.pt, keeps the
+    names of runs before run names (best.pt, loss.png, metrics.jsonl): existing folders stay valid."""
+    folder, name = os.path.dirname(save), run_name(save)
+    if kind == "periodic":
+        return os.path.join(folder, f"{name}_step_{step}.pt")
+    return os.path.join(folder, SIDE_FILES[kind] if name == DEFAULT_RUN else f"{name}_{SIDE_FILES[kind]}")
+
+
+def periodic_steps(save, names):
+    """{step: file name} of the run's own periodic checkpoints among names (a folder's listing)."""
+    pattern = re.compile(re.escape(run_name(save)) + r"_step_(\d+)\.pt")
+    return {int(m[1]): m[0] for m in map(pattern.fullmatch, names) if m}
+
+
+def resume_names(save):
+    """The files find_latest (`--ckpt auto`) looks for beside --save, for messages: checkpoint.pt,
+    best.pt, checkpoint_step_N.pt (or NAME.pt, NAME_best.pt, NAME_step_N.pt)."""
+    return [os.path.basename(p) for p in (save, run_file(save, "best"), run_file(save, "periodic", "N"))]
 
 
 def load_checkpoint(path, flag="--ckpt"):
     """The checkpoint at path, checked to be a training checkpoint this code can resume."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{flag} {path}: a folder, not a checkpoint file; to start a new run "
+                              "from an HF model directory use --init")
     if not os.path.isfile(path):
         raise CheckpointError(f"{flag} {path}: no such file")
+    kind = file_kind(path)
+    if kind in ("GGUF", "safetensors"):
+        raise CheckpointError(f"{flag} {path}: not a training checkpoint but model weights (a {kind} file); "
+                              f"to start a new run from them use --init {path}")
+    if kind:
+        raise CheckpointError(f"{flag} {path}: not a checkpoint ({kind}); resume from a checkpoint.pt "
+                              "that train.py saved, or start from weights with --init")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -60,6 +103,30 @@ def load_checkpoint(path, flag="--ckpt"):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{flag} {path}: bad model config ({e})") from None
     return ckpt
+
+
+def file_kind(path):
+    """What the file at path is when it cannot be a torch checkpoint: GGUF, safetensors, "a text
+    file", "an empty file", "a binary file of unknown format ..."; None when it starts as torch.save's
+    files do (a zip, or a pickle in the legacy format), so that a failed load means damage."""
+    with open(path, "rb") as f:
+        head, size = f.read(4096), os.fstat(f.fileno()).st_size
+    if head.startswith(b"PK") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return None
+    if head.startswith(b"GGUF"):
+        return "GGUF"
+    header = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0  # safetensors: its JSON's length
+    if 0 < header <= size - 8 and head[8:9] == b"{":
+        return "safetensors"
+    if not head:
+        return "an empty file"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
+        if b"\0" not in head:
+            return "a text file"
+    except UnicodeDecodeError:
+        pass
+    return "a binary file of unknown format (damaged, or not written by train.py)"
 
 
 def rng_state():
@@ -92,15 +159,16 @@ def save_checkpoint(path, run, step, best=None):
 
 # ----------------------------------------------------------------------------- resuming
 def find_latest(save, say=True):
-    """(path, checkpoint) for `--ckpt auto`: the newest by step among save, best.pt and the
-    checkpoint_step_N.pt beside it that loads (one that does not is skipped with a notice), or
-    (None, None) when there is none."""
+    """(path, checkpoint) for `--ckpt auto`: the newest by step among save and the run's own best
+    and periodic checkpoints beside it (run_file: another run name's are not this run's) that loads
+    (one that does not is skipped with a notice), or (None, None) when there is none."""
     folder = os.path.dirname(save)
     names = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
-    _remove_stale_temps(folder, names, say)
-    periodic = sorted(((int(m[1]), m[0]) for m in map(PERIODIC.fullmatch, names) if m), reverse=True)
+    _remove_stale_temps(folder, names, say, save)
+    periodic = sorted(periodic_steps(save, names).items(), reverse=True)
     found, newest = (None, None), -1
-    for name in (os.path.basename(save), BEST):  # their steps are only known once loaded
+    best = os.path.basename(run_file(save, "best"))
+    for name in (os.path.basename(save), best):  # their steps are only known once loaded
         path = os.path.join(folder, name)
         ckpt = _try_load(path, say) if name in names else None
         if ckpt and ckpt["step"] > newest:
@@ -114,15 +182,16 @@ def find_latest(save, say=True):
     return found
 
 
-def _remove_stale_temps(folder, names, say):
-    """Temporary files of saves that a crash cut short (their process is gone): up to a checkpoint
-    each, and nothing can finish them."""
+def _remove_stale_temps(folder, names, say, save):
+    """Temporary files of the run's saves that a crash cut short (their process is gone): up to a
+    checkpoint each, and nothing can finish them. Another run name's are left to that run."""
+    own = {os.path.basename(save)} | {os.path.basename(run_file(save, kind)) for kind in SIDE_FILES}
     stale = []
     for name in names:
-        m = re.fullmatch(r"\..+\.(?:pt|png)\.(\d+)\.tmp", name)  # atomic_write's names
-        if m and int(m[1]) != os.getpid():
+        m = re.fullmatch(r"\.(.+)\.(\d+)\.tmp", name)  # atomic_write's names: .{target}.{pid}.tmp
+        if m and (m[1] in own or periodic_steps(save, [m[1]])) and int(m[2]) != os.getpid():
             try:
-                os.kill(int(m[1]), 0)
+                os.kill(int(m[2]), 0)
             except ProcessLookupError:
                 stale.append(name)
             except OSError:  # PermissionError: another user's live process
@@ -192,14 +261,17 @@ def check_disk_space(save, model, optimizer):
 
 # ----------------------------------------------------------------------------- saving
 class Saver:
-    """Writes a run's checkpoints, remembers the last good one and best.pt's step, and reports a
-    failed save in one line instead of raising (its temporary file is already gone by then)."""
+    """Writes a run's checkpoints (named after it: run_file), remembers the last good one and the
+    best checkpoint's step, and reports a failed save in one line instead of raising (its temporary
+    file is already gone by then)."""
 
     def __init__(self, args, resumed_from=None, ckpt=None):
         self.args, self.folder = args, os.path.dirname(args.save)
-        self.best_path = os.path.join(self.folder, BEST)
+        self.best_path = run_file(args.save, "best")
         self.last_good = (resumed_from, ckpt["step"]) if ckpt else None  # good until a save succeeds
-        self.best = ckpt.get("best") if ckpt else None  # {"step", "val_loss"} of best.pt
+        self.best = ckpt.get("best") if ckpt else None  # {"step", "val_loss"} of best_path
+        self.best_written = None  # the step at which this process wrote best_path: --save may link to it
+        self.final_note = ""  # how final() saved, for the run's last line
 
     def _write(self, path, run, step):
         """Save and redraw the loss curve; returns None, or the line saying why the save failed."""
@@ -219,8 +291,8 @@ class Saver:
         return None
 
     def periodic(self, run, step):
-        """checkpoint_step_{step}.pt beside --save; keep the newest --keep-last of the earlier ones."""
-        failed = self._write(os.path.join(self.folder, f"checkpoint_step_{step}.pt"), run, step)
+        """NAME_step_{step}.pt beside --save NAME.pt; keep the newest --keep-last of the earlier ones."""
+        failed = self._write(run_file(self.args.save, "periodic", step), run, step)
         if failed:
             retry = step + self.args.ckpt_interval
             print(f"train.py: warning: {failed}; training goes on"
@@ -228,26 +300,34 @@ class Saver:
                   file=sys.stderr, flush=True)
             return
         if keep := self.args.keep_last:
-            found = (PERIODIC.fullmatch(name) for name in os.listdir(self.folder or "."))
-            older = sorted(int(m[1]) for m in found if m and int(m[1]) < step)  # later: an abandoned run
+            found = periodic_steps(self.args.save, os.listdir(self.folder or "."))  # this run's only
+            older = sorted(n for n in found if n < step)  # later: an abandoned run
             for n in older[:max(0, len(older) - (keep - 1))]:
                 with contextlib.suppress(OSError):  # one left over is no reason to stop training
-                    os.remove(os.path.join(self.folder, f"checkpoint_step_{n}.pt"))
+                    os.remove(os.path.join(self.folder, found[n]))
 
     def keep_best(self, run, step, val_loss):
-        """best.pt when val_loss is the lowest so far."""
+        """best_path (best.pt, NAME_best.pt) when val_loss is the lowest so far."""
         if self.best and not val_loss < self.best["val_loss"]:
             return
         before, self.best = self.best, {"step": step, "val_loss": val_loss}
         failed = self._write(self.best_path, run, step)
         if failed:
-            self.best = before  # best.pt still holds that one
+            self.best = before  # best_path still holds that one
             print(f"train.py: warning: {failed}; training goes on", file=sys.stderr, flush=True)
         else:
+            self.best_written = step
             print(f"best: {self.best_path} at step {step}, val loss {val_loss:.4f}", flush=True)
 
     def final(self, run, step):
-        """--save at the end of the run; False (after the one line) when it could not be written."""
+        """--save at the end of the run; False (after the one line) when it could not be written.
+        When best_path was written at this very step (by this process: nothing changed since),
+        --save is a hard link to it rather than a second copy of the same bytes (1.6 GB at 135M);
+        where the filesystem cannot link, a save like any other."""
+        if self.best_written == step and atomic_link(self.best_path, self.args.save):
+            self.last_good = (self.args.save, step)
+            self.final_note = f" (a hard link to {self.best_path}, the same checkpoint)"
+            return True
         failed = self._write(self.args.save, run, step)
         if failed:
             print(f"train.py: error: {failed}", file=sys.stderr, flush=True)

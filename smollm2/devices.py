@@ -1,5 +1,5 @@
 """Device decisions: which device, which dtype to train in, whether to compile, the peak FLOP/s
-behind MFU, peak memory.
+behind MFU, how long a new run will take (roughly), peak memory.
 
 Every decision is a small pure function of `DeviceFacts` (or of what is available), so each branch
 is tested without the hardware (tests/test_devices.py feeds it a T4, an A100, CPUs with and without
@@ -11,6 +11,7 @@ import contextlib
 import re
 import resource
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -161,6 +162,67 @@ def peak_flops(gpu_name, table=PEAK_FLOPS):
         if re.search(rf"(^| ){re.escape(key.upper())}( |$)", words):
             return table[key]
     return None
+
+
+# ----------------------------------------------------------------------------- time estimates
+# Training speed as a multiple of the fp32 matmul rate that matmul_flops measures at the model's
+# width (CPUs, MPS, GPUs not in the table). On 2 cores of three CPUs the 135M model's steps ran at
+# 0.64-1.2x that rate in fp32 and 1.5-1.8x in bf16 (an AMD EPYC Zen 5, 2026-12-04: 215 GFLOP/s
+# measured, 300 and 460 tokens/s of 0.86 GFLOP; the Zen 4 and the AMX Xeon of docs/performance.md).
+MEASURED_SPEEDUP = {"fp32": 1.0, "bf16": 1.7}
+# Of the table's 16-bit peak (or --peak-flops): a guess for a small model on a large GPU; fp32 runs
+# on TF32 tensor cores, at half that rate.
+PEAK_SHARE = {"fp32": 0.15, "bf16": 0.3, "fp16": 0.3}
+
+
+def matmul_flops(device, width, rows=256, seconds=0.1):
+    """FLOP/s of fp32 (rows, width) x (width, width) products on device: the fastest of those that
+    fit in about `seconds`. On a CPU, timed on one thread, times the threads torch uses: on a busy
+    machine every product of several threads waits for the slowest, while some short products on
+    one thread run undisturbed (2 busy cores: 21-218 GFLOP/s on 2 threads, 211-224 this way).
+    Constant inputs: the run's random state stays as it was."""
+    kind, threads = torch.device(device).type, torch.get_num_threads()
+    stands_for = threads if kind == "cpu" else 1  # the threads the one measured stands for
+    a = torch.full((rows, width), 0.5, device=device)
+    b = torch.full((width, width), 0.25, device=device)
+    def sync():  # a GPU's product is timed when it is done, not when it is queued
+        if kind == "cuda":
+            torch.cuda.synchronize(device)
+        elif kind == "mps":
+            torch.mps.synchronize()
+    if kind == "cpu":
+        torch.set_num_threads(1)
+    try:
+        a @ b  # the first one sets the kernel up
+        sync()
+        fastest, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < seconds or fastest == float("inf"):
+            t = time.perf_counter()
+            a @ b
+            sync()
+            fastest = min(fastest, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)  # as it was: a run's CPU arithmetic depends on it
+    return 2 * rows * width * width / fastest * stands_for
+
+
+def training_flops_per_s(dtype, measured=None, peak=None):
+    """The FLOP/s training steps in dtype are expected to reach: a share of the peak where there is
+    one (a GPU in the table, --peak-flops), else a multiple of the measured fp32 matmul rate."""
+    if peak:
+        return peak * PEAK_SHARE.get(dtype, PEAK_SHARE["fp32"])
+    return measured * MEASURED_SPEEDUP.get(dtype, MEASURED_SPEEDUP["fp32"])
+
+
+def time_estimate(tokens, flops_per_token, flops_per_s):
+    """How long training `tokens` tokens of flops_per_token takes at flops_per_s, said as rough:
+    'about 1.7 h', 'about 25 min', 'about 40 s'."""
+    seconds = tokens * flops_per_token / flops_per_s
+    if seconds >= 90 * 60:
+        return f"about {seconds / 3600:.1f} h"
+    if seconds >= 90:
+        return f"about {round(seconds / 60)} min"
+    return f"about {max(1, round(seconds))} s"
 
 
 # ----------------------------------------------------------------------------- memory

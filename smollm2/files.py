@@ -1,5 +1,6 @@
-"""Writing files so that a crash or a full disk never leaves half of one: atomic_write; and refusing,
-before the work, an output path that could not be written (check_writable)."""
+"""Writing files so that a crash or a full disk never leaves half of one: atomic_write; refusing,
+before the work, an output path that could not be written (check_writable); and naming a file in what
+we publish without this machine's folders (public_name)."""
 import contextlib
 import os
 
@@ -26,6 +27,30 @@ def atomic_write(path, write):
     os.close(fd)
 
 
+def atomic_link(source, path):
+    """Make path a hard link to source (the same bytes, not a copy of them): a new link beside path,
+    renamed over it, so a crash leaves the old path whole. Later atomic_writes of either name replace
+    that name only. False, with path untouched, where the filesystem cannot (no hard links, another
+    device)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # atomic_write's temp name
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        return False
+    with contextlib.suppress(OSError):  # rename(2) does nothing when both names are already one file
+        os.remove(tmp)
+    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+    os.fsync(fd)
+    os.close(fd)
+    return True
+
+
 def existing_folder(path):
     """The folder of path, or its nearest existing ancestor: what we would create the rest in."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -40,3 +65,15 @@ def check_writable(*paths):
         folder = existing_folder(path)
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise UsageError(f"cannot write {path}: {folder} is not a writable directory")
+
+
+def public_name(value):
+    """value with no folder of this machine: an absolute path (or hf:PATH) becomes its file name; hub
+    ids, relative paths and anything not a string are kept."""
+    if not isinstance(value, str):
+        return value
+    scheme = "hf:" if value.startswith("hf:") else ""
+    path = value[len(scheme):]
+    if os.path.isabs(path) or path.startswith("~"):
+        return scheme + os.path.basename(os.path.normpath(path))
+    return value

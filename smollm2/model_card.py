@@ -1,6 +1,7 @@
 """The README.md card of an exported model: YAML metadata the hub reads, how to load it with
 transformers, and the training run's summary (preset, steps, tokens, losses, the command, the loss
-curve) read from the checkpoint it came from."""
+curve) read from the checkpoint it came from. Paths are named by their file names (public_name): a
+card is published, and the exporting machine's folders say nothing to its readers."""
 import os
 import re
 import shlex
@@ -8,6 +9,8 @@ import shutil
 
 import torch
 
+from smollm2.checkpoint import run_file
+from smollm2.files import public_name
 from smollm2.loggers import plot_loss
 from smollm2.train_args import DEFAULTS, build_parser
 
@@ -35,8 +38,8 @@ def write_model_card(out_dir, source, info, repo_id=None):
     if args:
         lines += training_summary(args, history, ckpt.get("step"), init, out_dir)
     else:
-        lines += ["## Source", "", f"Exported from `{source}` ({info['format']}); no training run "
-                  "recorded in it.", ""]
+        lines += ["## Source", "", f"Exported from `{public_name(source)}` ({info['format']}); no "
+                  "training run recorded in it.", ""]
     card = ModelCard(f"---\n{meta.to_yaml()}\n---\n{CARD_MARK}\n\n" + "\n".join(lines))
     path = os.path.join(out_dir, "README.md")
     if os.path.exists(path):
@@ -66,11 +69,12 @@ def training_summary(args, history, step, init, out_dir):
     final_train = f"{history['loss'][-1]:.4f}" if history.get("loss") else "not logged"
     lines = ["## Training", "",
              "| | |", "| --- | --- |",
-             f"| started from | {f'`{init}`' if init else 'random initialisation'} |",
+             f"| started from | {f'`{public_name(init)}`' if init else 'random initialisation'} |",
              f"| preset | {args.get('model')} |",
              f"| steps | {step} |",
              f"| tokens seen | {step * per_step:,} ({per_step:,} per step) |",
-             f"| data | `{args.get('data')}` (last {args.get('val_frac')} held out for validation) |",
+             f"| data | `{public_name(args.get('data'))}` (last {args.get('val_frac')} held out for "
+             "validation) |",
              f"| final training loss | {final_train} |",
              f"| final validation loss | {final_val} |",
              f"| best validation loss | {best_val} |", "",
@@ -91,17 +95,18 @@ def train_command(args):
     """`python train.py ...` with every setting that differs from train.py's defaults."""
     parts = ["python", "train.py"] if args.get("world_size", 1) == 1 else \
         ["torchrun", f"--nproc_per_node={args['world_size']}", "train.py"]
-    default_plot = os.path.join(os.path.dirname(args.get("save") or ""), "loss.png")
+    save = args.get("save") or DEFAULTS["save"]
+    derived = {"plot": run_file(save, "plot"), "metrics": run_file(save, "metrics")}  # resolve_args' defaults
     for action in build_parser()._actions:
         dest, value = action.dest, args.get(action.dest)
         if not action.option_strings or dest in ("help", "export", "push_to_hub") or value is None:
             continue
-        if value == action.default or value == DEFAULTS.get(dest) or (dest == "plot" and value == default_plot):
+        if value == action.default or value == DEFAULTS.get(dest) or value == derived.get(dest):
             if dest != "steps":
                 continue
         flag = action.option_strings[0]
         if value is True:
             parts.append(flag)
         elif value is not False:
-            parts += [flag, str(value)]
+            parts += [flag, str(public_name(value))]
     return shlex.join(parts)

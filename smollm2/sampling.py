@@ -1,8 +1,13 @@
-"""Text from a model: a prompt in, the prompt and its continuation out, as train.py prints its
-samples. The random draws come from a generator of their own, so a run's random state is untouched."""
+"""Text from a model. sample_text: a prompt in, the prompt and its continuation out, as train.py prints
+its samples (the random draws come from a generator of their own, so a run's random state is
+untouched). What sample.py and the Space share: the chat template's wrapping of a prompt, and
+TextStream, which turns generated ids into text as they come."""
 import torch
 
 from smollm2.tokenizer import EOT_ID, load_tokenizer
+
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # chat_template.jinja
+CHAT_END = "<|im_end|>"  # ends every turn of the chat template
 
 
 def sample_text(model, prompt, max_new_tokens, seed, temperature=0.8, top_k=50, tokenizer=None):
@@ -17,3 +22,41 @@ def sample_text(model, prompt, max_new_tokens, seed, temperature=0.8, top_k=50, 
     new = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
     model.train(training)
     return prompt + tok.decode(new)
+
+
+def is_chat_model(tokenizer, eos_token_id):
+    """Whether the model is an Instruct one: it ends its turns, so its text, with <|im_end|>."""
+    return tokenizer.token_to_id(CHAT_END) == eos_token_id
+
+
+def chat_wrap(tokenizer):
+    """(prefix ids, suffix ids) that make a prompt the user's turn of the chat template after its
+    default system prompt, ending where the assistant's answer begins."""
+    system = f"<|im_start|>system\n{SYSTEM_PROMPT}{CHAT_END}\n"
+    return (tokenizer.encode(system + "<|im_start|>user\n").ids,
+            tokenizer.encode(f"{CHAT_END}\n<|im_start|>assistant\n").ids)
+
+
+class TextStream:
+    """Token ids in, text pieces out, as they are generated. Only the ids not yet shown are decoded,
+    and they are held back while their text ends in U+FFFD (a UTF-8 character cut between tokens),
+    so a character split across tokens appears whole and the text is never re-decoded from scratch."""
+
+    HOLD_LIMIT = 8  # a character spans at most 4 bytes: longer pending runs are really invalid bytes
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []
+
+    def push(self, token_id):
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < self.HOLD_LIMIT:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self):
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text

@@ -10,6 +10,7 @@ import shutil
 
 from model import SmolLM2
 from smollm2.errors import ExportError
+from smollm2.files import public_name
 from smollm2.tokenizer import TOKENIZER_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,8 @@ def assemble(source, out_dir, dtype):
     shutil.copytree(TOKENIZER_DIR, os.path.join(out_dir, "tokenizer"), dirs_exist_ok=True)
     written.append("tokenizer/")
     model.save_pretrained(out_dir, dtype=dtype, tokenizer_dir=None)  # the app reads tokenizer/
-    info = {k: model.source_info.get(k) for k in ("source", "format", "step", "val_loss")}
+    info = {k: model.source_info.get(k) for k in ("format", "step", "val_loss")}
+    info["source"] = public_name(str(source))  # no folder of this machine in what is pushed
     with open(os.path.join(out_dir, "training_info.json"), "w") as f:
         json.dump(info, f, indent=2)
     return written + ["model.safetensors", "config.json", "generation_config.json", "training_info.json"]

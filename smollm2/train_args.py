@@ -2,11 +2,12 @@
 settings it was not given from its checkpoint (resolve_args), and the checks that refuse an
 impossible request before anything heavy is built (check_args).
 """
-import os
+import argparse
 from dataclasses import asdict
 
 from model import PRESETS, SmolLM2Config
 from smollm2 import devices
+from smollm2.checkpoint import run_file
 from smollm2.cli import NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, OneLineParser
 from smollm2.errors import UsageError
 
@@ -18,17 +19,27 @@ ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "
 DEFAULTS = dict(data="input.txt", model="smollm2-135m", batch_size=4, seq_len=256, grad_accum=1,
                 lr=3e-4, min_lr=3e-5, warmup=100, weight_decay=0.1, grad_clip=1.0, seed=1337,
                 dtype="auto", val_frac=0.05, eval_interval=250, eval_iters=20, log_interval=10,
-                save="checkpoint.pt", ckpt_interval=1000, keep_last=2, metrics="metrics.jsonl",
+                save="checkpoint.pt", ckpt_interval=1000, keep_last=2, metrics=None, plot=None,  # None: beside --save
                 sample_interval=500, sample_prompt="The", sample_tokens=48, compile="auto",
                 text_column="text", val_data=None, val_tokens=100_000)  # the last three: loaders.py
 
 
+EXAMPLES = """examples:
+  python train.py --steps 5000                        # SmolLM2-135M from scratch on input.txt
+  python train.py --steps 5050 --ckpt checkpoint.pt   # resume: 50 more steps, bit for bit
+  python train.py --steps 5000 --ckpt auto            # the newest checkpoint beside --save, or a new run
+  python train.py --model tiny --steps 500 --batch-size 8 --seq-len 128 --lr 3e-3 --min-lr 3e-4 \\
+    --warmup 50 --save runs/tiny/checkpoint.pt        # the tiny preset: about 2 minutes on a CPU
+
+Run-defining settings not given on resume are taken from the checkpoint."""
+
+
 def build_parser(description=None):
-    p = OneLineParser(description=description, epilog="Run-defining settings not given on "
-                      "resume are taken from the checkpoint.")
+    # RawDescriptionHelpFormatter: the examples' lines stay as written (the flags' help is still wrapped)
+    p = OneLineParser(description=description, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     def add(flag, help, **kw):
         name = flag[2:].replace("-", "_")
-        if name in DEFAULTS:
+        if name in DEFAULTS and "(default" not in help:
             help += f" (default {DEFAULTS[name]})"
         if kw.get("type") in (POS_INT, NONNEG_INT, POS_FLOAT, NONNEG_FLOAT):
             kw.setdefault("metavar", "N" if kw["type"] in (POS_INT, NONNEG_INT) else "X")
@@ -74,10 +85,12 @@ def build_parser(description=None):
     add("--eval-iters", "batches per validation loss", type=POS_INT)
     add("--log-interval", "steps between log lines and metrics records", type=POS_INT)
     add("--save", "final checkpoint (also written on SIGINT/SIGTERM)", metavar="PATH")
-    add("--ckpt-interval", "steps between checkpoint_step_N.pt beside --save; 0 = none", type=NONNEG_INT)
+    add("--ckpt-interval", "steps between NAME_step_N.pt beside --save NAME.pt; 0 = none", type=NONNEG_INT)
     add("--keep-last", "periodic checkpoints to keep; 0 = all", type=NONNEG_INT)
-    add("--metrics", "JSONL file of logged steps", metavar="PATH")
-    add("--plot", "loss-curve PNG (default loss.png beside --save)", metavar="PATH")
+    add("--metrics", "JSONL file of logged steps (default NAME_metrics.jsonl beside --save NAME.pt; "
+        "metrics.jsonl for checkpoint.pt)", metavar="PATH")
+    add("--plot", "loss-curve PNG (default NAME_loss.png beside --save NAME.pt; loss.png for "
+        "checkpoint.pt)", metavar="PATH")
     add("--tensorboard", "also log to TensorBoard in this directory (pip install tensorboard)", metavar="DIR")
     add("--wandb", "also log to this Weights & Biases project; honours WANDB_MODE=offline (pip install "
         "wandb)", metavar="PROJECT")
@@ -99,7 +112,11 @@ def resolve_args(args, saved, world):
     if saved and "grad_accum" not in given:  # keep the global batch under a new world size
         total = saved["grad_accum"] * saved.get("world_size", 1)
         args.grad_accum = total // world if total % world == 0 else args.grad_accum
-    args.plot = args.plot or os.path.join(os.path.dirname(args.save), "loss.png")
+    for k in ("metrics", "plot"):  # named after the checkpoint's --save: resumed into another, follow it
+        if saved and saved.get("save") and getattr(args, k) == run_file(saved["save"], k):
+            setattr(args, k, None)
+    args.plot = args.plot or run_file(args.save, "plot")
+    args.metrics = args.metrics or run_file(args.save, "metrics")  # the checkpoint keeps it: resume appends
     args.world_size = world
     return sorted(k for k in given if saved and k in saved and saved[k] != getattr(args, k))
 

@@ -35,6 +35,23 @@ def save_pretrained(model, out_dir, dtype=None, tokenizer_dir=None):
             with open(os.path.join(tokenizer_dir, name), "rb") as fin, \
                     open(os.path.join(out_dir, name), "wb") as fout:
                 fout.write(fin.read())
+        if os.path.isfile(os.path.join(out_dir, "tokenizer_config.json")):
+            _name_the_models_special_tokens(out_dir, model.config, tokenizer_dir)
+
+
+def _name_the_models_special_tokens(out_dir, config, tokenizer_dir):
+    """tokenizer_config.json's eos_token and bos_token set to the tokens of the model's own ids, so
+    that transformers' tokenizer and generate stop at the same token: the Instruct model ends its
+    turns with <|im_end|>, where the copied file says the base model's <|endoftext|>."""
+    tok = load_tokenizer(tokenizer_dir)
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path) as f:
+        tokenizer_config = json.load(f)
+    for key, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id)):
+        token = tok.id_to_token(token_id) if token_id is not None else None
+        if token is not None:
+            tokenizer_config[key] = token
+    _write_json(path, tokenizer_config)
 
 
 EXPECTED = ("expected an HF model directory (config.json + model.safetensors), a .safetensors, .gguf "
@@ -207,7 +224,7 @@ def write_gguf(model, path, ggml_type, tokenizer_dir=TOKENIZER_DIR):
     try:
         import gguf
     except ImportError:
-        raise ExportError("--export: a .gguf output needs the gguf package: pip install gguf") from None
+        raise ExportError("a .gguf output needs the gguf package: pip install gguf") from None
     c = model.config
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                  "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ggml_type]
@@ -239,7 +256,7 @@ def write_gguf(model, path, ggml_type, tokenizer_dir=TOKENIZER_DIR):
             a = llama_cpp_qk(a, c.num_attention_heads if "q_proj" in hf_name else c.num_key_value_heads)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ExportError(f"--export: no GGUF name for tensor {hf_name}")
+            raise ExportError(f"no GGUF name for tensor {hf_name}")
         if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:  # norms stay F32 in every file
             w.add_tensor(name, np.ascontiguousarray(a))
         elif qtype == gguf.GGMLQuantizationType.F16:
@@ -265,7 +282,7 @@ def add_tokenizer(w, config, tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     vocab = tok.get_vocab(with_added_tokens=True)
     if len(vocab) != config.vocab_size or sorted(vocab.values()) != list(range(config.vocab_size)):
-        raise ExportError(f"--export: tokenizer in {tokenizer_dir} has {len(vocab)} tokens, the model "
+        raise ExportError(f"tokenizer in {tokenizer_dir} has {len(vocab)} tokens, the model "
                           f"{config.vocab_size}; expected one token per embedding row")
     tokens = sorted(vocab, key=vocab.get)
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}

@@ -28,6 +28,18 @@ def tiny_model(seed=0):
     return SmolLM2(TINY_CONFIG).eval()
 
 
+def peaked_tiny_preset():
+    """The tiny preset (the real tokenizer's vocabulary) with weights moved far from their init, so
+    that its predictions are peaked rather than uniform."""
+    from model import PRESETS
+    torch.manual_seed(0)
+    model = SmolLM2(PRESETS["tiny"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def fp32_default_dtype():
     """Tests that change the default dtype or seed must not leak it into the next test."""
@@ -109,3 +121,22 @@ def corpus(tmp_path_factory):
     with open(os.path.join(ROOT, "input.txt")) as f:
         path.write_text(f.read(20_000))
     return path
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty folder on a read-only tmpfs: the tests run as root, whom chmod does not stop."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def assert_one_line_error(proc, prog, *names):
+    """proc failed as bad input should: exit 2, one line `prog: error: ...` naming each of names."""
+    assert proc.returncode == 2, f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert proc.stderr.startswith(f"{prog}: error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and all(str(name) in proc.stderr for name in names), proc.stderr

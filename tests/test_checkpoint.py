@@ -1,5 +1,6 @@
 """Checkpoints a run cannot lose: `--ckpt auto` after a crash, a full disk, changed data, a newer
 format, best.pt. The CLI in a subprocess on the tiny preset, as in test_train.py."""
+import hashlib
 import os
 import random
 import re
@@ -36,9 +37,12 @@ def damage(path, how):
 
 
 # ----------------------------------------------------------------------------- --ckpt auto
-def test_ckpt_auto_with_no_checkpoint_starts_a_new_run_and_says_so(reference):
+def test_ckpt_auto_with_no_checkpoint_starts_a_new_run_and_says_where_it_looked_what_and_how_long(reference):
     folder, proc, got = reference
-    assert "--ckpt auto: no checkpoint at checkpoint.pt or beside it: starting a new run" in proc.stdout
+    said = proc.stdout.splitlines()[0]
+    assert said.startswith(f"--ckpt auto: no checkpoint (checkpoint.pt, best.pt, checkpoint_step_N.pt) in {folder}: "
+                           "starting a new run of tiny (4.9M parameters), 12 steps of 64 tokens: about "), said
+    assert re.search(r": about \d+(\.\d)? (s|min|h) on this CPU, roughly$", said), said
     assert sorted(got) == list(range(1, 13)) and proc.stderr == ""
     assert sorted(p.name for p in folder.glob("*.pt")) == [  # best.pt: the one validation, at the end
         "best.pt", "checkpoint.pt", "checkpoint_step_12.pt", "checkpoint_step_4.pt", "checkpoint_step_8.pt"]
@@ -73,8 +77,9 @@ def test_ckpt_auto_skips_a_corrupt_newest_checkpoint(tmp_path, corpus, reference
     proc = run_train(tmp_path, *AUTO, "--data", corpus)
     notices = proc.stderr.strip().splitlines()
     assert len(notices) == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert all(n.startswith("train.py: --ckpt auto: skipping ") and "truncated or corrupt" in n for n in notices)
-    assert "checkpoint_step_8.pt" in proc.stderr and "checkpoint.pt:" in proc.stderr
+    assert all(n.startswith("train.py: --ckpt auto: skipping ") for n in notices)
+    assert "checkpoint_step_8.pt: not a checkpoint (a binary file of unknown format (damaged" in proc.stderr
+    assert "checkpoint.pt: not a readable checkpoint, truncated or corrupt" in proc.stderr  # a zip cut short
     assert "--ckpt auto: resuming from checkpoint_step_4.pt at step 4" in proc.stdout
     got = losses(tmp_path / "metrics.jsonl")
     assert sorted(got) == list(range(5, 13)) and all(got[s] == reference[2][s] for s in got)
@@ -160,16 +165,16 @@ def test_a_disk_that_fills_up_mid_run_loses_nothing_and_never_shows_a_traceback(
                    "--save", folder / "ckpt.pt", "--metrics", folder / "metrics.jsonl", status=1)
     err = proc.stderr
     assert "Traceback" not in err
-    good = f"the last good checkpoint is {folder / 'checkpoint_step_4.pt'} (step 4)"
+    good = f"the last good checkpoint is {folder / 'ckpt_step_4.pt'} (step 4)"  # named after --save ckpt.pt
     lines = err.strip().splitlines()
-    assert lines[0].startswith(f"train.py: warning: could not save {folder / 'checkpoint_step_6.pt'} at step 6 (")
+    assert lines[0].startswith(f"train.py: warning: could not save {folder / 'ckpt_step_6.pt'} at step 6 (")
     assert good in lines[0] and lines[0].endswith("training goes on, the next try is at step 8")
     assert lines[-1].startswith(f"train.py: error: could not save {folder / 'ckpt.pt'} at step 8 (")
     assert lines[-1].endswith(good)
     assert [r["step"] for r in read_metrics(folder / "metrics.jsonl")] == list(range(1, 9))  # went on
-    assert sorted(os.listdir(folder)) == ["checkpoint_step_2.pt", "checkpoint_step_4.pt", "loss.png",
-                                          "metrics.jsonl"]  # no temporary files left
-    assert checkpoint.load_checkpoint(str(folder / "checkpoint_step_4.pt"))["step"] == 4
+    assert sorted(os.listdir(folder)) == ["ckpt_loss.png", "ckpt_step_2.pt", "ckpt_step_4.pt",
+                                          "metrics.jsonl"]  # no temporary files left, no lock
+    assert checkpoint.load_checkpoint(str(folder / "ckpt_step_4.pt"))["step"] == 4
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="Linux's /dev/full: every write is ENOSPC")
@@ -235,3 +240,85 @@ def test_best_pt_holds_the_step_of_the_lowest_validation_loss(tmp_path, corpus):
     assert load_ckpt(tmp_path / "checkpoint.pt")["best"]["step"] == best_step  # a resume keeps comparing
     from model import SmolLM2  # --export, --init and the Space load it like any checkpoint
     assert SmolLM2.from_pretrained(str(tmp_path / "best.pt")).source_info["step"] == best_step
+
+
+# ----------------------------------------------------------------------------- run names
+NAMED = [*TINY, "--eval-interval", 2, "--ckpt-interval", 2, "--keep-last", 0]
+
+
+def digests(folder):
+    """name -> sha256 of each file in folder."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_two_run_names_in_one_folder_never_touch_each_others_files(tmp_path, corpus):
+    folder = tmp_path / "d"
+    run_train(tmp_path, *NAMED, "--data", corpus, "--steps", 6, "--save", "d/fp32.pt")
+    fp32 = digests(folder)
+    assert sorted(fp32) == ["fp32.pt", "fp32_best.pt", "fp32_loss.png", "fp32_metrics.jsonl", "fp32_step_2.pt",
+                            "fp32_step_4.pt", "fp32_step_6.pt"]
+    run_train(tmp_path, *NAMED, "--data", corpus, "--steps", 4, "--save", "d/bf16.pt", "--dtype", "bf16")
+    after = digests(folder)
+    assert {name: after[name] for name in fp32} == fp32  # every file of the first run, byte for byte
+    assert sorted(set(after) - set(fp32)) == ["bf16.pt", "bf16_best.pt", "bf16_loss.png", "bf16_metrics.jsonl",
+                                              "bf16_step_2.pt", "bf16_step_4.pt"]
+
+    # --ckpt auto follows the run's own name: bf16's step 4, not fp32's newer step 6
+    proc = run_train(tmp_path, "--steps", 6, "--ckpt", "auto", "--save", "d/bf16.pt")
+    assert "resuming from d/bf16" in proc.stdout and "d/fp32" not in proc.stdout + proc.stderr
+    resumed = load_ckpt(folder / "bf16.pt")
+    assert resumed["step"] == 6 and resumed["args"]["dtype"] == "bf16"
+    assert resumed["args"]["metrics"] == "d/bf16_metrics.jsonl"  # the default, derived from --save, is kept
+    assert [r["step"] for r in read_metrics(folder / "bf16_metrics.jsonl")] == list(range(1, 7))
+    # a checkpoint resumed under another --save: that run's files are named after the new one
+    run_train(tmp_path, "--steps", 3, "--ckpt", "d/fp32_step_2.pt", "--save", "d/more.pt")
+    after = digests(folder)
+    assert {name: after[name] for name in fp32} == fp32
+    assert [r["step"] for r in read_metrics(folder / "more_metrics.jsonl")] == [3]
+    assert {"more.pt", "more_best.pt", "more_loss.png"} <= set(after)
+
+
+# ----------------------------------------------------------------------------- --save linked to best
+def test_a_final_save_at_best_is_a_hard_link_to_it_and_a_later_best_leaves_it_as_it_was(tmp_path, corpus):
+    # validation at steps 0 and 4, the last: best.pt is written at the step of the final save
+    proc = run_train(tmp_path, *TINY, "--data", corpus, "--steps", 4, "--lr", "2e-3", "--min-lr", "2e-3",
+                     "--warmup", 0, "--save", "run/checkpoint.pt")
+    save, best = tmp_path / "run/checkpoint.pt", tmp_path / "run/best.pt"
+    assert save.stat().st_ino == best.stat().st_ino and save.stat().st_nlink == 2
+    assert ("saved run/checkpoint.pt at step 4 (a hard link to run/best.pt, the same checkpoint); loss curve "
+            "run/loss.png") in proc.stdout
+    assert load_ckpt(save)["step"] == 4 and load_ckpt(save)["best"]["step"] == 4
+    before = save.read_bytes()
+    # resumed (at the constant LR past the horizon), best.pt is written anew; killed before its final save
+    resumed = subprocess.Popen(train_cmd("--steps", 1000, "--ckpt", "run/checkpoint.pt", "--eval-interval", 1),
+                               cwd=tmp_path, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    for line in resumed.stdout:
+        if line.startswith("best: run/best.pt at step "):
+            break
+    resumed.kill()
+    resumed.wait()
+    assert load_ckpt(best)["step"] > 4
+    assert save.read_bytes() == before and save.stat().st_nlink == 1  # atomic_write replaced best.pt's name only
+
+
+NO_LINKS = """
+import errno, os, runpy, sys
+def link(*args, **kwargs):  # a filesystem without hard links
+    raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+os.link = link
+sys.argv = ["train.py"] + sys.argv[1:]
+sys.path.insert(0, {root!r})
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_where_hard_links_fail_the_final_save_is_written_in_full(tmp_path, corpus):
+    script = tmp_path / "no_links.py"
+    script.write_text(NO_LINKS.format(root=ROOT, train=TRAIN_PY))
+    proc = run_cmd(tmp_path, sys.executable, script, *TINY, "--data", corpus, "--steps", 4)
+    assert "saved checkpoint.pt at step 4; loss curve loss.png" in proc.stdout and proc.stderr == ""
+    save, best = tmp_path / "checkpoint.pt", tmp_path / "best.pt"
+    assert save.stat().st_ino != best.stat().st_ino and save.stat().st_nlink == 1
+    assert load_ckpt(save)["step"] == load_ckpt(best)["step"] == 4
+    assert not list(tmp_path.glob(".*.tmp"))

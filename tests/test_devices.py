@@ -1,6 +1,8 @@
 """smollm2/devices.py: the device choice (fake availability), the dtype choice (fake device facts),
-the compile choice, /proc/cpuinfo, the GPU peak table and peak memory; --device cuda:N in one process."""
+the compile choice, /proc/cpuinfo, the GPU peak table, a new run's time estimate and peak memory;
+--device cuda:N in one process."""
 import resource
+import time
 
 import pytest
 import torch
@@ -100,6 +102,30 @@ def test_cpu_info_reads_the_first_processors_name_vendor_and_flags(tmp_path):
     ("NVIDIA A10G", 70e12), ("NVIDIA GeForce RTX 4090", None)])
 def test_peak_flops_matches_whole_model_names_longest_first(name, peak):
     assert peak_flops(name) == peak
+
+
+# ----------------------------------------------------------------------------- a new run's time
+def test_time_estimate_is_tokens_times_flops_per_token_over_the_speed_said_roughly():
+    # 700 steps of 1,024 tokens of 0.86 GFLOP at 100 GFLOP/s: 6,164 s
+    assert devices.time_estimate(700 * 1024, 0.86e9, 100e9) == "about 1.7 h"
+    assert devices.time_estimate(100 * 1024, 0.86e9, 100e9) == "about 15 min"  # 881 s
+    assert devices.time_estimate(89, 1e9, 1e9) == "about 89 s" and devices.time_estimate(1, 1, 1e9) == "about 1 s"
+    assert devices.time_estimate(90 * 60, 1e9, 1e9) == "about 1.5 h"  # 90 min: hours from there
+
+
+def test_training_speed_is_a_share_of_the_peak_or_a_multiple_of_the_measured_matmul_rate():
+    assert devices.training_flops_per_s("bf16", measured=200e9) == pytest.approx(1.7 * 200e9)
+    assert devices.training_flops_per_s("fp32", measured=200e9) == pytest.approx(200e9)
+    assert devices.training_flops_per_s("bf16", measured=200e9, peak=989e12) == pytest.approx(0.3 * 989e12)
+    assert devices.training_flops_per_s("fp32", peak=989e12) == pytest.approx(0.15 * 989e12)  # TF32: half
+
+
+def test_matmul_flops_measures_in_well_under_a_second_and_leaves_threads_and_rng_as_they_were():
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    start = time.perf_counter()
+    flops = devices.matmul_flops("cpu", 96, 64)
+    assert time.perf_counter() - start < 0.5 and 1e8 < flops < 1e14  # 0.1 GFLOP/s to 100 TFLOP/s
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
 
 
 def test_peak_memory_on_cpu_is_the_peak_rss_and_sees_a_freed_block():

@@ -27,7 +27,7 @@ def runs(tmp_path_factory, corpus):
                   TRAIN_PY, *TINY, "--data", corpus, "--save", "ddp/ckpt.pt", "--metrics", "ddp/metrics.jsonl")
     single = run_train(folder, *TINY, "--data", corpus, "--grad-accum", "2",
                        "--save", "single/ckpt.pt", "--metrics", "single/metrics.jsonl")
-    resumed = run_train(folder, "--steps", "4", "--ckpt", "ddp/checkpoint_step_2.pt",
+    resumed = run_train(folder, "--steps", "4", "--ckpt", "ddp/ckpt_step_2.pt",
                         "--save", "resumed/ckpt.pt", "--metrics", "resumed/metrics.jsonl")
     return folder, ddp, single, resumed
 

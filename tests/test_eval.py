@@ -3,24 +3,21 @@ computing the same windows on its own, and bad input as one line with exit statu
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cmd
-from model import PRESETS, SmolLM2
+from conftest import ROOT, TRAIN_ENV, assert_one_line_error, peaked_tiny_preset, run_cmd
 
 EVAL_PY = os.path.join(ROOT, "eval.py")
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A random tiny model with weights far from init (peaked predictions), as an HF directory."""
-    torch.manual_seed(0)
-    model = SmolLM2(PRESETS["tiny"])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    """A random tiny model with peaked predictions, as an HF directory."""
+    model = peaked_tiny_preset()
     folder = tmp_path_factory.mktemp("eval") / "tiny"
     model.save_pretrained(folder, dtype=torch.float32)
     return folder
@@ -77,12 +74,28 @@ def test_eval_equals_transformers_on_the_same_windows(tmp_path, tiny_dir, text_f
     (["{model}", "--data", "{text}", "--seq-len", "0"], "--seq-len: must be > 0"),
     (["{model}", "--data", "{text}", "--seq-len", "5000"], "exceeds the model's context window of 1024"),
     (["{model}"], "the following arguments are required: --data"),
+    (["{model}", "--data", "{text}", "--json", "."], "--json . is a directory"),
 ])
 def test_bad_eval_input_is_one_line_and_exit_2(tmp_path, tiny_dir, text_file, args, message):
     args = [a.format(model=tiny_dir, text=text_file) for a in args]
     proc = run_cmd(tmp_path, "python", EVAL_PY, *args, status=2)
     assert proc.stderr.startswith("eval.py: error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert message in proc.stderr
+
+
+def test_a_json_output_in_a_read_only_folder_is_refused_before_evaluating(tmp_path, tiny_dir, text_file,
+                                                                         read_only_dir):
+    out = read_only_dir / "e.json"
+    proc = subprocess.run([sys.executable, EVAL_PY, tiny_dir, "--data", text_file, "--json", out], cwd=tmp_path,
+                          env=TRAIN_ENV, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, "eval.py", out)
+    assert proc.stdout == ""  # no result line: it stopped before the evaluation
+
+
+def test_eval_help_shows_every_default(tmp_path):
+    text = " ".join(run_cmd(tmp_path, sys.executable, EVAL_PY, "--help").stdout.split())
+    for default in ("(default text)", "(default 1000000)", "(default 1024)", "(default 1)", "(default auto:"):
+        assert default in text, default
 
 
 def test_parquet_jsonl_and_hf_stream_evaluate_like_the_same_text_files(tmp_path, tiny_dir):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, TRAIN_ENV, run_cmd, run_train, train_cmd
+from conftest import ROOT, TRAIN_ENV, assert_one_line_error, run_cmd, run_train, train_cmd
 from model import SmolLM2
 
 
@@ -81,10 +81,14 @@ def test_init_from_the_real_gguf_starts_far_below_random_and_fine_tuning_lowers_
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_a_bad_export_dtype_is_one_line_and_exit_2(tmp_path, checkpoint):
+def test_a_bad_export_dtype_is_one_line_and_exit_2_naming_each_tools_own_flags(tmp_path, checkpoint):
     proc = run_cmd(tmp_path, "python", os.path.join(ROOT, "export.py"), checkpoint, tmp_path / "x.gguf",
                    "--dtype", "int4", status=2)
-    assert proc.stderr.startswith("export.py: error: --export: --dtype int4") and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("export.py: error: --dtype int4 is not an export dtype; use auto, fp32")
+    assert len(proc.stderr.splitlines()) == 1 and "--export" not in proc.stderr  # a train.py flag
+    (tmp_path / "dir.gguf").mkdir()  # train.py's messages name its flag (its --dtype refuses int4 itself)
+    proc = run_train(tmp_path, "--export", checkpoint, tmp_path / "dir.gguf", status=2)
+    assert proc.stderr.startswith(f"train.py: error: --export: {tmp_path / 'dir.gguf'} is a directory")
     proc = run_cmd(tmp_path, "python", os.path.join(ROOT, "export.py"), checkpoint, tmp_path / "hf",
                    "--dtype", "q8_0", status=2)
     assert "GGUF only" in proc.stderr and not (tmp_path / "hf").exists() and not (tmp_path / "x.gguf").exists()
@@ -101,6 +105,35 @@ def test_export_py_space_with_out_and_no_out_nor_space_are_one_line_and_exit_2(t
     proc = run_cmd(tmp_path, sys.executable, os.path.join(ROOT, "export.py"), checkpoint, *args, status=2)
     assert proc.stderr.startswith(f"export.py: error: {message}") and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "space").exists()
+
+
+@pytest.mark.parametrize("tool, args, out", [
+    ("train.py", ["--export", "{ckpt}", "{ro}/out"], "{ro}/out"),
+    ("export.py", ["{ckpt}", "{ro}/out2"], "{ro}/out2"),
+    ("export.py", ["{ckpt}", "{ro}/t.gguf"], "{ro}/t.gguf"),
+    ("export.py", ["{ckpt}", "--space", "{ro}/space"], "{ro}/space"),
+])
+def test_an_output_in_a_read_only_folder_is_refused_before_the_work_in_one_line(tmp_path, checkpoint,
+                                                                                read_only_dir, tool, args, out):
+    args = [a.format(ckpt=checkpoint, ro=read_only_dir) for a in args]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, tool), *args], cwd=tmp_path, env=TRAIN_ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, tool, out.format(ro=read_only_dir))
+    assert "not a writable directory" in proc.stderr and not proc.stdout
+
+
+def test_the_export_line_gives_step_and_validation_loss_to_4_decimals(tmp_path, checkpoint):
+    val_loss = torch.load(checkpoint, map_location="cpu", weights_only=True)["val_loss"]
+    proc = run_cmd(tmp_path, sys.executable, os.path.join(ROOT, "export.py"), checkpoint, tmp_path / "t.gguf")
+    assert proc.stdout == f"exported {checkpoint} (step 2, val loss {val_loss:.4f}) to {tmp_path / 't.gguf'} in GGUF F16\n"
+
+
+def test_export_py_help_describes_the_tool_in_whole_sentences(tmp_path):
+    proc = run_cmd(tmp_path, sys.executable, os.path.join(ROOT, "export.py"), "--help")
+    text = " ".join(proc.stdout.split())
+    assert ("Take a trained model out of the repo: a GGUF file for llama.cpp / Ollama / LM Studio, or an HF "
+            "directory with a model card, optionally pushed to the Hugging Face hub.") in text
+    assert "python export.py checkpoint.pt model-q8.gguf --dtype q8_0" in proc.stdout  # the examples, as laid out
 
 
 # ----------------------------------------------------------------------------- --push-to-hub

@@ -5,7 +5,7 @@ import subprocess
 
 from conftest import ROOT
 
-ENTRY_POINTS = {"train", "eval", "export", "hf_files.app"}  # what a user runs (model.py is also the spec)
+ENTRY_POINTS = {"train", "eval", "export", "sample", "hf_files.app"}  # what a user runs (model.py is also the spec)
 
 
 def repo_modules():

@@ -175,7 +175,7 @@ def stream_runs(tmp_path_factory, docs):
     before = token_caches(home_cache)
     full = run_train(folder, *STREAM_RUN, "--data", spec, "--save", "full/ckpt.pt",
                      "--metrics", "full/metrics.jsonl")
-    resumed = run_train(folder, "--steps", 4, "--ckpt", "full/checkpoint_step_2.pt",
+    resumed = run_train(folder, "--steps", 4, "--ckpt", "full/ckpt_step_2.pt",
                         "--save", "resumed/ckpt.pt", "--metrics", "resumed/metrics.jsonl")
     caches = [c for c in token_caches(folder, home_cache) if c not in before]
     return folder, full, resumed, caches, spec
@@ -211,7 +211,7 @@ def test_torchrun_2_ranks_on_a_stream_match_one_process_with_grad_accum_2(tmp_pa
     ddp = run_cmd(tmp_path, sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "--nproc_per_node=2", TRAIN_PY, *args, "--save", "ddp/ckpt.pt", "--metrics", "ddp/m.jsonl")
     run_train(tmp_path, *args, "--grad-accum", 2, "--save", "single/ckpt.pt", "--metrics", "single/m.jsonl")
-    resumed = run_train(tmp_path, "--steps", 4, "--ckpt", "ddp/checkpoint_step_2.pt",
+    resumed = run_train(tmp_path, "--steps", 4, "--ckpt", "ddp/ckpt_step_2.pt",
                         "--save", "resumed/ckpt.pt", "--metrics", "resumed/m.jsonl")
     assert "2 lane(s) of disjoint documents" in ddp.stdout
     assert "2 x 32 tokens x 2 micro-steps x 1 processes" in resumed.stdout

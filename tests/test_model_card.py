@@ -1,5 +1,7 @@
 """smollm2/model_card.py: the model card every exported HF directory gets (read back with
-huggingface_hub's ModelCard): metadata, the training summary, the base model, the loss plot."""
+huggingface_hub's ModelCard): metadata, the training summary, the base model, the loss plot, and
+no path of the exporting machine."""
+import json
 import os
 
 import pytest
@@ -67,8 +69,38 @@ def test_an_existing_readme_such_as_the_spaces_is_kept_and_the_card_goes_beside_
     assert not (tmp_path / "out" / "MODEL_CARD.md").exists() and read_card(tmp_path / "out").data.license
 
 
+def test_card_and_training_info_name_files_not_the_exporting_machines_folders(tmp_path, tmp_path_factory,
+                                                                               checkpoint):
+    """A run fine-tuned from a GGUF given by its absolute path, on data given by its absolute path,
+    exported from an absolute path: the card and training_info.json say the file names only."""
+    ckpt = load_ckpt(checkpoint)
+    ckpt["args"]["init"] = str(tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert os.path.isabs(ckpt["args"]["data"])  # the corpus fixture's file
+    torch.save(ckpt, tmp_path / "from_gguf.pt")
+    run_train(tmp_path, "--export", tmp_path / "from_gguf.pt", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    info = (tmp_path / "out" / "training_info.json").read_text()
+    for text in (card, info):
+        assert str(tmp_path_factory.getbasetemp()) not in text  # every path of this test is under it
+    assert "`SmolLM2-135M-Instruct.Q4_1.gguf`" in card and "`shakespeare.txt`" in card
+    assert "--init SmolLM2-135M-Instruct.Q4_1.gguf" in card and "--data shakespeare.txt" in card
+    assert json.loads(info)["source"] == "from_gguf.pt"
+    run_train(tmp_path, "--export", tmp_path / "out", tmp_path / "again")  # a weights-only source
+    assert str(tmp_path) not in (tmp_path / "again" / "README.md").read_text() + \
+        (tmp_path / "again" / "training_info.json").read_text()
+
+
 def test_a_card_of_a_weights_only_source_says_where_it_came_from(tmp_path, checkpoint):
     run_train(tmp_path, "--export", checkpoint, tmp_path / "first", "--dtype", "fp32")
     run_train(tmp_path, "--export", tmp_path / "first", tmp_path / "second", "--dtype", "fp32")
     card = read_card(tmp_path / "second")
     assert card.data.library_name == "transformers" and "no training run recorded" in card.text
+
+
+def test_the_cards_command_leaves_out_the_files_named_after_save():
+    from smollm2.model_card import train_command
+    from smollm2.train_args import build_parser, resolve_args
+    args = build_parser().parse_args(["--save", "runs/x/fp32.pt"])
+    resolve_args(args, None, 1)
+    assert (args.metrics, args.plot) == ("runs/x/fp32_metrics.jsonl", "runs/x/fp32_loss.png")  # the defaults
+    assert train_command(vars(args)) == "python train.py --steps 5000 --save runs/x/fp32.pt"

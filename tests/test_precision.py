@@ -111,7 +111,7 @@ def test_16_bit_runs_learn_and_resume_from_step_n_bit_for_bit(tmp_path, corpus, 
     full = run_injected(tmp_path, *args, "--save", "full/ckpt.pt", "--metrics", "full/metrics.jsonl",
                         at=3 if dtype == "fp16" else 0)
     assert f"device cpu, {dtype}" in full.stdout
-    resumed = run_train(tmp_path, "--steps", 12, "--ckpt", "full/checkpoint_step_6.pt",
+    resumed = run_train(tmp_path, "--steps", 12, "--ckpt", "full/ckpt_step_6.pt",
                         "--save", "resumed/ckpt.pt", "--metrics", "resumed/metrics.jsonl")
     assert "resuming a" not in resumed.stdout  # the same dtype: no notice
     a, b = losses(tmp_path / "full/metrics.jsonl"), losses(tmp_path / "resumed/metrics.jsonl")
@@ -131,7 +131,7 @@ def test_a_compiled_bf16_run_resumes_compiled_from_step_n_bit_for_bit(tmp_path, 
             "--keep-last", 0, "--val-frac", 0]
     full = run_train(tmp_path, *args, "--save", "full/ckpt.pt", "--metrics", "full/metrics.jsonl")
     assert "device cpu, bf16, compiled" in full.stdout
-    resumed = run_train(tmp_path, "--steps", 4, "--ckpt", "full/checkpoint_step_2.pt",
+    resumed = run_train(tmp_path, "--steps", 4, "--ckpt", "full/ckpt_step_2.pt",
                         "--save", "resumed/ckpt.pt", "--metrics", "resumed/metrics.jsonl")
     assert "device cpu, bf16, compiled" in resumed.stdout
     a, b = losses(tmp_path / "full/metrics.jsonl"), losses(tmp_path / "resumed/metrics.jsonl")

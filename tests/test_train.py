@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import (ROOT, TINY, TRAIN_ENV, TRAIN_PY, load_ckpt, losses, read_metrics, run_cmd, run_train,
                       train_cmd)
@@ -39,6 +40,15 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr_at_the_horizon():
 
 def test_lr_stays_at_min_lr_past_the_horizon_of_the_first_run():
     assert [get_lr(s, 3e-4, 3e-5, 100, 5000) for s in (5000, 5001, 5049, 10**6)] == [3e-5] * 4
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning_in_the_lr_line(tmp_path, corpus, good_run):
+    proc = run_train(tmp_path, *TINY, "--data", corpus, "--steps", 2, "--warmup", 100)
+    lr_line = next(line for line in proc.stdout.splitlines() if line.startswith("LR: "))
+    assert lr_line.endswith("(warning: the warmup is longer than the run's 2 steps: the LR never reaches its peak "
+                            "0.003; lower --warmup)"), lr_line
+    assert max(r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")) < 3e-3  # indeed
+    assert "warning" not in good_run[1].stdout  # --warmup 2 of --steps 3: the peak is reached
 
 
 # ----------------------------------------------------------------------------- a normal run
@@ -81,7 +91,7 @@ def test_checkpoint_loads_with_weights_only_and_holds_everything_resume_needs(go
 def test_resume_from_step_n_reproduces_a_2n_step_run_bit_for_bit(tmp_path, corpus):
     run_train(tmp_path, *TINY, "--data", corpus, "--steps", 6, "--ckpt-interval", 3,
               "--save", "full/ckpt.pt", "--metrics", "full/metrics.jsonl")
-    proc = run_train(tmp_path, "--steps", 6, "--ckpt", "full/checkpoint_step_3.pt",
+    proc = run_train(tmp_path, "--steps", 6, "--ckpt", "full/ckpt_step_3.pt",
                      "--save", "resumed/ckpt.pt", "--metrics", "resumed/metrics.jsonl")
     assert "cosine to 3e-05 at step 6" in proc.stdout  # the first run's horizon
     full, resumed = losses(tmp_path / "full/metrics.jsonl"), losses(tmp_path / "resumed/metrics.jsonl")
@@ -100,6 +110,22 @@ def test_steps_past_the_first_runs_horizon_run_at_min_lr(tmp_path, good_run):
     assert "steps 4..5 are past the horizon" in proc.stdout
     assert [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [3e-5, 3e-5]
     assert load_ckpt(tmp_path / "checkpoint.pt")["step"] == 5
+
+
+def test_an_explicit_ckpt_says_it_resumes_from_it_at_its_step(tmp_path, good_run):
+    shutil.copy(good_run[0] / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    proc = run_train(tmp_path, "--steps", 4, "--ckpt", "checkpoint.pt")
+    assert proc.stdout.startswith("resuming from checkpoint.pt at step 3\n"), proc.stdout
+
+
+def test_a_resume_without_plot_redraws_the_runs_own_plot(tmp_path, corpus):
+    run_train(tmp_path, *TINY, "--data", corpus, "--steps", 2, "--plot", "custom.png")
+    plot = tmp_path / "custom.png"
+    before = (plot.read_bytes(), plot.stat().st_mtime_ns)
+    proc = run_train(tmp_path, "--steps", 3, "--ckpt", "checkpoint.pt")
+    assert re.search(r"^saved checkpoint.pt at step 3.*; loss curve custom.png$", proc.stdout, re.M), proc.stdout
+    assert plot.read_bytes() != before[0] and plot.stat().st_mtime_ns != before[1]  # the curve to step 3
+    assert not (tmp_path / "loss.png").exists()
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -163,7 +189,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, go
     shutil.copy(folder / "checkpoint.pt", tmp_path / "checkpoint.pt")
     before = (tmp_path / "checkpoint.pt").read_bytes()
     proc = subprocess.Popen([sys.executable, slow_save_script(tmp_path), "--steps", "5", "--ckpt", "checkpoint.pt",
-                             "--ckpt-interval", "0"],
+                             "--ckpt-interval", "0", "--val-frac", "0"],  # no best.pt at step 5 to link to
                             cwd=tmp_path, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         if line.startswith("HALF-WRITTEN"):
@@ -174,6 +200,41 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, go
     assert len(partial) == 1 and 0 < partial[0].stat().st_size < len(before)  # killed mid-write
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert load_ckpt(tmp_path / "checkpoint.pt")["step"] == 3
+
+
+def test_a_second_sigint_stops_at_once_saying_what_was_saved_and_how_to_resume(tmp_path, corpus):
+    run_train(tmp_path, *TINY, "--data", corpus, "--steps", 2)  # best.pt at step 2, checkpoint.pt a link to it
+    # resumed: checkpoint_step_4.pt, then Ctrl-C; the final save of checkpoint.pt is slow: Ctrl-C again
+    proc = subprocess.Popen([sys.executable, slow_save_script(tmp_path), "--steps", "1000", "--ckpt", "checkpoint.pt",
+                             "--ckpt-interval", "4", "--eval-interval", "1000"],
+                            cwd=tmp_path, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if re.match(r"step +5/1000", line):  # checkpoint_step_4.pt is saved
+            break
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stdout:
+        if line.startswith("HALF-WRITTEN"):  # the final save is under way
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT  # killed by the signal itself: a shell shows status 130
+    assert "Traceback" not in err
+    said = re.fullmatch(r"SIGINT again: stopping now, nothing more is saved; the last checkpoint is "
+                        r"(checkpoint_step_(\d+)\.pt) at step (\d+), the best best.pt at step 2; resume with: "
+                        r"python train.py --steps 1000 --ckpt (\S+)", err.strip().splitlines()[-1])
+    assert said and said[2] == said[3] and said[4] == said[1], err  # step 4, or 8 on a slow pipe
+    assert load_ckpt(tmp_path / said[1])["step"] == int(said[3]) and load_ckpt(tmp_path / "best.pt")["step"] == 2
+
+
+def test_with_nothing_saved_a_second_signal_says_so_and_under_torchrun_the_command_is_torchruns(tmp_path):
+    from train import saved_so_far
+    args = type("Args", (), {"steps": 700})()
+    saver = type("Saver", (), {"last_good": None, "best": None, "best_path": str(tmp_path / "best.pt")})()
+    assert saved_so_far(saver, args, type("Proc", (), {"world": 1})()) == "nothing was saved yet"
+    saver.last_good = ("runs/my run/ckpt_step_8.pt", 8)
+    assert saved_so_far(saver, args, type("Proc", (), {"world": 2})()) == (
+        "the last checkpoint is runs/my run/ckpt_step_8.pt at step 8; resume with: torchrun --nproc_per_node=2 "
+        "train.py --steps 700 --ckpt 'runs/my run/ckpt_step_8.pt'")
 
 
 HANDLERS_AROUND_MAIN = """
@@ -207,7 +268,20 @@ BAD_INPUTS = {  # case -> (arguments, what the one-line error must say)
     "steps not above the checkpoint's": (["--steps", "3", "--ckpt", "checkpoint.pt"], "--steps 53"),
     "missing checkpoint": (["--steps", "9", "--ckpt", "gone.pt"], "no such file"),
     "truncated checkpoint": (["--steps", "9", "--ckpt", "truncated.pt"], "truncated or corrupt"),
-    "text file as checkpoint": (["--steps", "9", "--ckpt", "notes.pt"], "not a readable checkpoint"),
+    "text file as checkpoint": (["--steps", "9", "--ckpt", "notes.pt"], "--ckpt notes.pt: not a checkpoint (a text "
+                                "file); resume from a checkpoint.pt that train.py saved, or start from weights with "
+                                "--init"),
+    "the training text as checkpoint": (["--steps", "9", "--ckpt", "input.txt"],
+                                        "--ckpt input.txt: not a checkpoint (a text file)"),
+    "GGUF weights as checkpoint": (["--steps", "9", "--ckpt", "model.gguf"], "--ckpt model.gguf: not a training "
+                                   "checkpoint but model weights (a GGUF file); to start a new run from them use "
+                                   "--init model.gguf"),
+    "safetensors weights as checkpoint": (["--steps", "9", "--ckpt", "model.safetensors"], "model weights (a "
+                                          "safetensors file); to start a new run from them use --init"),
+    "random bytes as checkpoint": (["--steps", "9", "--ckpt", "random.pt"], "not a checkpoint (a binary file of "
+                                   "unknown format"),
+    "folder as checkpoint": (["--steps", "9", "--ckpt", "."], "--ckpt .: a folder, not a checkpoint file; to start "
+                             "a new run from an HF model directory use --init"),
     "weights-only file as checkpoint": (["--steps", "9", "--ckpt", "weights.pt"], "use --init"),
     "checkpoint of another model": (["--steps", "9", "--ckpt", "checkpoint.pt", "--model", "smollm2-135m"],
                                     "hidden_size 96 vs 576"),
@@ -238,6 +312,10 @@ def bad_runs(tmp_path_factory, corpus, good_run):
     (base / "short.txt").write_text("To be, or not to be")
     (base / "truncated.pt").write_bytes((base / "checkpoint.pt").read_bytes()[:1_000_000])
     (base / "notes.pt").write_text("not a checkpoint")
+    (base / "input.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    (base / "model.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(64))  # GGUF's magic, version 3
+    save_file({"w": torch.zeros(4)}, base / "model.safetensors")
+    (base / "random.pt").write_bytes(bytes([7, 200, 13]) * 1000)
     torch.save({"model": good["model"], "config": good["config"]}, base / "weights.pt")
     runs = {}
     for i, (case, (args, expected)) in enumerate(BAD_INPUTS.items()):
@@ -378,3 +456,12 @@ def test_real_size_smollm2_135m_starts_near_ln_vocab_and_learns(tmp_path, corpus
     first_val, last_val = history["val_loss"]
     assert abs(history["loss"][0] - math.log(49152)) < 1.0 and abs(first_val - math.log(49152)) < 1.0
     assert last_val < first_val - 0.5, history
+
+
+def test_help_ends_with_the_readmes_commands_as_examples(tmp_path):
+    out = run_cmd(tmp_path, *train_cmd("--help")).stdout
+    examples = out[out.index("\nexamples:\n"):]
+    for command in ("python train.py --steps 5000 ", "python train.py --steps 5050 --ckpt checkpoint.pt ",
+                    "python train.py --steps 5000 --ckpt auto ", "python train.py --model tiny --steps 500 "):
+        assert f"\n  {command}" in examples, examples  # one command a line, as written
+    assert examples.rstrip().endswith("Run-defining settings not given on resume are taken from the checkpoint.")

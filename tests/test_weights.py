@@ -152,6 +152,24 @@ def test_tiny_checkpoint_exports_in_that_dtype_and_reloads_within_its_rounding(t
         assert (wrong(ids)[0] - expected).abs().max() > 100 * 2e-5
 
 
+# ----------------------------------------------------------------------------- HF directories
+@pytest.mark.slow
+def test_an_exported_folder_names_one_eos_and_bos_the_models_own_for_transformers(tmp_path, real_model):
+    """The Instruct model ends turns with <|im_end|> (id 2): transformers' tokenizer, config and
+    generation config read from the folder must all say so, not the tokenizer's <|endoftext|>."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    real_model.save_pretrained(tmp_path / "real", dtype=torch.bfloat16)
+    tok, config = AutoTokenizer.from_pretrained(tmp_path / "real"), AutoConfig.from_pretrained(tmp_path / "real")
+    generation = GenerationConfig.from_pretrained(tmp_path / "real")
+    assert real_model.config.eos_token_id == 2 and tok.eos_token == "<|im_end|>"
+    assert tok.eos_token_id == config.eos_token_id == generation.eos_token_id == 2
+    assert tok.bos_token_id == config.bos_token_id == generation.bos_token_id == 1
+    assert tok.unk_token == "<|endoftext|>" and "<|im_start|>" in tok.chat_template  # the rest as copied
+    tiny_model().save_pretrained(tmp_path / "tiny")  # a base model: <|endoftext|> (id 0) for both
+    tok, config = AutoTokenizer.from_pretrained(tmp_path / "tiny"), AutoConfig.from_pretrained(tmp_path / "tiny")
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>" and tok.eos_token_id == config.eos_token_id == 0
+
+
 # ----------------------------------------------------------------------------- loading
 def test_bf16_save_and_training_checkpoint_load(tmp_path):
     ours = tiny_model()
