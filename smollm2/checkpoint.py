@@ -76,7 +76,7 @@ def load_checkpoint(path, flag="--ckpt"):
         raise CheckpointError(f"{flag} {path}: a folder, not a checkpoint file; to start a new run "
                               "from an HF model directory use --init")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{flag} {path}: no such file")
+        raise CheckpointError(f"{flag} {path}: no such file{same_step_elsewhere(path)}")
     kind = file_kind(path)
     if kind in ("GGUF", "safetensors"):
         raise CheckpointError(f"{flag} {path}: not a training checkpoint but model weights (a {kind} file); "
@@ -103,6 +103,18 @@ def load_checkpoint(path, flag="--ckpt"):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{flag} {path}: bad model config ({e})") from None
     return ckpt
+
+
+def same_step_elsewhere(path):
+    """For a missing NAME_step_N.pt: the periodic checkpoints of step N beside it under other run
+    names (periodic checkpoints are named after their run's --save), as a hint; else ""."""
+    m = re.fullmatch(r"(.+)_step_(\d+)\.pt", os.path.basename(path))
+    folder = os.path.dirname(path)
+    if not m or not os.path.isdir(folder or "."):
+        return ""
+    found = sorted(n for n in os.listdir(folder or ".") if n.endswith(f"_step_{m[2]}.pt"))
+    return (f" (step {m[2]} here: {', '.join(found)}; periodic checkpoints are named after their run's "
+            "--save)") if found else ""
 
 
 def file_kind(path):

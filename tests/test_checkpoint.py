@@ -322,3 +322,17 @@ def test_where_hard_links_fail_the_final_save_is_written_in_full(tmp_path, corpu
     assert save.stat().st_ino != best.stat().st_ino and save.stat().st_nlink == 1
     assert load_ckpt(save)["step"] == load_ckpt(best)["step"] == 4
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_missing_periodic_checkpoint_names_the_same_step_under_the_runs_own_name(tmp_path):
+    """Scripts written for checkpoint_step_N.pt beside a --save of another name find the new name."""
+    (tmp_path / "final_step_100.pt").write_bytes(b"PK")
+    message = ""
+    try:
+        checkpoint.load_checkpoint(str(tmp_path / "checkpoint_step_100.pt"))
+    except checkpoint.CheckpointError as e:
+        message = str(e)
+    assert message.endswith("checkpoint_step_100.pt: no such file (step 100 here: final_step_100.pt; periodic "
+                            "checkpoints are named after their run's --save)")
+    with pytest.raises(checkpoint.CheckpointError, match=r"gone\.pt: no such file$"):
+        checkpoint.load_checkpoint(str(tmp_path / "gone.pt"))
