@@ -14,7 +14,6 @@ output_norm tensor names, no output.weight (llama.cpp ties it to the embedding),
 and the tokenizer as "gpt2" byte-level BPE with the "smollm" pre-tokenizer.
 """
 import argparse
-import json
 import os
 
 import torch
@@ -22,11 +21,10 @@ import torch
 from model import SmolLM2
 from smollm2 import space
 from smollm2.cli import OneLineParser, main_guard
-from smollm2.errors import ExportError
-from smollm2.files import existing_folder
-from smollm2.files import public_name
+from smollm2.errors import ExportError, UsageError
+from smollm2.files import check_writable
 from smollm2.model_card import write_model_card
-from smollm2.weights import write_gguf
+from smollm2.weights import training_info, write_gguf, write_training_info
 
 # --dtype spellings -> (torch dtype for an HF directory, GGML type name for a GGUF file)
 DTYPES = {"auto": (torch.bfloat16, "F16"), "bf16": (torch.bfloat16, "BF16"),
@@ -51,16 +49,13 @@ def export(source, out, dtype="auto", push_to_hub=None, prefix="--export: "):
         raise ExportError(f"{prefix}{out} exists and is not a directory")
     check_output(out, directory=not gguf_out, prefix=prefix)
     model = SmolLM2.from_pretrained(source)
-    # the source by its file name (or hub id): training_info.json and the card are published
-    info = {"source": public_name(str(source)),
-            **{k: model.source_info.get(k) for k in ("format", "step", "val_loss")}}
+    info = training_info(source, model.source_info)  # published: the source by its file name or hub id
     if gguf_out:
         write_gguf(model, out, DTYPES[dtype][1])
         what = f"GGUF {DTYPES[dtype][1]}"
     else:
         model.save_pretrained(out, dtype=DTYPES[dtype][0])
-        with open(os.path.join(out, "training_info.json"), "w") as f:
-            json.dump(info, f, indent=2)
+        write_training_info(out, source, model.source_info)
         card = write_model_card(out, source, info, push_to_hub)
         what = (f"{str(DTYPES[dtype][0]).removeprefix('torch.')}: config.json, model.safetensors, "
                 f"tokenizer files, {os.path.basename(card)}")
@@ -73,11 +68,12 @@ def export(source, out, dtype="auto", push_to_hub=None, prefix="--export: "):
 
 
 def check_output(path, directory, prefix=""):
-    """Refuse, before any work, an output that could not be written: a directory output's own folder
-    if it exists, else its nearest existing ancestor; a file's folder (or that folder's ancestor)."""
-    folder = path if directory and os.path.isdir(path) else existing_folder(path)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ExportError(f"{prefix}cannot write {path}: {folder} is not a writable directory")
+    """Refuse, before any work, an output that could not be written (files.check_writable), the flag
+    that asked for it in front of the line."""
+    try:
+        check_writable(path, directory=directory)
+    except UsageError as e:
+        raise ExportError(f"{prefix}{e}") from None
 
 
 # ----------------------------------------------------------------------------- hub

@@ -7,11 +7,25 @@ import os
 from smollm2.errors import UsageError
 
 
+def temp_path(path):
+    """The temporary name a file is written under beside path before it takes path's name (the
+    process id in it: checkpoint.py removes those of processes that are gone)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+def sync_folder(folder):
+    """fsync a folder: a rename into it is then durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
 def atomic_write(path, write):
     """write(file) into a temp file beside path, fsync, rename over path, fsync the directory."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -22,9 +36,7 @@ def atomic_write(path, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    os.fsync(fd)
-    os.close(fd)
+    sync_folder(folder)
 
 
 def atomic_link(source, path):
@@ -32,8 +44,7 @@ def atomic_link(source, path):
     renamed over it, so a crash leaves the old path whole. Later atomic_writes of either name replace
     that name only. False, with path untouched, where the filesystem cannot (no hard links, another
     device)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # atomic_write's temp name
+    tmp = temp_path(path)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -45,9 +56,7 @@ def atomic_link(source, path):
         return False
     with contextlib.suppress(OSError):  # rename(2) does nothing when both names are already one file
         os.remove(tmp)
-    fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-    os.fsync(fd)
-    os.close(fd)
+    sync_folder(os.path.dirname(tmp))
     return True
 
 
@@ -59,10 +68,12 @@ def existing_folder(path):
     return folder
 
 
-def check_writable(*paths):
-    """Refuse output paths that could not be written, rather than fail after hours of training."""
+def check_writable(*paths, directory=False):
+    """Refuse output paths that could not be written, rather than fail after hours of work. A
+    directory output (directory=True) is checked in itself where it exists, since its files go
+    inside it; a file, or a directory still to be made, in its nearest existing folder."""
     for path in paths:
-        folder = existing_folder(path)
+        folder = path if directory and os.path.isdir(path) else existing_folder(path)
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise UsageError(f"cannot write {path}: {folder} is not a writable directory")
 

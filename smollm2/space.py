@@ -4,14 +4,13 @@ bf16 by default, and the training step in training_info.json), model.py, the smo
 imports (followed through every import, function-level ones included) and tokenizer/. Pushed alone,
 it runs: nothing else of the repo is needed."""
 import ast
-import json
 import os
 import shutil
 
 from model import SmolLM2
 from smollm2.errors import ExportError
-from smollm2.files import public_name
 from smollm2.tokenizer import TOKENIZER_DIR
+from smollm2.weights import write_training_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE_DIR = os.path.join(ROOT, "hf_files")  # what git holds of the Space
@@ -58,8 +57,5 @@ def assemble(source, out_dir, dtype):
     shutil.copytree(TOKENIZER_DIR, os.path.join(out_dir, "tokenizer"), dirs_exist_ok=True)
     written.append("tokenizer/")
     model.save_pretrained(out_dir, dtype=dtype, tokenizer_dir=None)  # the app reads tokenizer/
-    info = {k: model.source_info.get(k) for k in ("format", "step", "val_loss")}
-    info["source"] = public_name(str(source))  # no folder of this machine in what is pushed
-    with open(os.path.join(out_dir, "training_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    write_training_info(out_dir, source, model.source_info)
     return written + ["model.safetensors", "config.json", "generation_config.json", "training_info.json"]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from smollm2.errors import ExportError, ModelLoadError
+from smollm2.files import public_name
 from smollm2.tokenizer import TOKENIZER_DIR, load_tokenizer
 
 
@@ -37,6 +38,20 @@ def save_pretrained(model, out_dir, dtype=None, tokenizer_dir=None):
                 fout.write(fin.read())
         if os.path.isfile(os.path.join(out_dir, "tokenizer_config.json")):
             _name_the_models_special_tokens(out_dir, model.config, tokenizer_dir)
+
+
+def training_info(source, source_info):
+    """What an export records of where its weights came from: the source by its file name or hub id
+    (never this machine's folders), its format, and the training step and validation loss."""
+    return {"source": public_name(str(source)), **{k: source_info.get(k) for k in ("format", "step", "val_loss")}}
+
+
+def write_training_info(out_dir, source, source_info):
+    """training_info.json beside an export's weights (the Space shows its step and validation loss);
+    returns what it holds."""
+    info = training_info(source, source_info)
+    _write_json(os.path.join(out_dir, "training_info.json"), info)
+    return info
 
 
 def _name_the_models_special_tokens(out_dir, config, tokenizer_dir):
