@@ -158,12 +158,36 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask):
         """SDPA of q (B, nh, T, hs) over k, v (B, nkv, S, hs): causal without a mask (the queries are
         the first T positions), else where mask (T, S) is True. GQA: each group of n_head/n_kv query
-        heads reads one K/V head, without a repeat copy. (CPU training may replace it: smollm2/speedups.py.)"""
-        gqa = q.device.type != "mps"  # SDPA's enable_gqa crashed on MPS in torch <= 2.6: repeat K/V there
+        heads reads one K/V head, in the kernel where it can (gqa_in_kernel), else through a repeat
+        copy of K/V. (CPU training may replace it: smollm2/speedups.py.)"""
+        capability = cuda_capability(q.device) if q.device.type == "cuda" else None
+        gqa = gqa_in_kernel(q.device.type, q.dtype, mask is not None, q.size(-1), capability)
         if not gqa:
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))  # (B, nh, S, hs)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
                                               enable_gqa=gqa)
+
+
+def gqa_in_kernel(device_type, dtype, masked, head_dim, capability=None):
+    """Whether SDPA should read grouped K/V heads itself (enable_gqa) rather than from a repeat copy.
+    On CPU its flash kernel does. On CUDA only the flash kernel does (16-bit, no mask, head_dim a
+    multiple of 8 up to 256, compute capability 8.0+): the memory-efficient kernel refuses unequal
+    head counts, so enable_gqa elsewhere (a T4, fp32, a mask) falls back to the math kernel and its
+    fp32 (B, nh, T, T) matrices kept for backward: 18 GB over 30 layers at B=4, T=2048 in fp16,
+    where the repeat copies of K and V take 19 MB a layer.
+    MPS: enable_gqa crashed there in torch <= 2.6."""
+    if device_type == "cpu":
+        return True
+    if device_type != "cuda":
+        return False
+    return (dtype in (torch.float16, torch.bfloat16) and not masked and head_dim % 8 == 0 and head_dim <= 256
+            and capability is not None and tuple(capability) >= (8, 0))
+
+
+def cuda_capability(device):
+    """(major, minor) of a CUDA device; constant-folded under torch.compile."""
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.minor
 
 
 def decode_attention(q, k, v, mask):

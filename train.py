@@ -103,7 +103,7 @@ class Run:
             self.precision.load_state_dict(ckpt.get("scaler"))
         # what a micro-step calls: the chunked loss, compiled or not, under DDP or not
         self.loss = TrainingLoss(self.model, proc, self.precision, args.compile, self.horizon,
-                                 args.gradient_checkpointing)
+                                 args.gradient_checkpointing, args.batch_size * args.seq_len)
         self.loss.probe(args.batch_size, args.seq_len, self.optimizer)
         self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * proc.world
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -160,7 +160,10 @@ def describe(run, tokens):
     print(f"batch: {args.batch_size} x {args.seq_len} tokens x {args.grad_accum} micro-steps x "
           f"{proc.world} processes = {run.tokens_per_step:,} tokens per step | device {proc.device}, "
           f"{run.precision.dtype}{', compiled' if run.loss.compiled else ''}"
-          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+          f"{', deterministic' if args.deterministic else ''}")
+    if advice := devices.batch_advice(proc.type, run.tokens_per_step):
+        print(f"batch advice: {advice}")
     how = ("; training steps on a bf16 copy of the weights, fp32 masters (smollm2/speedups.py)"
            if run.loss.weight_copy else "")
     notice = f"; {run.precision.notice}" if run.precision.notice else ""
@@ -183,7 +186,7 @@ def train(run, saver, stop):
         run.history["val_loss"].append(run.evaluate())
         if master:
             print(f"step 0 | val loss {run.val_loss:.4f}", flush=True)
-    clock = loggers.Clock(run.step)
+    clock = loggers.Clock(run.step, run.proc.device)
     while run.step < args.steps:
         lr = get_lr(run.step, args.lr, args.min_lr, args.warmup, run.horizon)
         for group in run.optimizer.param_groups:
@@ -191,8 +194,12 @@ def train(run, saver, stop):
         loss, norm = run.train_step()
         run.step += 1
         step, last = run.step, run.step == args.steps
-        evaluating = run.val is not None and (step % args.eval_interval == 0 or last)
-        stopping = stop.should_stop(sync=step % args.log_interval == 0 or last or evaluating)
+        stopping = stop.should_stop()  # a signal on any rank: every rank saves and stops after this step
+        hurry = stopping and run.proc.any_rank(stop.hurry)  # a second signal: no evaluation or sample first
+        evaluating = run.val is not None and (step % args.eval_interval == 0 or last) and not hurry
+        periodic = args.ckpt_interval and step % args.ckpt_interval == 0
+        if evaluating or periodic or last or stopping:  # a checkpoint may follow: a stream's ranks share
+            run.loader.share()  # their positions now (a host-side gather), not at every step
         val = None
         if evaluating:
             with clock.pause():
@@ -203,13 +210,13 @@ def train(run, saver, stop):
                 loss = loggers.log_step(run, step, loss, norm, lr, val, clock)
                 if run.precision.diverged(loss):
                     raise SystemExit(f"loss is {loss} at step {step}: training diverged; lower --lr or raise --warmup")
-            clock = loggers.Clock(step)
+            clock = loggers.Clock(step, run.proc.device)
         with clock.pause():
-            if master and args.sample_interval and step % args.sample_interval == 0:
+            if master and args.sample_interval and step % args.sample_interval == 0 and not hurry:
                 run.sample()
             if master and val is not None:
                 saver.keep_best(run, step, val)
-            if master and args.ckpt_interval and step % args.ckpt_interval == 0:
+            if master and periodic:
                 saver.periodic(run, step)
         if stopping and not last:
             return 128 + (stop.received or signal.SIGTERM)  # another rank's signal: SIGTERM here
@@ -237,6 +244,8 @@ def main(argv=None):
     if ckpt and not auto and proc.master:  # --ckpt auto said so when it found it
         print(f"resuming from {args.ckpt} at step {ckpt['step']}", flush=True)
     changed = resolve_args(args, ckpt["args"] if ckpt else None, proc.world)
+    if args.deterministic:  # before anything runs on the device (cuBLAS reads its setting once)
+        devices.deterministic_mode(proc.type)
     check_writable(args.save, args.metrics, args.plot)
     lock = RunLock(args.save) if proc.master else None  # a second run on this --save stops here
     trackers = None

@@ -124,11 +124,11 @@ class Trainer:
         if gradient_checkpointing:  # ours only: model.py's flag, as train.py sets it
             model.gradient_checkpointing = True
         self.model, self.n_params = model, sum(p.numel() for p in model.parameters())
-        from smollm2 import speedups
+        from smollm2 import devices, speedups
         from smollm2.chunked_loss import ChunkedLoss  # ours: the loss as train.py computes it, no (B, T, V) logits
         self.fwd = ChunkedLoss(model) if impl.startswith("ours") else model
         if compile and device == "cpu" and impl.startswith("ours"):
-            speedups.deterministic_cpu_compile()  # as train.py compiles it
+            devices.deterministic_mode("cpu")  # as train.py compiles it
         self.fwd = torch.compile(self.fwd) if compile else self.fwd
         decay = [p for p in model.parameters() if p.dim() >= 2]
         other = [p for p in model.parameters() if p.dim() < 2]
@@ -137,7 +137,6 @@ class Trainer:
             self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
         except (RuntimeError, TypeError):
             self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
-        from smollm2 import devices
         self.autocast = devices.autocast(device, dtype)  # no GradScaler in fp16: timing, not training
         self.low = None
         if impl in ("ours", "ours-eager") and speedups.use_weight_copy(device, dtype, compile,

@@ -162,14 +162,22 @@ def choose_device(cuda_available, capability=None, cpu_bf16=False):
     return device, torch.bfloat16 if cpu_bf16 else torch.float32
 
 
-def cuda_facts():
-    """(CUDA available, compute capability or None), as choose_device takes them."""
+ZERO_GPU_CAPABILITY = (9, 0)  # ZeroGPU's GPUs: H200 slices (A100s before), native bf16 either way
+
+
+def cuda_facts(zero_gpu=None):
+    """(CUDA available, compute capability or None), as choose_device takes them. On ZeroGPU no GPU
+    is attached yet at start-up, so its capability may not be readable: its hardware's is used (else
+    the Space would serve fp32, not the bf16 its README promises). zero_gpu: on such a Space
+    (default: the spaces package is there and SPACES_ZERO_GPU is set)."""
+    if zero_gpu is None:
+        zero_gpu = spaces is not None and bool(os.environ.get("SPACES_ZERO_GPU"))
     if not torch.cuda.is_available():
         return False, None
     try:
         return True, torch.cuda.get_device_capability()
-    except (RuntimeError, AssertionError):  # e.g. ZeroGPU before a GPU is attached: fp32 is safe
-        return True, None
+    except (RuntimeError, AssertionError):  # no GPU attached: fp32 is safe where the hardware is unknown
+        return True, ZERO_GPU_CAPABILITY if zero_gpu else None
 
 
 def on_gpu(fn):

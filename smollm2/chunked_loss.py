@@ -16,15 +16,32 @@ class ChunkedLoss(nn.Module):
     gradient never exist. This is the module train.py trains (and DDP, torch.compile and
     LowPrecisionWeights wrap)."""
 
-    def __init__(self, model, chunk_rows=256):
+    def __init__(self, model, chunk_rows=None):
         super().__init__()
-        self.model, self.chunk_rows = model, chunk_rows
+        device_type = next(model.parameters()).device.type
+        self.model = model
+        self.chunk_rows = chunk_rows or loss_chunk_rows(device_type, model.config.vocab_size)
         route(model)  # its fp32 CPU training products take speedups' GEMM route
 
     def forward(self, idx, targets):
         x = self.model.hidden_states(idx)  # (B, T, C)
         return chunked_cross_entropy(x.flatten(0, 1), self.model.lm_head.weight, targets.reshape(-1),
                                      self.chunk_rows)
+
+
+CPU_CHUNK_ROWS = 256  # fastest on CPU caches (docs/performance.md)
+CHUNK_LOGIT_BYTES = 2**30  # elsewhere: the largest chunk whose fp32 logits fit in 1 GiB
+
+
+def loss_chunk_rows(device_type, vocab_size):
+    """Rows per chunk of the loss on this kind of device. Each chunk adds its part to the whole (V, C)
+    weight gradient: on a GPU, 256-row chunks would rewrite those 113 MB (fp32, 135M model) 128 times
+    a step at B=64, T=512. So GPUs take chunks as large as 1 GiB of fp32 logits allows (4096 rows at
+    V=49152), a power of two, and the CPU its cache-sized 256."""
+    if device_type == "cpu":
+        return CPU_CHUNK_ROWS
+    rows = CHUNK_LOGIT_BYTES // (4 * vocab_size)
+    return max(CPU_CHUNK_ROWS, 1 << (rows.bit_length() - 1))
 
 
 def _cross_entropy_chunks(x, weight, safe_targets, valid, chunk_rows, grad_x=None, grad_w=None, scale=None):

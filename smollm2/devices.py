@@ -8,6 +8,7 @@ the real machine. train.py logs the reason `pick_dtype` gives; the benchmarks an
 peak table.
 """
 import contextlib
+import os
 import re
 import resource
 import sys
@@ -71,7 +72,7 @@ def device_facts(device):
     """The facts pick_dtype needs about torch.device `device`, asked of this machine."""
     device = torch.device(device)
     if device.type == "cuda":
-        # including_emulation=False: a T4 or V100 answers True by default, through slow emulation
+        # the capability, not torch.cuda.is_bf16_supported(): a T4 answers True to that, emulated
         return DeviceFacts("cuda", torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
     if device.type == "cpu":
         name, flags = cpu_flags()
@@ -127,6 +128,49 @@ def pick_compile(device_type, requested, n_params, steps):
     return True, "torch.compile: a run this long on CPU repays its one-off compilation (--compile off: eager)"
 
 
+CUDA_GRAPH_MAX_TOKENS = 8192  # micro-steps of up to this many tokens launch as one CUDA graph
+
+
+def compile_mode(device_type, tokens_per_micro_step, world, gradient_checkpointing):
+    """torch.compile's mode for a compiled training step: "reduce-overhead" (CUDA graphs) for small
+    micro-steps on one GPU, whose thousands of short kernels otherwise each wait on a launch from
+    Python; None (the default mode) elsewhere: large steps keep the GPU busy without graphs, DDP's
+    graphs split at gradient buckets, recomputation (gradient checkpointing) reruns parts of the
+    graph, and a CPU has no launches to save. Not measured on a GPU yet (docs/gpu.md)."""
+    if (device_type == "cuda" and world == 1 and not gradient_checkpointing
+            and 0 < tokens_per_micro_step <= CUDA_GRAPH_MAX_TOKENS):
+        return "reduce-overhead"
+    return None
+
+
+GPU_STEP_TOKENS = 65536  # fewer tokens a step than this leave a GPU mostly idle for a 135M model
+
+
+def batch_advice(device_type, tokens_per_step):
+    """A line for the start-up log when a GPU trains on small steps (the defaults, 1,024 tokens, are
+    sized for a CPU), else None."""
+    if device_type != "cuda" or tokens_per_step >= GPU_STEP_TOKENS:
+        return None
+    return (f"{tokens_per_step:,} tokens a step leave a GPU mostly idle: raise --batch-size and --seq-len "
+            f"until the log's mem nears the card's memory, then --grad-accum, to {GPU_STEP_TOKENS:,}+ tokens a "
+            "step, and --lr with about the square root of the batch's growth (docs/gpu.md)")
+
+
+def deterministic_mode(device_type):
+    """Deterministic kernels from here on, process-wide as torch's flag is, so that a run and its
+    resume repeat bit for bit: train.py --deterministic, and every compiled CPU run (training_loss.py).
+    On CPU, Inductor's kernels add into the embedding's gradient with atomics from every thread (two
+    runs of the same steps drift apart in the last bits within a few steps); in this mode it calls
+    aten's serial index_put_ there instead, no slower. On CUDA the flag also picks SDPA's deterministic
+    backward (flash, memory-efficient) and Inductor's deterministic mode (no autotuning that changes
+    numerics); cuBLAS needs a fixed workspace too, set before the first CUDA product (train.py calls
+    this before anything runs on the device)."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of every new tensor
+    if device_type != "cpu":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def describe_dtype(dtype):
     return {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + GradScaler"}[dtype]
 
@@ -164,6 +208,13 @@ def peak_flops(gpu_name, table=PEAK_FLOPS):
     return None
 
 
+def mfu(tokens_per_s, flops_per_token, peak, device_type, world):
+    """Model FLOPs utilisation: the training FLOP/s achieved over the peak of the devices in use. `peak`
+    is one device's: world GPUs have world times it, while CPU processes share one machine's."""
+    devices_used = world if device_type == "cuda" else 1
+    return tokens_per_s * flops_per_token / (peak * devices_used)
+
+
 # ----------------------------------------------------------------------------- time estimates
 # Training speed as a multiple of the fp32 matmul rate that matmul_flops measures at the model's
 # width (CPUs, MPS, GPUs not in the table). On 2 cores of three CPUs the 135M model's steps ran at
@@ -186,10 +237,7 @@ def matmul_flops(device, width, rows=256, seconds=0.1):
     a = torch.full((rows, width), 0.5, device=device)
     b = torch.full((width, width), 0.25, device=device)
     def sync():  # a GPU's product is timed when it is done, not when it is queued
-        if kind == "cuda":
-            torch.cuda.synchronize(device)
-        elif kind == "mps":
-            torch.mps.synchronize()
+        synchronize(device)
     if kind == "cpu":
         torch.set_num_threads(1)
     try:
@@ -204,6 +252,19 @@ def matmul_flops(device, width, rows=256, seconds=0.1):
     finally:
         torch.set_num_threads(threads)  # as it was: a run's CPU arithmetic depends on it
     return 2 * rows * width * width / fastest * stands_for
+
+
+def asynchronous(device_type):
+    """Whether this kind of device queues work and returns before it is done (a clock read after
+    queueing times the queueing, not the work)."""
+    return device_type in ("cuda", "mps")
+
+
+def synchronize(device):
+    """Wait until `device` has done the work queued on it (nothing to wait for on a CPU)."""
+    device = torch.device(device)
+    if asynchronous(device.type):
+        torch.cuda.synchronize(device) if device.type == "cuda" else torch.mps.synchronize()
 
 
 def training_flops_per_s(dtype, measured=None, peak=None):

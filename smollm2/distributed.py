@@ -9,6 +9,18 @@ import torch
 import torch.distributed as dist
 
 from smollm2.devices import available_devices, pick_device
+from smollm2.errors import UsageError
+
+
+def backend(device_type, world):
+    """The process group's backend for `world` processes training on `device_type`: nccl between GPUs,
+    gloo between CPU processes; UsageError where there is none (gloo cannot move MPS tensors)."""
+    if device_type == "cuda":
+        return "nccl"
+    if device_type == "mps" and world > 1:
+        raise UsageError(f"{world} processes on a Mac's GPU (mps): torch.distributed has no backend for it; "
+                         "train in one process (python train.py), or on CPU processes with --device cpu")
+    return "gloo"
 
 
 class Process:
@@ -23,21 +35,32 @@ class Process:
         if self.type == "cuda" and self.world > 1:
             device = f"cuda:{self.local_rank}"
         self.device, self.master = torch.device(device), self.rank == 0
+        self.backend = backend(self.type, self.world)
+        self.host_group = None
 
     def start(self):
         if self.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # --device cuda:N, or this rank's GPU: kernels go there
         if self.world > 1:
             cuda = self.type == "cuda"
-            dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": self.device} if cuda else {}))
-            # Rank 0 may tokenise a large corpus for hours while the others wait for it: that wait runs
-            # on a gloo group of its own with a long timeout, not in NCCL (its watchdog aborts at 10 min).
-            self.startup_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+            dist.init_process_group(self.backend, **({"device_id": self.device} if cuda else {}))
+            # What the ranks tell each other between steps (a stop signal, a stream's position) and
+            # the wait while rank 0 tokenises a large corpus, for hours maybe, run on a gloo group of
+            # CPU tensors with a long timeout: no GPU sync, and not in NCCL (its watchdog aborts at 10 min).
+            self.host_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
 
     def barrier(self):
         """Wait for every rank, however long rank 0's tokenisation takes."""
         if self.world > 1:
-            dist.barrier(group=self.startup_group)
+            dist.barrier(group=self.host_group)
+
+    def any_rank(self, flag):
+        """Whether `flag` (a bool) is true on any rank: a host-side all-reduce, no device sync."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor(float(flag))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(t.item())
 
     def all_sum(self, t):
         if self.world > 1:

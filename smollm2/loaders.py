@@ -56,6 +56,9 @@ class DataLoaderLite:
         self.position += self.global_batch
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
+    def share(self):
+        """Nothing to gather: every rank's position is the same (StreamLoader's rank lanes differ)."""
+
     def state_dict(self):
         return {"position": int(self.position), "epoch": int(self.epoch)}
 
@@ -165,11 +168,12 @@ class StreamLoader:
     grad_accum runs of disjoint documents (split_dataset_by_node); rank r's micro-step m reads lane
     m * world_size + r. So a step reads one window from every lane whatever the mix of ranks and
     micro-steps: 2 ranks read what 1 process with --grad-accum 2 reads, and a checkpoint resumes under
-    any world size with the same lanes. Each rank reads only its own lanes' documents; after each step
-    the ranks share their (small) lane states, so rank 0's checkpoint can hold all of them."""
+    any world size with the same lanes. Each rank reads only its own lanes' documents; before a
+    checkpoint every rank calls share(), which gathers their (small) lane states over `group` (the
+    gloo group of host-side talk: no GPU sync), so rank 0's checkpoint can hold all of them."""
 
     def __init__(self, spec, batch_size, seq_len, rank=0, world_size=1, grad_accum=1, column="text",
-                 val_tokens=0, tokenizer_dir=None):
+                 val_tokens=0, tokenizer_dir=None, group=None):
         if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size or grad_accum < 1:
             raise DataError(f"bad loader shape: batch_size={batch_size}, seq_len={seq_len}, "
                             f"rank={rank}, world_size={world_size}, grad_accum={grad_accum}")
@@ -184,8 +188,8 @@ class StreamLoader:
         self.own = {i: _Lane(self, i) for i in self.mine}
         for lane in self.own.values():  # fail now (empty stream, bad column), not at step 1
             lane.fill(self.B * self.T + 1)
-        self.calls, self.others = 0, {}
-        self._share()
+        self.calls, self.others, self.group, self.shared = 0, {}, group, False
+        self.share()
 
     def too_few(self):
         if self.lanes == 1 and not self.held_out:
@@ -209,21 +213,24 @@ class StreamLoader:
         buf = torch.from_numpy(lane.tokens[:n + 1].astype(np.int64))
         lane.tokens = lane.tokens[n:]  # the last target is the next window's first input
         self.calls += 1
-        if self.calls % len(self.mine) == 0:  # a step is done: checkpoints come between steps
-            self._share()
+        self.shared = False
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
-    def _share(self):
+    def share(self):
+        """Gather every rank's lane states (all ranks call it, between steps, before a checkpoint)."""
         import torch.distributed as dist
         if self.world_size > 1 and dist.is_initialized():
             mine = {i: lane.state_dict() for i, lane in self.own.items()}
             everyone = [None] * self.world_size
-            dist.all_gather_object(everyone, mine)
+            dist.all_gather_object(everyone, mine, group=self.group)
             self.others = {i: s for states in everyone for i, s in states.items() if i not in self.own}
+        self.shared = True
 
     def state_dict(self):
         if self.calls % len(self.mine):
             raise RuntimeError("a stream's state is only whole between optimizer steps")
+        if self.world_size > 1 and not self.shared:
+            raise RuntimeError("share() the lanes' states on every rank before saving a stream's state")
         states = {**self.others, **{i: lane.state_dict() for i, lane in self.own.items()}}
         return {"stream": self.spec, "column": self.column,
                 "lanes": [states.get(i) for i in range(self.lanes)]}
@@ -245,7 +252,7 @@ class StreamLoader:
         for i, lane in self.own.items():
             lane.load_state_dict(state["lanes"][i])
         self.others = {i: s for i, s in enumerate(state["lanes"]) if i not in self.own}
-        self.calls = 0
+        self.calls, self.shared = 0, True
 
 
 # ----------------------------------------------------------------------------- train.py's data
@@ -267,7 +274,8 @@ def load_data(args, proc):
     if is_stream(args.data):
         tokens = None
         loader = StreamLoader(args.data, args.batch_size, args.seq_len, proc.rank, proc.world,
-                              args.grad_accum, args.text_column, 0 if args.val_data else args.val_tokens)
+                              args.grad_accum, args.text_column, 0 if args.val_data else args.val_tokens,
+                              group=proc.host_group)
         val, held = (val, held) if args.val_data else (loader.val, f"--val-tokens {args.val_tokens}")
     else:
         tokens = train = corpus(args.data)

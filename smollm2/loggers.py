@@ -119,15 +119,19 @@ class Loggers:
 
 
 class Clock:
-    """Seconds of training since the last log line, not counting evaluation, samples and saves."""
+    """Seconds of training since the last log line, not counting evaluation, samples and saves. On a
+    GPU the clock is read once the device has done the steps queued before the pause (devices.synchronize);
+    else the pause would count their work as paused, overstating tokens/s and MFU."""
 
-    def __init__(self, step):
-        self.start, self.step, self.paused = time.perf_counter(), step, 0.0
+    def __init__(self, step, device="cpu"):
+        self.start, self.step, self.paused, self.device = time.perf_counter(), step, 0.0, device
 
     @contextlib.contextmanager
     def pause(self):
+        devices.synchronize(self.device)
         t = time.perf_counter()
         yield
+        devices.synchronize(self.device)
         self.paused += time.perf_counter() - t
 
     def seconds_per_step(self, step):
@@ -152,8 +156,8 @@ def log_step(run, step, loss, norm, lr, val, clock):
     if peak is not None:
         record["peak_mem_bytes"] = peak
         extra += f" | mem {peak / 2**30:.2f} GiB"
-    if run.proc.type == "cuda" and run.peak_flops:
-        record["mfu"] = tok_s * run.flops_per_token / (run.peak_flops * run.proc.world)
+    if run.peak_flops:  # the GPU table's, or --peak-flops on any device
+        record["mfu"] = devices.mfu(tok_s, run.flops_per_token, run.peak_flops, run.proc.type, run.proc.world)
         extra += f" | MFU {record['mfu']:.1%}"
     if run.precision.scaler is not None:
         record["skipped_steps"] = run.precision.skipped_steps()

@@ -3,7 +3,6 @@ need). Each is a measured gain; docs/performance.md has the figures.
 
 - the GEMM route: fp32 training products through oneDNN on AMD CPUs, where MKL is slower.
 - CausalAttention: compiled bf16 CPU training's attention backward as fusable tensor operations.
-- deterministic_cpu_compile: compiled CPU training repeats bit for bit, so it resumes exactly.
 - LowPrecisionWeights: a bf16 copy of the weights for eager CPU bf16 training, instead of casts.
 - keep_freed_memory: glibc keeps what a step frees, instead of faulting the pages in again.
 """
@@ -148,15 +147,6 @@ class CausalAttention(torch.autograd.Function):
         dQ, dK = torch.bmm(dS, K), torch.bmm(dS.transpose(1, 2), Q)
         dV = torch.bmm(P.to(q.dtype).transpose(1, 2), dO)
         return dQ.view(q.shape), dK.view(k.shape), dV.view(v.shape)
-
-
-def deterministic_cpu_compile():
-    """Before torch.compile builds a CPU training step: Inductor's CPU kernels add into the
-    embedding's gradient with atomics from every thread, so two runs of the same steps (a run and its
-    resume) drift apart in the last bits within a few steps. In torch's deterministic mode Inductor
-    calls aten's serial index_put_ there instead, no slower. Process-wide, as torch's flag is."""
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of every new tensor
 
 
 # ----------------------------------------------------------------------------- bf16 weight copy

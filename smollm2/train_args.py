@@ -21,12 +21,12 @@ DEFAULTS = dict(data="input.txt", model="smollm2-135m", batch_size=4, seq_len=25
                 dtype="auto", val_frac=0.05, eval_interval=250, eval_iters=20, log_interval=10,
                 save="checkpoint.pt", ckpt_interval=1000, keep_last=2, metrics=None, plot=None,  # None: beside --save
                 sample_interval=500, sample_prompt="The", sample_tokens=48, compile="auto",
-                text_column="text", val_data=None, val_tokens=100_000)  # the last three: loaders.py
+                deterministic=False, text_column="text", val_data=None, val_tokens=100_000)  # the last three: loaders.py
 
 
 EXAMPLES = """examples:
   python train.py --steps 5000                        # SmolLM2-135M from scratch on input.txt
-  python train.py --steps 5050 --ckpt checkpoint.pt   # resume: 50 more steps, bit for bit
+  python train.py --steps 5050 --ckpt checkpoint.pt   # resume: 50 more steps, bit for bit (GPU: --deterministic)
   python train.py --steps 5000 --ckpt auto            # the newest checkpoint beside --save, or a new run
   python train.py --model tiny --steps 500 --batch-size 8 --seq-len 128 --lr 3e-3 --min-lr 3e-4 \\
     --warmup 50 --save runs/tiny/checkpoint.pt        # the tiny preset: about 2 minutes on a CPU
@@ -62,7 +62,8 @@ def build_parser(description=None):
     add("--val-tokens", "validation tokens of an hf: stream: its first N, held out of training; "
         "0 = none", type=NONNEG_INT)
     add("--model", "model preset", choices=sorted(PRESETS))
-    add("--batch-size", "sequences per micro-batch per process", type=POS_INT)
+    add("--batch-size", "sequences per micro-batch per process; the default suits a CPU: on a GPU raise it "
+        "and --seq-len (docs/gpu.md)", type=POS_INT)
     add("--seq-len", "tokens per sequence", type=POS_INT)
     add("--grad-accum", "micro-batches per optimizer step", type=POS_INT)
     add("--lr", "peak learning rate", type=POS_FLOAT)
@@ -79,7 +80,12 @@ def build_parser(description=None):
         ">= 500 steps of >= 100M-parameter models", nargs="?", const="on", choices=devices.COMPILE)
     add("--gradient-checkpointing", "recompute each decoder layer in backward: less activation memory, "
         "about a third more compute", action="store_true")
-    add("--peak-flops", "the device's peak FLOP/s for MFU in the log (default: a table of GPUs)", type=POS_FLOAT)
+    add("--deterministic", "deterministic kernels (torch.use_deterministic_algorithms; slower on a GPU), so "
+        "that a resumed GPU run repeats the uninterrupted one bit for bit on the same GPUs and torch. CPU runs "
+        "repeat bit for bit without it; GPU runs without it resume equal to within the order of "
+        "floating-point sums (flash attention's and Inductor's atomic adds)", action="store_const", const=True)
+    add("--peak-flops", "one device's peak FLOP/s (a GPU's; a CPU's counts the whole machine) "
+        "for MFU in the log, on any device (default: a table of GPUs)", type=POS_FLOAT)
     add("--val-frac", "held-out tail of file data for validation; 0 = none", type=NONNEG_FLOAT)
     add("--eval-interval", "steps between validation losses", type=POS_INT)
     add("--eval-iters", "batches per validation loss", type=POS_INT)

@@ -2,12 +2,19 @@
 in DDP across processes or not, run on a bf16 copy of the weights or not. Each choice is made once
 here, at the start of a run: whether to compile (devices.pick_compile), and whether compiling works on
 this machine, tried on a batch of zeros before any data is read (probe)."""
+import inspect
+
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from smollm2 import devices, speedups
 from smollm2.chunked_loss import ChunkedLoss
 from smollm2.errors import UsageError
+
+# No buffer broadcast before each forward: the only buffers are the RoPE tables, equal on every rank
+# (newer torch calls the flag forward_sync_buffers and warns at the old name)
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})
 
 
 class TrainingLoss:
@@ -17,21 +24,29 @@ class TrainingLoss:
     fn: what a micro-step calls (chunked, compiled, in DDP, or on weight_copy);
     weight_copy: the bf16 copy of the weights (speedups.LowPrecisionWeights) or None."""
 
-    def __init__(self, model, proc, precision, compile_request, horizon, gradient_checkpointing):
+    def __init__(self, model, proc, precision, compile_request, horizon, gradient_checkpointing,
+                 tokens_per_micro_step=0):
         self.proc, self.precision, self.compile_request = proc, precision, compile_request
         self.gradient_checkpointing = gradient_checkpointing
         self.chunked = ChunkedLoss(model)  # model(x, y)'s loss, without its logits
         n_params = sum(p.numel() for p in model.parameters())
         self.compiled, self.compile_reason = devices.pick_compile(proc.type, compile_request, n_params, horizon)
+        self.mode = devices.compile_mode(proc.type, tokens_per_micro_step, proc.world, gradient_checkpointing)
+        if self.compiled and self.mode:
+            self.compile_reason += f", mode {self.mode} (CUDA graphs: small steps launch as one)"
         self.wrap()
 
     def wrap(self):
+        """fn: DDP around the chunked loss, then torch.compile around that (DDP-aware compilation:
+        graphs split at gradient buckets, so their all-reduces overlap the rest of backward)."""
         proc = self.proc
-        self.fn = torch.compile(self.chunked) if self.compiled else self.chunked
+        self.ddp = None
+        self.fn = self.chunked
         if proc.world > 1:
-            # broadcast_buffers=False: the only buffers are the RoPE tables, equal on every rank
-            self.fn = DDP(self.fn, device_ids=[proc.local_rank] if proc.type == "cuda" else None,
-                          broadcast_buffers=False)
+            self.fn = self.ddp = DDP(self.chunked, device_ids=[proc.local_rank] if proc.type == "cuda" else None,
+                                     **NO_BUFFER_SYNC)
+        if self.compiled:
+            self.fn = torch.compile(self.fn, mode=self.mode)
         # bf16 on CPU, eager: a bf16 copy of the weights instead of autocast's casts at every use
         self.weight_copy = None
         if speedups.use_weight_copy(proc.type, self.precision.dtype, self.compiled, self.gradient_checkpointing,
@@ -40,6 +55,8 @@ class TrainingLoss:
 
     def __call__(self, x, y):
         """The micro-batch's loss: under autocast, or on the bf16 weight copy (which needs none)."""
+        if self.compiled and self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last micro-step's graph outputs are spent
         if self.weight_copy is not None:
             return self.fn(x, y)
         with self.precision.autocast:
@@ -47,8 +64,8 @@ class TrainingLoss:
 
     def sync_gradients(self, sync):
         """Under DDP: all-reduce the gradients in this backward (the last micro-step's) or not."""
-        if self.proc.world > 1:
-            self.fn.require_backward_grad_sync = sync
+        if self.ddp is not None:
+            self.ddp.require_backward_grad_sync = sync
 
     def after_backward(self):
         if self.weight_copy is not None:
@@ -60,26 +77,34 @@ class TrainingLoss:
 
     def probe(self, batch_size, seq_len, optimizer):
         """Compile now, on a forward and backward of a batch of zeros (no step, no data read, the
-        gradients dropped), so that a machine that cannot compile (no C++ compiler, say) says so
-        before training: --compile auto then trains eagerly, --compile on stops with one line."""
+        gradients dropped and not all-reduced), so that a machine that cannot compile (no C++
+        compiler, say) says so before training: --compile auto then trains eagerly, --compile on stops
+        with one line. Under DDP the ranks decide together: a compile that fails on one rank makes
+        every rank train eagerly (or stop), never some ranks compiled and the others waiting."""
         if not self.compiled:
             return
         deterministic = torch.are_deterministic_algorithms_enabled()
         if self.proc.type == "cpu":
-            speedups.deterministic_cpu_compile()  # else a resume would drift from the run it continues
+            devices.deterministic_mode("cpu")  # else a resume would drift from the run it continues
         tokens = torch.zeros(batch_size * seq_len + 1, dtype=torch.long, device=self.proc.device)
         x, y = tokens[:-1].view(batch_size, seq_len), tokens[1:].view(batch_size, seq_len)  # as the loaders'
         cuda = [self.proc.device] if self.proc.type == "cuda" else []
+        failure = None
         try:
+            self.sync_gradients(False)  # no all-reduce: a rank whose compile failed would never join it
             with torch.random.fork_rng(cuda):  # the run's random state as it was
                 self.precision.backward(self(x, y))
         except Exception as e:  # Inductor's errors have no common base class
-            if self.compile_request == "on":
-                why = ": ".join([type(e).__name__] + str(e).strip().splitlines()[:1])
-                raise UsageError(f"--compile on: torch.compile failed here ({why}); train with --compile off") from None
-            self.compiled = False
-            self.compile_reason = f"eager: torch.compile failed here ({type(e).__name__})"
-            torch.use_deterministic_algorithms(deterministic)  # eager CPU training repeats without it
-            self.wrap()
+            failure = ": ".join([type(e).__name__] + str(e).strip().splitlines()[:1])
         finally:
             optimizer.zero_grad(set_to_none=True)
+            self.sync_gradients(True)
+        if not self.proc.any_rank(failure is not None):
+            return
+        failure = failure or "it failed on another rank"
+        if self.compile_request == "on":
+            raise UsageError(f"--compile on: torch.compile failed here ({failure}); train with --compile off")
+        self.compiled = False
+        self.compile_reason = f"eager: torch.compile failed here ({failure.split(':')[0]})"
+        torch.use_deterministic_algorithms(deterministic)  # eager CPU training repeats without it
+        self.wrap()

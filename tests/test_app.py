@@ -315,6 +315,18 @@ def test_space_serves_on_cuda_when_available_in_bf16_from_compute_capability_8_0
                                 if torch.cuda.is_available() else None)
 
 
+def test_on_zero_gpu_before_a_gpu_is_attached_the_space_still_serves_bf16(app, monkeypatch):
+    def no_gpu_yet(*args):
+        raise RuntimeError("No CUDA GPUs are available")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as spaces makes it answer at start-up
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_gpu_yet)
+    assert app.choose_device(*app.cuda_facts(zero_gpu=True)) == ("cuda", torch.bfloat16)
+    assert app.choose_device(*app.cuda_facts(zero_gpu=False)) == ("cuda", torch.float32)  # unknown GPU: safe
+    monkeypatch.setattr(app, "spaces", object())
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert app.cuda_facts() == (True, app.ZERO_GPU_CAPABILITY)
+
+
 def test_space_samples_with_a_generator_on_the_models_device(app, tokenizer, monkeypatch):
     engine = tiny_engine(app, tokenizer)
     made, real = [], torch.Generator

@@ -110,3 +110,13 @@ def test_forward_without_logits_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(chunked, loss)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_chunks_are_cache_sized_on_cpu_and_a_gib_of_fp32_logits_on_a_gpu():
+    from smollm2.chunked_loss import loss_chunk_rows
+    assert loss_chunk_rows("cpu", 49152) == 256
+    assert loss_chunk_rows("cuda", 49152) == 4096  # 4096 x 49152 x 4 bytes = 0.75 GiB: 8 chunks at 32K rows
+    assert loss_chunk_rows("mps", 49152) == 4096
+    assert loss_chunk_rows("cuda", 512) == 1 << 19  # a tiny vocabulary: one chunk for any batch
+    assert loss_chunk_rows("cuda", 10**7) == 256  # never below the CPU's
+    assert ChunkedLoss(tiny_model()).chunk_rows == 256  # a CPU model's

@@ -1,6 +1,7 @@
 """smollm2/devices.py: the device choice (fake availability), the dtype choice (fake device facts),
 the compile choice, /proc/cpuinfo, the GPU peak table, a new run's time estimate and peak memory;
 --device cuda:N in one process."""
+import os
 import resource
 import time
 
@@ -145,3 +146,57 @@ def test_device_cuda_n_in_one_process_calls_set_device(monkeypatch):
     proc = Process("cuda:1")
     proc.start()
     assert proc.device == torch.device("cuda:1") and chosen == [torch.device("cuda:1")]
+
+
+# ----------------------------------------------------------------------------- GPU decisions, fake facts
+@pytest.mark.parametrize("device, tokens, world, checkpointing, mode", [
+    ("cuda", 1024, 1, False, "reduce-overhead"),  # train.py's defaults on one GPU: launches dominate
+    ("cuda", 8192, 1, False, "reduce-overhead"),
+    ("cuda", 8193, 1, False, None),  # large enough to keep the GPU busy
+    ("cuda", 1024, 2, False, None),  # DDP: graphs split at gradient buckets
+    ("cuda", 1024, 1, True, None),  # recomputation
+    ("cpu", 1024, 1, False, None), ("mps", 1024, 1, False, None)])
+def test_compile_mode_uses_cuda_graphs_for_small_steps_on_one_gpu_only(device, tokens, world, checkpointing, mode):
+    assert devices.compile_mode(device, tokens, world, checkpointing) == mode
+
+
+def test_batch_advice_is_given_on_a_gpu_for_small_steps_only():
+    advice = devices.batch_advice("cuda", 1024)
+    assert "1,024 tokens a step" in advice and "--batch-size" in advice and "--lr" in advice
+    assert devices.batch_advice("cuda", 65536) is None
+    assert devices.batch_advice("cpu", 1024) is None and devices.batch_advice("mps", 1024) is None
+
+
+def test_mfu_counts_every_gpu_but_one_machine_for_cpu_processes():
+    assert devices.mfu(1000, 1e9, 1e12, "cuda", 1) == pytest.approx(1.0)
+    assert devices.mfu(1000, 1e9, 1e12, "cuda", 4) == pytest.approx(0.25)  # four GPUs' peak
+    assert devices.mfu(1000, 1e9, 1e12, "cpu", 2) == pytest.approx(1.0)  # two processes, one CPU
+    assert devices.mfu(1000, 1e9, 1e12, "mps", 1) == pytest.approx(1.0)
+
+
+def test_only_gpus_are_synchronised_before_a_clock_read(monkeypatch):
+    assert devices.asynchronous("cuda") and devices.asynchronous("mps") and not devices.asynchronous("cpu")
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(("mps", None)))
+    devices.synchronize("cpu")
+    assert waited == []
+    devices.synchronize("cuda:1")
+    devices.synchronize("mps")
+    assert waited == [("cuda", torch.device("cuda:1")), ("mps", None)]
+
+
+def test_deterministic_mode_on_cuda_also_fixes_cublas_and_inductor_follows(monkeypatch):
+    import torch._inductor.config as inductor_config
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert not inductor_config.deterministic
+        devices.deterministic_mode("cpu")
+        assert torch.are_deterministic_algorithms_enabled() and inductor_config.deterministic
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        devices.deterministic_mode("cuda")
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before)

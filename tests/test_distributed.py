@@ -90,3 +90,74 @@ def test_torchrun_processes_exit_cleanly_right_after_an_all_reduce(tmp_path):
                        "--nproc_per_node=2", script)
         assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout
 
+
+
+def test_backends_are_nccl_between_gpus_gloo_between_cpus_and_none_for_several_macs():
+    from smollm2.distributed import backend
+    from smollm2.errors import UsageError
+    assert backend("cuda", 8) == "nccl" and backend("cpu", 2) == "gloo" and backend("mps", 1) == "gloo"
+    with pytest.raises(UsageError, match="2 processes on a Mac's GPU"):
+        backend("mps", 2)
+
+
+def test_torchrun_on_a_macs_gpu_is_one_line(tmp_path, monkeypatch):
+    """torchrun with 2 processes where mps is the device: one clear line, not gloo's raw error."""
+    import train
+    from smollm2 import devices
+    from smollm2.errors import UsageError
+    monkeypatch.setattr(devices, "available_devices", lambda: {"cuda": False, "mps": True, "cpu": True})
+    monkeypatch.setattr("smollm2.distributed.available_devices", devices.available_devices)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="mps.*python train.py.*--device cpu"):
+        train.main(["--steps", "1", "--save", str(tmp_path / "c.pt")])
+
+
+# ----------------------------------------------------------------------------- torch.compile under DDP
+# torchrun's rank 1 cannot compile (as a node without a C++ compiler); rank 0 "compiles" (torch.compile
+# returns the module as it is: no compile time in the test). The ranks must decide together.
+ONE_RANK_CANNOT_COMPILE = """
+import os, runpy, sys
+import torch
+def fake_compile(module, **kw):
+    if os.environ["RANK"] != "1":
+        return module
+    def call(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+    return call
+torch.compile = fake_compile
+sys.argv = ["train.py"] + sys.argv[1:]
+sys.path.insert(0, {root!r})
+from smollm2 import devices
+devices.COMPILE_MIN_PARAMS = devices.COMPILE_MIN_STEPS = 0  # --compile auto compiles the tiny run
+runpy.run_path({train_py!r}, run_name="__main__")
+"""
+
+
+def test_a_compile_that_fails_on_one_rank_makes_every_rank_eager_or_stop(tmp_path, corpus):
+    script = tmp_path / "one_rank.py"
+    script.write_text(ONE_RANK_CANNOT_COMPILE.format(root=ROOT, train_py=TRAIN_PY))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
+    proc = run_cmd(tmp_path, *torchrun, *TINY, "--data", corpus, "--steps", 2, "--compile", "auto",
+                   "--save", "auto.pt", timeout=300)
+    assert "compile: eager: torch.compile failed here (it failed on another rank)" in proc.stdout  # rank 0's log
+    assert load_ckpt(tmp_path / "auto.pt")["step"] == 2  # both ranks trained, eagerly, to the end
+    proc = run_cmd(tmp_path, *torchrun, *TINY, "--data", corpus, "--steps", 2, "--compile", "on",
+                   "--save", "on.pt", status=1, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert sorted(errors) == sorted(["train.py: error: --compile on: torch.compile failed here (it failed on another rank); "
+                      "train with --compile off",
+                      "train.py: error: --compile on: torch.compile failed here (RuntimeError: InvalidCxxCompiler: "
+                      "No working C++ compiler found); train with --compile off"])  # rank 0's and rank 1's
+    assert not (tmp_path / "on.pt").exists()
+
+
+def test_compiled_ddp_matches_one_compiled_process_with_grad_accum_2(tmp_path, corpus):
+    """torch.compile(DDP(loss)), DDP-aware compilation, trains as one compiled process would."""
+    args = [*TINY, "--data", corpus, "--steps", 3, "--compile", "on", "--ckpt-interval", 0]
+    ddp = run_cmd(tmp_path, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  TRAIN_PY, *args, "--save", "ddp/c.pt", timeout=600)
+    run_train(tmp_path, *args, "--grad-accum", 2, "--save", "single/c.pt")
+    assert "compile: --compile on" in ddp.stdout
+    a, b = losses(tmp_path / "ddp/c_metrics.jsonl"), losses(tmp_path / "single/c_metrics.jsonl")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)

@@ -128,3 +128,13 @@ def test_eta_rounds_once_then_splits_into_hours_minutes_seconds():
     assert eta_text(59.6) == "0h01m00s"  # not 0h00m60s
     assert eta_text(3599.5) == "1h00m00s" and eta_text(0) == "0h00m00s"
     assert eta_text(2 * 3600 + 35 * 60 + 59.4) == "2h35m59s"
+
+
+def test_the_clock_waits_for_an_asynchronous_device_before_and_after_a_pause(monkeypatch):
+    from smollm2 import devices, loggers
+    waited = []
+    monkeypatch.setattr(devices, "synchronize", lambda device: waited.append(str(device)))
+    clock = loggers.Clock(0, "cuda:0")
+    with clock.pause():
+        waited.append("paused work")
+    assert waited == ["cuda:0", "paused work", "cuda:0"]  # the steps before it count as training

@@ -441,3 +441,38 @@ def test_compiled_bf16_decode_step_is_as_close_to_fp32_as_eager_bf16():
     err_compiled = (logits["compiled"] - logits["fp32"]).abs().max()
     assert err_eager < 0.05 * scale  # bf16 itself: a few bf16 roundings of the logits' scale
     assert err_compiled <= 1.5 * err_eager, (err_compiled, err_eager)
+
+
+# ----------------------------------------------------------------------------- attention kernel choice
+@pytest.mark.parametrize("device, dtype, masked, head_dim, capability, in_kernel", [
+    ("cpu", torch.float32, False, 64, None, True),  # the CPU flash kernel reads grouped heads
+    ("cpu", torch.bfloat16, True, 64, None, True),
+    ("cuda", torch.bfloat16, False, 64, (8, 0), True),  # A100: flash
+    ("cuda", torch.float16, False, 64, (9, 0), True),  # H100/H200: flash
+    ("cuda", torch.float16, False, 64, (7, 5), False),  # T4: no flash; the efficient kernel needs equal heads
+    ("cuda", torch.float32, False, 64, (9, 0), False),  # fp32: no flash on any GPU
+    ("cuda", torch.bfloat16, True, 64, (9, 0), False),  # a mask (generation): no flash
+    ("cuda", torch.bfloat16, False, 60, (9, 0), False),  # head_dim not a multiple of 8
+    ("cuda", torch.bfloat16, False, 512, (9, 0), False),  # head_dim over 256
+    ("cuda", torch.bfloat16, False, 64, None, False),  # capability unknown: the safe way
+    ("mps", torch.float32, False, 64, None, False)])
+def test_gqa_runs_in_the_kernel_only_where_the_kernel_reads_grouped_heads(device, dtype, masked, head_dim,
+                                                                         capability, in_kernel):
+    from model import gqa_in_kernel
+    assert gqa_in_kernel(device, dtype, masked, head_dim, capability) is in_kernel
+
+
+def test_the_repeated_kv_path_gives_the_grouped_paths_logits_and_gradients(monkeypatch):
+    """What a T4 or an fp32 GPU run takes (K/V repeated, no enable_gqa), run here on CPU."""
+    import model as model_module
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    results = []
+    for in_kernel in (True, False):
+        monkeypatch.setattr(model_module, "gqa_in_kernel", lambda *facts: in_kernel)
+        m = tiny_model()
+        logits = m(idx)[0]  # (logits, loss)
+        logits.square().mean().backward()
+        results.append((logits, m.model.layers[0].self_attn.k_proj.weight.grad))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)

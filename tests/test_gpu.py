@@ -1,0 +1,154 @@
+"""The GPU suite: `python -m pytest -m gpu` on a machine with CUDA (elsewhere every test here is
+skipped with the reason "needs CUDA"; CI is CPU-only). Each test is short: the whole suite is meant
+to take a few minutes on one H100. What it checks is what no CPU test can: the CUDA paths of
+model.py, train.py and the Space (docs/gpu.md says what was measured where)."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, TRAIN_PY, losses, read_metrics, run_cmd, run_train
+
+CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
+TEXT = ("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First Citizen: You are "
+        "all resolved rather to die than to famish?")
+# A short GPU run of the tiny preset on the repo's Shakespeare: small enough to take seconds
+GPU_TINY = ["--device", "cuda", "--model", "tiny", "--batch-size", "8", "--seq-len", "128", "--lr", "3e-3",
+            "--warmup", "2", "--eval-iters", "2", "--eval-interval", "1000", "--log-interval", "1",
+            "--sample-interval", "0", "--ckpt-interval", "0"]
+
+
+@pytest.fixture(scope="module")
+def text_ids():
+    from smollm2.tokenizer import load_tokenizer
+    return torch.tensor([load_tokenizer().encode(TEXT).ids], device="cuda")
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
+    with open(os.path.join(ROOT, "input.txt")) as f:
+        path.write_text(f.read(200_000))
+    return path
+
+
+def nll(logits, ids):
+    return F.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
+
+
+def test_cuda_logits_equal_transformers_in_fp32_and_come_within_a_stated_tolerance_in_bf16(
+        real_model, hf_real_model, text_ids):
+    """fp32 with TF32 off: logits within 1e-4 of transformers'. bf16 weights: the loss within 0.02
+    nats of fp32 transformers' and the same top-1 token at 95%+ of positions."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ours, hf = real_model.to("cuda"), hf_real_model.to("cuda")
+        with torch.no_grad():
+            a, b = ours(text_ids)[0], hf(text_ids).logits
+            assert (a - b).abs().max().item() < 1e-4
+            ours.to(torch.bfloat16)
+            c = ours(text_ids)[0].float()
+        assert abs(nll(c, text_ids) - nll(b, text_ids)) < 0.02
+        assert (c.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.95
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        real_model.to("cpu", torch.float32)
+        hf_real_model.to("cpu")
+
+
+def test_greedy_generation_on_cuda_equals_transformers(real_model, hf_real_model, text_ids):
+    try:
+        ours, hf = real_model.to("cuda"), hf_real_model.to("cuda")
+        prompt = text_ids[:, :12]
+        mine = ours.generate(prompt[0].tolist(), max_new_tokens=24)
+        theirs = hf.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, 12:].tolist()
+        assert mine == theirs
+    finally:
+        real_model.to("cpu")
+        hf_real_model.to("cpu")
+
+
+def test_the_t4_attention_path_runs_without_the_math_kernel_on_a_gpu_that_has_flash(monkeypatch):
+    """A T4 (compute capability 7.5) has no flash attention: K/V are repeated so that the
+    memory-efficient kernel runs. With only that kernel allowed, an fp16 forward and backward at
+    B=4, T=2048 must run (enable_gqa would need the math kernel: 'no available kernel')."""
+    import model as model_module
+    from model import PRESETS, SmolLM2
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    monkeypatch.setattr(model_module, "cuda_capability", lambda device: (7, 5))
+    model = SmolLM2(PRESETS["smollm2-135m"]).to("cuda")
+    ids = torch.randint(0, 49152, (4, 2048), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), torch.autocast("cuda", torch.float16):
+        model.hidden_states(ids).float().square().mean().backward()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    assert peak < 12, f"{peak:.1f} GiB: the (B, nh, T, T) matrices of the math kernel?"  # a T4 has 15 GB
+
+
+def test_fp16_with_a_skipped_step_resumes_bit_for_bit_with_deterministic(tmp_path, shakespeare):
+    """fp16 autocast + GradScaler, an inf injected into step 3's gradient (skipped, counted), then
+    steps 5-8 again from step 4's checkpoint: the same losses, bit for bit, under --deterministic."""
+    from test_precision import run_injected
+    args = [*GPU_TINY, "--dtype", "fp16", "--deterministic", "--data", shakespeare, "--ckpt-interval", "4"]
+    run_injected(tmp_path, *args, "--steps", "8", "--save", "a/c.pt", at=3)
+    run_train(tmp_path, *args, "--steps", "8", "--ckpt", "a/c_step_4.pt", "--save", "b/c.pt",
+              "--metrics", "b/metrics.jsonl")
+    whole, resumed = read_metrics(tmp_path / "a/c_metrics.jsonl"), losses(tmp_path / "b/metrics.jsonl")
+    assert whole[-1]["skipped_steps"] == 1
+    assert {r["step"]: r["loss"] for r in whole if r["step"] > 4} == resumed
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_bf16_training_learns_with_and_without_compile_and_logs_memory_and_mfu(tmp_path, shakespeare, compile):
+    """bf16 autocast on a GPU with native bf16 (fp16 below 8.0), eager and compiled (CUDA graphs at
+    this step size: compile_mode), the log carrying peak memory and MFU."""
+    proc = run_train(tmp_path, *GPU_TINY, "--data", shakespeare, "--steps", "30", "--compile", compile,
+                     "--peak-flops", "1e14", "--save", "c.pt")
+    records = read_metrics(tmp_path / "c_metrics.jsonl")
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0, records  # it learns
+    assert all(r["peak_mem_bytes"] > 0 and 0 < r["mfu"] < 1 for r in records)
+    assert "batch advice: " in proc.stdout  # 1,024 tokens a step: the log says to raise it
+    if compile == "on":
+        assert "mode reduce-overhead" in proc.stdout
+
+
+def test_a_deterministic_gpu_run_resumes_bit_for_bit(tmp_path, shakespeare):
+    args = [*GPU_TINY, "--dtype", "bf16", "--deterministic", "--data", shakespeare, "--ckpt-interval", "5"]
+    run_train(tmp_path, *args, "--steps", "10", "--save", "a/c.pt")
+    run_train(tmp_path, *args, "--steps", "10", "--ckpt", "a/c_step_5.pt", "--save", "b/c.pt",
+              "--metrics", "b/metrics.jsonl")
+    whole, resumed = losses(tmp_path / "a/c_metrics.jsonl"), losses(tmp_path / "b/metrics.jsonl")
+    assert {s: v for s, v in whole.items() if s > 5} == resumed
+
+
+def test_the_space_serves_the_real_weights_on_cuda_in_bf16_and_streams_greedy_answers(real_model, text_ids):
+    from test_app import GREEDY, final, load_app_module
+    from smollm2.tokenizer import load_tokenizer
+    app = load_app_module()
+    device, dtype = app.choose_device(*app.cuda_facts())
+    capability = torch.cuda.get_device_capability()
+    assert device == "cuda" and dtype == (torch.bfloat16 if capability >= (8, 0) else torch.float32)
+    try:
+        model = real_model.to(device=device, dtype=dtype)
+        model.source_info = {"source": "x.gguf", "format": "gguf", "why": "test", "name": "x.gguf"}
+        engine = app.Engine(model, load_tokenizer())
+        answer, status = final(engine.generate("What is the capital of France?", **GREEDY))
+        assert answer.strip() and "tokens/s" in status, status
+    finally:
+        real_model.to("cpu", torch.float32)
+
+
+@pytest.mark.skipif(CUDA and torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_torchrun_on_two_gpus_with_nccl_matches_one_gpu_with_grad_accum_2(tmp_path, shakespeare):
+    args = [*GPU_TINY, "--dtype", "fp32", "--data", shakespeare, "--steps", "6"]
+    ddp = run_cmd(tmp_path, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  TRAIN_PY, *args, "--save", "ddp/c.pt", timeout=600)
+    run_train(tmp_path, *args, "--grad-accum", "2", "--save", "one/c.pt")
+    assert "2 processes" in ddp.stdout
+    a, b = losses(tmp_path / "ddp/c_metrics.jsonl"), losses(tmp_path / "one/c_metrics.jsonl")
+    assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-3 for s in a), (a, b)  # TF32 on: not exact
+
