@@ -14,6 +14,7 @@ run's arguments and the precision's state (fp16's GradScaler, skipped steps). Ea
 atomically; best.pt keeps the lowest validation loss; the disk's free space is checked before
 training and a failed save is one line, not a lost run.
 """
+import contextlib
 import math
 import os
 import shlex
@@ -23,7 +24,8 @@ import sys
 import torch
 
 from model import PRESETS, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
-from smollm2 import devices, loggers, speedups
+from smollm2 import devices, loggers, sharding, speedups
+from smollm2.chunked_loss import ChunkedLoss
 from smollm2.checkpoint import (Saver, check_disk_space, data_change, find_latest, load_checkpoint, resume_names,
                                 set_rng_state)
 from smollm2.cli import main_guard
@@ -58,7 +60,8 @@ def build_model(args, ckpt, proc):
     torch.manual_seed(args.seed)
     if ckpt:
         model = SmolLM2(SmolLM2Config(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
+        if not ckpt.get("sharded"):  # a sharded checkpoint's weights load once the model is sharded
+            model.load_state_dict(ckpt["model"])
     elif args.init:
         model = SmolLM2.from_pretrained(args.init)
         if args.seq_len > model.config.max_position_embeddings:
@@ -85,15 +88,23 @@ class Run:
     def __init__(self, args, ckpt, proc, loader, val):
         self.args, self.proc, self.loader, self.val = args, proc, loader, val
         facts = devices.device_facts(proc.device)
-        self.precision = Precision(facts, args.dtype, proc.device)
+        self.precision = Precision(facts, sharding.fsdp_dtype(facts, args.dtype) if args.fsdp else args.dtype,
+                                   proc.device)
         if proc.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
         self.model = build_model(args, ckpt, proc)  # the SmolLM2 itself: what checkpoints save
+        self.sharded = None  # --fsdp: the sharded root, the chunked loss around the model (sharding.py)
+        if args.fsdp:
+            self.sharded = sharding.shard(ChunkedLoss(self.model), self.model, proc, self.precision.dtype)
+            self.precision.autocast = contextlib.nullcontext()  # FSDP gathers bf16 weights itself
         self.optimizer = make_optimizer(self.model, args, proc)
         self.step, self.horizon, self.val_loss = 0, args.steps, None
         self.history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
-        if ckpt:
+        if ckpt and ckpt.get("sharded"):  # DCP reshards what another number of ranks wrote
+            sharding.load_sharded(ckpt["sharded"], self.model, self.optimizer)
+        elif ckpt:
             self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt:
             self.optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # may be overridden
             if ckpt["data"] is not None:  # None: the data changed since (checkpoint.data_change)
                 loader.load_state_dict(ckpt["data"])
@@ -103,7 +114,7 @@ class Run:
             self.precision.load_state_dict(ckpt.get("scaler"))
         # what a micro-step calls: the chunked loss, compiled or not, under DDP or not
         self.loss = TrainingLoss(self.model, proc, self.precision, args.compile, self.horizon,
-                                 args.gradient_checkpointing, args.batch_size * args.seq_len)
+                                 args.gradient_checkpointing, args.batch_size * args.seq_len, self.sharded)
         self.loss.probe(args.batch_size, args.seq_len, self.optimizer)
         self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * proc.world
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -122,7 +133,7 @@ class Run:
             precision.backward(loss)
             self.loss.after_backward()
         precision.unscale(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or math.inf)
+        norm = sharding.full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or math.inf))
         precision.step(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.loss.after_step()
@@ -130,7 +141,8 @@ class Run:
 
     def evaluate(self):
         self.val_loss = validation_loss(self.loss.chunked, self.val, self.args.batch_size, self.args.seq_len,
-                                        self.args.eval_iters, self.proc, self.precision.autocast)
+                                        self.args.eval_iters, self.proc, self.precision.autocast,
+                                        lockstep=self.sharded is not None)
         return self.val_loss
 
     def sample(self):
@@ -166,9 +178,15 @@ def describe(run, tokens):
         print(f"batch advice: {advice}")
     how = ("; training steps on a bf16 copy of the weights, fp32 masters (smollm2/speedups.py)"
            if run.loss.weight_copy else "")
+    if args.fsdp and run.precision.dtype == "bf16":
+        how = "; under --fsdp as FSDP's mixed precision: bf16 weights gathered, gradients reduced in fp32"
     notice = f"; {run.precision.notice}" if run.precision.notice else ""
     print(f"precision: {run.precision.reason}{how}{notice}")
     print(f"compile: {run.loss.compile_reason}")
+    if args.fsdp:
+        print(f"fsdp: {len(model.model.layers)} decoder layers and the root (embedding = lm_head, final norm) "
+              f"sharded over {proc.world} processes; checkpoints are folders of shards; no samples "
+              "(sample.py reads the checkpoints)")
     short = (f" (warning: the warmup is longer than the run's {run.horizon} steps: the LR never reaches its "
              f"peak {args.lr:g}; lower --warmup)" if args.warmup > run.horizon else "")
     print(f"LR: warmup {args.warmup} steps to {args.lr:g}, cosine to {args.min_lr:g} at step {run.horizon} "
@@ -211,12 +229,13 @@ def train(run, saver, stop):
                 if run.precision.diverged(loss):
                     raise SystemExit(f"loss is {loss} at step {step}: training diverged; lower --lr or raise --warmup")
             clock = loggers.Clock(step, run.proc.device)
+        saves = master or run.sharded is not None  # under --fsdp every rank writes its shards
         with clock.pause():
-            if master and args.sample_interval and step % args.sample_interval == 0 and not hurry:
+            if master and args.sample_interval and step % args.sample_interval == 0 and not hurry and not args.fsdp:
                 run.sample()
-            if master and val is not None:
+            if saves and val is not None:
                 saver.keep_best(run, step, val)
-            if master and periodic:
+            if saves and periodic:
                 saver.periodic(run, step)
         if stopping and not last:
             return 128 + (stop.received or signal.SIGTERM)  # another rank's signal: SIGTERM here
@@ -243,6 +262,12 @@ def main(argv=None):
     check_args(args, ckpt)
     if ckpt and not auto and proc.master:  # --ckpt auto said so when it found it
         print(f"resuming from {args.ckpt} at step {ckpt['step']}", flush=True)
+    if args.fsdp:
+        sharding.check_fsdp(proc, args.dtype)
+        saved_world = ckpt["args"].get("world_size", 1) if ckpt else proc.world
+        if saved_world != proc.world and proc.master:
+            print(f"{args.ckpt} was sharded over {saved_world} processes, this run has {proc.world}: "
+                  "DCP reshards it as it loads", flush=True)
     changed = resolve_args(args, ckpt["args"] if ckpt else None, proc.world)
     if args.deterministic:  # before anything runs on the device (cuBLAS reads its setting once)
         devices.deterministic_mode(proc.type)
@@ -267,7 +292,8 @@ def main(argv=None):
         run = Run(args, ckpt, proc, loader, val)
         if new_run and args.init:  # the --init source's size is known once it is loaded
             print(new_run_notice(args, proc, run.model), flush=True)
-        run.data_fingerprint, run.trackers, saver = data_id, trackers, Saver(args, args.ckpt, ckpt)
+        run.data_fingerprint, run.trackers = data_id, trackers
+        saver = Saver(args, args.ckpt, ckpt, master=proc.master)
         del ckpt
         check_disk_space(args.save, run.model, run.optimizer)  # before hours of training, not after
         if proc.master:
@@ -276,8 +302,10 @@ def main(argv=None):
             describe(run, tokens)
         with StopSignals(proc, saved=lambda: saved_so_far(saver, args, proc)) as stop:
             status = train(run, saver, stop)
+            if run.sharded is not None and not saver.final(run, run.step):
+                return 1
             if proc.master:
-                if not saver.final(run, run.step):
+                if run.sharded is None and not saver.final(run, run.step):
                     return 1
                 print(f"saved {args.save} at step {run.step}{saver.final_note}; loss curve {args.plot}",
                       flush=True)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from model import SmolLM2Config
+from smollm2 import sharding
 from smollm2.errors import CheckpointError
 from smollm2.files import atomic_link, atomic_write, existing_folder
 from smollm2.loggers import plot_loss
@@ -71,7 +72,11 @@ def resume_names(save):
 
 
 def load_checkpoint(path, flag="--ckpt"):
-    """The checkpoint at path, checked to be a training checkpoint this code can resume."""
+    """The checkpoint at path, checked to be a training checkpoint this code can resume. A sharded
+    one (a folder, sharding.py) gives its train state, with "sharded": path and no model or optimizer
+    (they load into the sharded model, in train.py)."""
+    if sharding.is_sharded(path):
+        return load_sharded_state(path, flag)
     if os.path.isdir(path):
         raise CheckpointError(f"{flag} {path}: a folder, not a checkpoint file; to start a new run "
                               "from an HF model directory use --init")
@@ -102,6 +107,20 @@ def load_checkpoint(path, flag="--ckpt"):
         SmolLM2Config(**ckpt["config"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{flag} {path}: bad model config ({e})") from None
+    return ckpt
+
+
+def load_sharded_state(path, flag):
+    try:
+        ckpt = sharding.load_train_state(path)
+    except Exception as e:
+        reason = str(e).strip().split("\n")[0][:120]
+        raise CheckpointError(f"{flag} {path}: a sharded checkpoint without a readable {sharding.TRAIN_STATE} "
+                              f"({type(e).__name__}: {reason})") from None
+    ckpt = {**ckpt, "model": None, "optimizer": None, "sharded": path}
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{flag} {path}: not a sharded training checkpoint (no {', '.join(missing)})")
     return ckpt
 
 
@@ -160,12 +179,15 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, run, step, best=None):
-    ckpt = {"format_version": FORMAT_VERSION, "model": run.model.state_dict(),
-            "config": asdict(run.model.config), "step": step, "val_loss": run.val_loss,
-            "optimizer": run.optimizer.state_dict(), "lr_horizon": run.horizon,
-            "data": run.loader.state_dict(), "data_fingerprint": getattr(run, "data_fingerprint", None),
-            "rng": rng_state(), "args": vars(run.args), "history": run.history, "best": best,
-            "scaler": run.precision.state_dict()}
+    """One file (rank 0 writes it), or under --fsdp a sharded folder (every rank writes its shards)."""
+    state = {"format_version": FORMAT_VERSION, "config": asdict(run.model.config), "step": step,
+             "val_loss": run.val_loss, "lr_horizon": run.horizon, "data": run.loader.state_dict(),
+             "data_fingerprint": getattr(run, "data_fingerprint", None), "rng": rng_state(),
+             "args": vars(run.args), "history": run.history, "best": best, "scaler": run.precision.state_dict()}
+    if run.sharded:
+        sharding.save_sharded(path, run.model, run.optimizer, state, run.proc)
+        return
+    ckpt = {**state, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
@@ -176,7 +198,9 @@ def find_latest(save, say=True):
     (one that does not is skipped with a notice), or (None, None) when there is none."""
     folder = os.path.dirname(save)
     names = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
-    _remove_stale_temps(folder, names, say, save)
+    if say and names:  # one process cleans up (rank 0 under torchrun); the others skip those names anyway
+        _remove_stale_temps(folder, names, say, save)
+        names = os.listdir(folder or ".")
     periodic = sorted(periodic_steps(save, names).items(), reverse=True)
     found, newest = (None, None), -1
     best = os.path.basename(run_file(save, "best"))
@@ -195,25 +219,33 @@ def find_latest(save, say=True):
 
 
 def _remove_stale_temps(folder, names, say, save):
-    """Temporary files of the run's saves that a crash cut short (their process is gone): up to a
-    checkpoint each, and nothing can finish them. Another run name's are left to that run."""
+    """Temporary files (and sharded folders) of the run's saves that a crash cut short (their process
+    is gone): up to a checkpoint each, and nothing can finish them. A sharded checkpoint moved aside
+    for its successor (.NAME.PID.old) goes back to its name if the successor never took it. Another
+    run name's are left to that run."""
     own = {os.path.basename(save)} | {os.path.basename(run_file(save, kind)) for kind in SIDE_FILES}
     stale = []
-    for name in names:
-        m = re.fullmatch(r"\.(.+)\.(\d+)\.tmp", name)  # atomic_write's names: .{target}.{pid}.tmp
+    for name in sorted(names):
+        m = re.fullmatch(r"\.(.+)\.(\d+)\.(tmp|old)", name)  # .{target}.{pid}.tmp: atomic_write's, sharding's
         if m and (m[1] in own or periodic_steps(save, [m[1]])) and int(m[2]) != os.getpid():
             try:
                 os.kill(int(m[2]), 0)
             except ProcessLookupError:
-                stale.append(name)
+                stale.append((name, m[1], m[3]))
             except OSError:  # PermissionError: another user's live process
                 pass
-    for name in stale:
+    removed = []
+    for name, target, kind in stale:
+        path = os.path.join(folder, name)
         with contextlib.suppress(OSError):
-            os.remove(os.path.join(folder, name))
-    if stale and say:
-        print(f"train.py: --ckpt auto: removed {len(stale)} temporary file(s) of interrupted saves: "
-              f"{', '.join(stale)}", file=sys.stderr, flush=True)
+            if kind == "old" and not os.path.lexists(os.path.join(folder, target)):
+                os.rename(path, os.path.join(folder, target))
+                continue
+            sharding.remove(path)
+            removed.append(name)
+    if removed and say:
+        print(f"train.py: --ckpt auto: removed {len(removed)} temporary file(s) of interrupted saves: "
+              f"{', '.join(removed)}", file=sys.stderr, flush=True)
 
 
 def _try_load(path, say):
@@ -261,7 +293,9 @@ def checkpoint_bytes(model, optimizer):
 def check_disk_space(save, model, optimizer):
     """Refuse to start when --save's folder cannot hold a checkpoint and its temporary copy (the
     previous checkpoint stays until the new one is whole). Returns the estimated checkpoint size."""
-    size, folder = checkpoint_bytes(model, optimizer), existing_folder(save)
+    sharded = hasattr(next(model.parameters()), "full_tensor")  # a DTensor: fully_shard'ed
+    size = (sharding.checkpoint_bytes if sharded else checkpoint_bytes)(model, optimizer)
+    folder = existing_folder(save)
     held = min(os.path.getsize(save), size) if os.path.isfile(save) else 0  # already on the disk
     need, free = 2 * size - held, shutil.disk_usage(folder).free
     if free < need:
@@ -277,8 +311,9 @@ class Saver:
     best checkpoint's step, and reports a failed save in one line instead of raising (its temporary
     file is already gone by then)."""
 
-    def __init__(self, args, resumed_from=None, ckpt=None):
-        self.args, self.folder = args, os.path.dirname(args.save)
+    def __init__(self, args, resumed_from=None, ckpt=None, master=True):
+        """master: this process prints (under --fsdp every rank saves, rank 0 alone speaks)."""
+        self.args, self.folder, self.master = args, os.path.dirname(args.save), master
         self.best_path = run_file(args.save, "best")
         self.last_good = (resumed_from, ckpt["step"]) if ckpt else None  # good until a save succeeds
         self.best = ckpt.get("best") if ckpt else None  # {"step", "val_loss"} of best_path
@@ -297,7 +332,8 @@ class Saver:
                     f"free); the last good checkpoint is {good}")
         self.last_good = (path, step)
         try:
-            plot_loss(run.history, self.args.plot)
+            if self.master:
+                plot_loss(run.history, self.args.plot)
         except (OSError, RuntimeError) as e:
             print(f"train.py: warning: could not draw the loss curve {self.args.plot} ({e})", file=sys.stderr)
         return None
@@ -307,16 +343,17 @@ class Saver:
         failed = self._write(run_file(self.args.save, "periodic", step), run, step)
         if failed:
             retry = step + self.args.ckpt_interval
-            print(f"train.py: warning: {failed}; training goes on"
-                  + (f", the next try is at step {retry}" if retry <= self.args.steps else ""),
-                  file=sys.stderr, flush=True)
+            if self.master:
+                print(f"train.py: warning: {failed}; training goes on"
+                      + (f", the next try is at step {retry}" if retry <= self.args.steps else ""),
+                      file=sys.stderr, flush=True)
             return
-        if keep := self.args.keep_last:
+        if (keep := self.args.keep_last) and self.master:
             found = periodic_steps(self.args.save, os.listdir(self.folder or "."))  # this run's only
             older = sorted(n for n in found if n < step)  # later: an abandoned run
             for n in older[:max(0, len(older) - (keep - 1))]:
                 with contextlib.suppress(OSError):  # one left over is no reason to stop training
-                    os.remove(os.path.join(self.folder, found[n]))
+                    sharding.remove(os.path.join(self.folder, found[n]))
 
     def keep_best(self, run, step, val_loss):
         """best_path (best.pt, NAME_best.pt) when val_loss is the lowest so far."""
@@ -326,21 +363,23 @@ class Saver:
         failed = self._write(self.best_path, run, step)
         if failed:
             self.best = before  # best_path still holds that one
-            print(f"train.py: warning: {failed}; training goes on", file=sys.stderr, flush=True)
+            if self.master:
+                print(f"train.py: warning: {failed}; training goes on", file=sys.stderr, flush=True)
         else:
             self.best_written = step
-            print(f"best: {self.best_path} at step {step}, val loss {val_loss:.4f}", flush=True)
+            if self.master:
+                print(f"best: {self.best_path} at step {step}, val loss {val_loss:.4f}", flush=True)
 
     def final(self, run, step):
         """--save at the end of the run; False (after the one line) when it could not be written.
         When best_path was written at this very step (by this process: nothing changed since),
         --save is a hard link to it rather than a second copy of the same bytes (1.6 GB at 135M);
         where the filesystem cannot link, a save like any other."""
-        if self.best_written == step and atomic_link(self.best_path, self.args.save):
+        if self.best_written == step and not run.sharded and atomic_link(self.best_path, self.args.save):
             self.last_good = (self.args.save, step)
             self.final_note = f" (a hard link to {self.best_path}, the same checkpoint)"
             return True
         failed = self._write(self.args.save, run, step)
-        if failed:
+        if failed and self.master:
             print(f"train.py: error: {failed}", file=sys.stderr, flush=True)
         return not failed

@@ -82,18 +82,23 @@ def evaluate(source, data_spec, seq_len=1024, batch_size=1, device="cpu", progre
 
 
 @torch.no_grad()
-def validation_loss(loss, tokens, batch_size, seq_len, iters, proc, autocast):
+def validation_loss(loss, tokens, batch_size, seq_len, iters, proc, autocast, lockstep=False):
     """train.py's validation loss: the mean of loss(x, y) (a ChunkedLoss) over the first `iters`
     batches of tokens, the same batches every time and under any world size (rank r takes batches
-    r, r + world, ...), summed over the ranks."""
+    r, r + world, ...), summed over the ranks. lockstep (FSDP, whose forward gathers weights from
+    every rank): every rank runs the same number of forward passes, the spare ones not counted."""
     loader = DataLoaderLite(tokens, batch_size, seq_len)
     n = min(iters, loader.batches_per_epoch)
     total = torch.zeros((), device=proc.device)
     loss.model.eval()  # uncompiled, unwrapped: no recompilation, no gradient hooks
-    for i in range(n):
-        x, y = (t.to(proc.device) for t in loader.next_batch())
+    rounds = -(-n // proc.world) * proc.world if lockstep else n
+    for i in range(rounds):
+        if i < n:
+            x, y = (t.to(proc.device) for t in loader.next_batch())
         if i % proc.world == proc.rank:
             with autocast:
-                total += loss(x, y)
+                value = loss(x, y)
+            if i < n:
+                total += value
     loss.model.train()
     return proc.all_sum(total).item() / n

@@ -78,6 +78,9 @@ def build_parser(description=None):
         "else fp32 (for --export: bf16 unless fp32)", choices=list(devices.DTYPES))
     add("--compile", "torch.compile the model: on (--compile alone), off, or auto = on for CPU runs of "
         ">= 500 steps of >= 100M-parameter models", nargs="?", const="on", choices=devices.COMPILE)
+    add("--fsdp", "under torchrun: shard the weights, gradients and AdamW state over the processes (FSDP2) "
+        "and write sharded checkpoints (folders, one shard per process), for models that do not fit "
+        "one device with DDP (docs/distributed.md)", action="store_true")
     add("--gradient-checkpointing", "recompute each decoder layer in backward: less activation memory, "
         "about a third more compute", action="store_true")
     add("--deterministic", "deterministic kernels (torch.use_deterministic_algorithms; slower on a GPU), so "
@@ -131,6 +134,13 @@ def check_args(args, ckpt):
     """Refuse impossible requests before anything heavy is built."""
     if ckpt and args.init:
         raise UsageError("--init starts a new run from pretrained weights and --ckpt resumes one: use one")
+    if ckpt and ckpt.get("sharded") and not args.fsdp:
+        raise UsageError(f"--ckpt {args.ckpt}: a sharded checkpoint (a folder of shards written under --fsdp); "
+                         "resume it under torchrun with --fsdp, or gather its weights with export.py or --init")
+    if ckpt and args.fsdp and not ckpt.get("sharded"):
+        raise UsageError(f"--ckpt {args.ckpt}: a single-file checkpoint, and --fsdp resumes sharded ones "
+                         f"(folders); resume it without --fsdp, or start a sharded run from its weights "
+                         f"with --init {args.ckpt}")
     if ckpt and args.steps <= ckpt["step"]:
         raise UsageError(f"--steps {args.steps} is not above the checkpoint's step {ckpt['step']}: "
                          f"nothing to train; e.g. --steps {ckpt['step'] + 50} trains 50 more")

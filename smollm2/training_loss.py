@@ -1,5 +1,5 @@
 """The loss as the training loop calls it: the chunked loss of the model, compiled or eager, wrapped
-in DDP across processes or not, run on a bf16 copy of the weights or not. Each choice is made once
+in DDP across processes or sharded by FSDP (sharding.py) or neither, run on a bf16 copy of the weights or not. Each choice is made once
 here, at the start of a run: whether to compile (devices.pick_compile), and whether compiling works on
 this machine, tried on a batch of zeros before any data is read (probe)."""
 import inspect
@@ -25,10 +25,11 @@ class TrainingLoss:
     weight_copy: the bf16 copy of the weights (speedups.LowPrecisionWeights) or None."""
 
     def __init__(self, model, proc, precision, compile_request, horizon, gradient_checkpointing,
-                 tokens_per_micro_step=0):
+                 tokens_per_micro_step=0, sharded=None):
+        """sharded: under --fsdp, the ChunkedLoss that sharding.shard made the FSDP root (no DDP then)."""
         self.proc, self.precision, self.compile_request = proc, precision, compile_request
-        self.gradient_checkpointing = gradient_checkpointing
-        self.chunked = ChunkedLoss(model)  # model(x, y)'s loss, without its logits
+        self.gradient_checkpointing, self.sharded = gradient_checkpointing, sharded
+        self.chunked = sharded or ChunkedLoss(model)  # model(x, y)'s loss, without its logits
         n_params = sum(p.numel() for p in model.parameters())
         self.compiled, self.compile_reason = devices.pick_compile(proc.type, compile_request, n_params, horizon)
         self.mode = devices.compile_mode(proc.type, tokens_per_micro_step, proc.world, gradient_checkpointing)
@@ -42,15 +43,15 @@ class TrainingLoss:
         proc = self.proc
         self.ddp = None
         self.fn = self.chunked
-        if proc.world > 1:
+        if proc.world > 1 and self.sharded is None:
             self.fn = self.ddp = DDP(self.chunked, device_ids=[proc.local_rank] if proc.type == "cuda" else None,
                                      **NO_BUFFER_SYNC)
         if self.compiled:
             self.fn = torch.compile(self.fn, mode=self.mode)
         # bf16 on CPU, eager: a bf16 copy of the weights instead of autocast's casts at every use
         self.weight_copy = None
-        if speedups.use_weight_copy(proc.type, self.precision.dtype, self.compiled, self.gradient_checkpointing,
-                                    proc.world):
+        if self.sharded is None and speedups.use_weight_copy(proc.type, self.precision.dtype, self.compiled,
+                                                             self.gradient_checkpointing, proc.world):
             self.fn = self.weight_copy = speedups.LowPrecisionWeights(self.chunked)
 
     def __call__(self, x, y):
@@ -66,6 +67,8 @@ class TrainingLoss:
         """Under DDP: all-reduce the gradients in this backward (the last micro-step's) or not."""
         if self.ddp is not None:
             self.ddp.require_backward_grad_sync = sync
+        elif self.sharded is not None:  # FSDP: reduce-scatter the gradients in this backward or not
+            self.sharded.set_requires_gradient_sync(sync)
 
     def after_backward(self):
         if self.weight_copy is not None:
@@ -91,7 +94,10 @@ class TrainingLoss:
         cuda = [self.proc.device] if self.proc.type == "cuda" else []
         failure = None
         try:
-            self.sync_gradients(False)  # no all-reduce: a rank whose compile failed would never join it
+            # DDP: no all-reduce, which a rank whose compile failed would never join. FSDP's forward
+            # gathers weights from every rank anyway, and an unsynced backward would keep its
+            # unsharded gradients for the next step: there the probe's backward reduces as usual.
+            self.sync_gradients(self.sharded is not None)
             with torch.random.fork_rng(cuda):  # the run's random state as it was
                 self.precision.backward(self(x, y))
         except Exception as e:  # Inductor's errors have no common base class

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from smollm2 import sharding
 from smollm2.errors import ExportError, ModelLoadError
 from smollm2.files import public_name
 from smollm2.tokenizer import TOKENIZER_DIR, load_tokenizer
@@ -112,6 +113,8 @@ def load_weights(source):
         if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
             return _load_hub(source)
         raise ModelLoadError(f"{source}: no such file or directory; {EXPECTED}")
+    if sharding.is_sharded(source):  # train.py --fsdp's checkpoint folder: gathered here, on CPU
+        return _load_sharded(source)
     if os.path.isdir(source):
         path = os.path.join(source, "model.safetensors")
         if not os.path.isfile(os.path.join(source, "config.json")) or not os.path.isfile(path):
@@ -161,6 +164,18 @@ def _load_checkpoint(path):
         raise ModelLoadError(f"{path}: not a readable training checkpoint with 'model' and 'config' "
                              f"({type(e).__name__}: {e}); {EXPECTED}") from None
     info = {"source": path, "format": "checkpoint", "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss")}
+    return config, state, info
+
+
+def _load_sharded(path):
+    try:
+        train_state = sharding.load_train_state(path)
+        config, state = dict(train_state["config"]), sharding.gather_weights(path)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable sharded checkpoint ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:160]}); {EXPECTED}") from None
+    info = {"source": path, "format": "sharded checkpoint", "step": train_state.get("step"),
+            "val_loss": train_state.get("val_loss")}
     return config, state, info
 
 
