@@ -287,7 +287,7 @@ def main(argv=None):
         data_id = fingerprint(args.data, column=args.text_column)
         if ckpt and (notice := data_change(ckpt, data_id, args.data)) and proc.master:
             print(notice, file=sys.stderr, flush=True)
-        if proc.type == "cpu":
+        if proc.type == "cpu" and not args.fsdp:  # FSDP frees each gathered layer: give that back
             speedups.keep_freed_memory()
         run = Run(args, ckpt, proc, loader, val)
         if new_run and args.init:  # the --init source's size is known once it is loaded

@@ -56,3 +56,12 @@ def test_bench_compiles_ours_as_train_py_would_and_transformers_only_when_asked(
     for setting in ("on", "off"):
         both = argparse.Namespace(compile=setting, device="cpu", model="smollm2-135m")
         assert bench.compiled(both, "ours") == bench.compiled(both, "hf") == (setting == "on")
+
+
+def test_bench_sharding_shows_fsdp_holding_half_of_ddps_state_per_rank():
+    proc = subprocess.run([sys.executable, "-m", "bench.sharding", "--model", "tiny", "--seq-len", "16"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    held = {m[0]: float(m[1]) for m in re.findall(r"(ddp|fsdp) +rank 0: weights \+ gradients \+ AdamW held ([\d.]+) MiB",
+                                                  proc.stdout)}
+    assert held["fsdp"] == pytest.approx(held["ddp"] / 2, rel=0.05), proc.stdout
