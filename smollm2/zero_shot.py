@@ -1,0 +1,236 @@
+"""Is the model any good? Zero-shot tasks scored by the rules of CORE (the DCLM suite) as nanochat's
+core_eval.py applies them: eval.py --tasks and train.py --eval-tasks.
+
+The shipped tasks (data/eval/, llm-foundry's gauntlet layout, licences beside them) and any JSONL in
+that layout, the layout told by each row's keys:
+- multiple choice (query, choices, gold): one text per choice, query + delimiter + choice; the
+  scored tokens of each are those after the longest token prefix the row's texts share; the
+  prediction is the choice with the lowest mean cross-entropy over its scored tokens.
+- schema (context_options, continuation, gold; as Winogrande): one text per option, option +
+  delimiter + continuation; the scored tokens are the longest token suffix the texts share; the
+  lowest mean cross-entropy wins.
+- language modelling (context, continuation): context.strip() + delimiter + continuation; the scored
+  tokens are those after the tokens of (context.strip() + delimiter).strip(), which must be a token
+  prefix; correct when greedy argmax predicts every scored token.
+Zero-shot, no BOS token (SmolLM2's tokenizer adds none). A row's texts go through the model in one
+forward pass, with other rows' (TOKENS_PER_BATCH tokens a pass), and only the scored positions meet
+the LM head.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from smollm2 import devices
+from smollm2.errors import DataError, UsageError
+
+TASK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "eval")
+# name: (file in TASK_DIR, continuation delimiter, chance); delimiters as llm-foundry's tasks_v0.3.yaml
+TASKS = {"arc_easy": ("arc_easy.jsonl", "\nAnswer: ", 0.25),
+         "arc_challenge": ("arc_challenge.jsonl", "\nAnswer: ", 0.25),
+         "piqa": ("piqa.jsonl", "\nAnswer: ", 0.5),
+         "openbook_qa": ("openbook_qa.jsonl", " ", 0.25),
+         "lambada_openai": ("lambada_openai.jsonl", " ", 0.0)}
+SUITES = {"core": list(TASKS)}
+LAYOUTS = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
+           "language_modeling": ("context", "continuation")}
+TOKENS_PER_BATCH = 4096  # tokens of one forward pass (rows are never split between passes)
+
+
+@dataclass
+class Task:
+    name: str
+    layout: str
+    rows: list
+    delimiter: str
+    chance: float
+    path: str = ""
+    results: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- tasks and their rows
+def parse_tasks(spec, limit=None):
+    """[(name or path, rows or None)] of a --tasks / --eval-tasks value: a comma list of shipped
+    task names, suite names (core) and JSONL paths, each optionally NAME:ROWS (its first ROWS rows)."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, rows = item, limit
+        head, sep, tail = item.rpartition(":")
+        if sep and tail.isdigit():
+            name, rows = head, int(tail)
+            if rows < 1:
+                raise UsageError(f"task {item}: ROWS must be a positive number")
+        if name in SUITES:
+            out += [(task, rows) for task in SUITES[name]]
+        elif name in TASKS or os.path.isfile(name):
+            out.append((name, rows))
+        else:
+            raise UsageError(f"task {name!r}: not a task name ({', '.join([*SUITES, *TASKS])}) nor a JSONL file")
+    if not out:
+        raise UsageError(f"--tasks {spec!r}: no task given")
+    return out
+
+
+def detect_layout(row, where):
+    """The gauntlet layout whose keys the row has, or DataError."""
+    if isinstance(row, dict):
+        for layout, keys in LAYOUTS.items():
+            if all(k in row for k in keys):
+                return layout
+    keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+    raise DataError(f"{where}: a row of no known layout (its keys: {keys}); expected query/choices/gold, "
+                    "context_options/continuation/gold or context/continuation")
+
+
+def check_row(row, layout, where):
+    """DataError unless the row's fields have the layout's types and gold is an index of the options."""
+    options = row.get("choices") if layout == "multiple_choice" else row.get("context_options")
+    texts = [row.get("continuation")] if layout != "multiple_choice" else [row.get("query")]
+    texts += options if isinstance(options, list) else []
+    if layout == "language_modeling":
+        texts.append(row.get("context"))
+    if layout != "language_modeling" and (not isinstance(options, list) or len(options) < 2):
+        raise DataError(f"{where}: needs a list of at least 2 {'choices' if layout == 'multiple_choice' else 'context_options'}")
+    if not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{where}: its texts must be strings")
+    if layout != "language_modeling":
+        gold = row.get("gold")
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(options):
+            raise DataError(f"{where}: gold {gold!r} is not an index of its {len(options)} options")
+
+
+def load_task(spec, delimiter=None, limit=None):
+    """A Task from a shipped task's name or a JSONL path: its rows (the first `limit`), checked."""
+    if spec in TASKS:
+        file, default_delimiter, chance = TASKS[spec]
+        name, path = spec, os.path.join(TASK_DIR, file)
+    else:
+        name, path, default_delimiter, chance = os.path.splitext(os.path.basename(spec))[0], spec, " ", None
+    rows, layout = [], None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if limit is not None and len(rows) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                where = f"{path} line {n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"{where}: not JSON (a task file is JSONL: one JSON object a line)") from None
+                kind = detect_layout(row, where)
+                if layout is None:
+                    layout = kind
+                elif kind != layout:
+                    raise DataError(f"{where}: a {kind} row in a {layout} file")
+                check_row(row, layout, where)
+                rows.append(row)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read it as a UTF-8 JSONL task file ({type(e).__name__})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows (an empty task file)")
+    if chance is None:  # a file of ours: 1/options on average, 0 for language modelling
+        chance = 0.0 if layout == "language_modeling" else sum(
+            1 / len(r.get("choices") or r["context_options"]) for r in rows) / len(rows)
+    return Task(name, layout, rows, default_delimiter if delimiter is None else delimiter, chance, path)
+
+
+# ----------------------------------------------------------------------------- the rules
+def common_prefix(seqs):
+    n = min(map(len, seqs))
+    return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), n)
+
+
+def common_suffix(seqs):
+    return common_prefix([s[::-1] for s in seqs])
+
+
+def row_texts(task, row, encode):
+    """[(token ids, first scored index, end)] of one row, by its layout's rule."""
+    d = task.delimiter
+    if task.layout == "multiple_choice":
+        seqs = [encode(row["query"] + d + choice) for choice in row["choices"]]
+        start = common_prefix(seqs)
+        return [(s, start, len(s)) for s in seqs]
+    if task.layout == "schema":
+        seqs = [encode(option + d + row["continuation"]) for option in row["context_options"]]
+        suffix = common_suffix(seqs)
+        return [(s, len(s) - suffix, len(s)) for s in seqs]
+    context = row["context"].strip()
+    whole, head = encode(context + d + row["continuation"]), encode((context + d).strip())
+    if whole[:len(head)] != head:
+        raise DataError(f"{task.path}: a row whose context does not tokenise as a prefix of context + "
+                        f"continuation: {context[-40:]!r} + {row['continuation'][:40]!r}")
+    return [(whole, len(head), len(whole))]
+
+
+def score_task(model, tokenizer, task, device, dtype="fp32"):
+    """Score every row of task with model (a SmolLM2) in `dtype` ("fp32" or "bf16" autocast);
+    task.results gets each row's prediction (a choice index, or True/False). Returns
+    {"accuracy", "rows", "chance"}. Leaves the model's mode and every random state as they were."""
+    encode = lambda text: tokenizer.encode(text).ids  # noqa: E731
+    window = model.config.max_position_embeddings
+    # a text longer than the window keeps its last tokens (as core_eval crops); the first token is
+    # never scored (nothing predicts it)
+    rows = [[(s[-window:], max(1, a - max(0, len(s) - window)), min(b, window)) for s, a, b in row_texts(task, r, encode)]
+            for r in task.rows]
+    order = sorted(range(len(rows)), key=lambda i: max(len(s) for s, _, _ in rows[i]))  # rows of like
+    results, batch = [None] * len(rows), []  # lengths share a pass: little padding
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), devices.autocast(torch.device(device).type, dtype):
+            for n, i in enumerate(order):
+                batch.append(i)
+                width = max(len(s) for s, _, _ in rows[i])  # the longest so far: rows come shortest first
+                if width * sum(len(rows[j]) for j in batch) >= TOKENS_PER_BATCH or n == len(order) - 1:
+                    for j, result in zip(batch, score_batch(model, [rows[j] for j in batch], task.layout, device)):
+                        results[j] = result
+                    batch = []
+    finally:
+        model.train(was_training)
+    task.results = results
+    correct = sum(r is True or (r is not False and r == row["gold"]) for r, row in zip(task.results, task.rows))
+    return {"accuracy": correct / len(task.rows), "rows": len(task.rows), "chance": task.chance}
+
+
+def score_batch(model, batch, layout, device):
+    """Predictions of the rows in batch, whose texts run through the model in one padded forward pass."""
+    texts = [t for row in batch for t in row]
+    width = max(len(s) for s, _, _ in texts)
+    idx = torch.zeros(len(texts), width, dtype=torch.long)
+    for j, (s, _, _) in enumerate(texts):
+        idx[j, :len(s)] = torch.tensor(s)  # right-padded: causal attention never reads the padding
+    hidden = model.hidden_states(idx.to(device))
+    losses, greedy = [], []
+    for j, (s, start, end) in enumerate(texts):
+        logits = model.lm_head(hidden[j, start - 1:end - 1]).float()  # the positions that predict s[start:end]
+        targets = torch.tensor(s[start:end], device=logits.device)
+        losses.append(F.cross_entropy(logits, targets).item())
+        greedy.append(bool((logits.argmax(-1) == targets).all()))
+    out, k = [], 0
+    for row in batch:
+        if layout == "language_modeling":
+            out.append(greedy[k])
+        else:
+            scores = losses[k:k + len(row)]
+            out.append(min(range(len(row)), key=scores.__getitem__))
+        k += len(row)
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+def centred(scores):
+    """CORE's average: each accuracy above its chance, as a share of the way from chance to 1."""
+    return sum((s["accuracy"] - s["chance"]) / (1 - s["chance"]) for s in scores.values()) / len(scores)
+
+
+def table(scores):
+    """The printed table: task, rows, accuracy, chance; then the centred average."""
+    lines = [f"{'task':<16} {'rows':>6} {'accuracy':>9} {'chance':>7}"]
+    lines += [f"{name:<16} {s['rows']:>6,} {s['accuracy']:>9.4f} {s['chance']:>7.2f}" for name, s in scores.items()]
+    lines.append(f"{'centred average':<16} {'':>6} {centred(scores):>9.4f}   (above chance, as CORE averages)")
+    return "\n".join(lines)
