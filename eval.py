@@ -88,8 +88,9 @@ def score(args, tasks, device):
     model = SmolLM2.from_pretrained(args.source, device=device)
     tokenizer, start, scores = load_tokenizer(), time.perf_counter(), {}
     for task in tasks:
+        began = time.perf_counter()
         scores[task.name] = {**zero_shot.score_task(model, tokenizer, task, device, dtype),
-                             "layout": task.layout, "results": task.results}
+                             "layout": task.layout, "seconds": time.perf_counter() - began, "results": task.results}
     seconds = time.perf_counter() - start
     print(f"{args.source}, zero-shot, {dtype} on {device}, {seconds:.0f} s:")
     print(zero_shot.table(scores))

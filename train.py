@@ -24,7 +24,7 @@ import sys
 import torch
 
 from model import PRESETS, SmolLM2, SmolLM2Config, flops_per_token, param_breakdown
-from smollm2 import devices, loggers, sharding, speedups
+from smollm2 import devices, loggers, sharding, speedups, zero_shot
 from smollm2.chunked_loss import ChunkedLoss
 from smollm2.checkpoint import (Saver, check_disk_space, data_change, find_latest, load_checkpoint, resume_names,
                                 set_rng_state)
@@ -40,6 +40,7 @@ from smollm2.run_lock import RunLock
 from smollm2.sampling import sample_text
 from smollm2.signals import StopSignals
 from smollm2.token_cache import dataset_stats, fingerprint
+from smollm2.tokenizer import load_tokenizer
 from smollm2.train_args import DEFAULTS, build_parser, check_args, resolve_args
 from smollm2.training_loss import TrainingLoss
 
@@ -85,7 +86,7 @@ def make_optimizer(model, args, proc):
 class Run:
     """The model, optimizer, data and loop state of a training run: everything a checkpoint holds."""
 
-    def __init__(self, args, ckpt, proc, loader, val):
+    def __init__(self, args, ckpt, proc, loader, val, tasks=()):
         self.args, self.proc, self.loader, self.val = args, proc, loader, val
         facts = devices.device_facts(proc.device)
         self.precision = Precision(facts, sharding.fsdp_dtype(facts, args.dtype) if args.fsdp else args.dtype,
@@ -120,6 +121,8 @@ class Run:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = flops_per_token(self.model.config, args.seq_len, n_params)
         self.peak_flops = args.peak_flops or (devices.peak_flops(facts.name) if proc.type == "cuda" else None)
+        self.tasks = list(tasks)  # --eval-tasks: zero-shot tasks scored at evaluation steps
+        self.tokenizer = load_tokenizer() if self.tasks else None
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) tensors."""
@@ -145,9 +148,29 @@ class Run:
                                         lockstep=self.sharded is not None)
         return self.val_loss
 
+    def score_tasks(self):
+        """{task: accuracy} of --eval-tasks, on every rank (under --fsdp every forward pass is every
+        rank's), in the run's precision; the training's random state and mode untouched."""
+        if self.sharded is not None:
+            self.sharded.unshard()  # the root's weights (embedding = lm_head, final norm), whole
+        try:
+            dtype = self.precision.dtype if self.sharded is None else "fp32"  # FSDP: bf16 weights already
+            return {task.name: zero_shot.score_task(self.model, self.tokenizer, task, self.proc.device, dtype)["accuracy"]
+                    for task in self.tasks}
+        finally:
+            if self.sharded is not None:
+                self.sharded.reshard()
+
     def sample(self):
         text = sample_text(self.model, self.args.sample_prompt, self.args.sample_tokens, self.args.seed)
         print(f"sample: {text!r}", flush=True)
+
+
+def load_tasks(args):
+    """The --eval-tasks tasks, loaded and checked (a bad name or file: one line, before training)."""
+    if not args.eval_tasks:
+        return []
+    return [zero_shot.load_task(name, None, rows) for name, rows in zero_shot.parse_tasks(args.eval_tasks)]
 
 
 def describe(run, tokens):
@@ -183,6 +206,9 @@ def describe(run, tokens):
     notice = f"; {run.precision.notice}" if run.precision.notice else ""
     print(f"precision: {run.precision.reason}{how}{notice}")
     print(f"compile: {run.loss.compile_reason}")
+    if run.tasks:
+        print("eval tasks: " + ", ".join(f"{t.name} ({len(t.rows):,} rows, chance {t.chance:.2f})" for t in run.tasks)
+              + f", zero-shot at every evaluation step (--eval-interval {args.eval_interval})")
     if args.fsdp:
         print(f"fsdp: {len(model.model.layers)} decoder layers and the root (embedding = lm_head, final norm) "
               f"sharded over {proc.world} processes; checkpoints are folders of shards; no samples "
@@ -204,6 +230,13 @@ def train(run, saver, stop):
         run.history["val_loss"].append(run.evaluate())
         if master:
             print(f"step 0 | val loss {run.val_loss:.4f}", flush=True)
+    if run.step == 0 and run.tasks:  # where the accuracy curves start
+        accuracies = run.score_tasks()
+        run.history.setdefault("tasks", {})
+        for name, accuracy in accuracies.items():
+            run.history["tasks"].setdefault(name, []).append((0, accuracy))
+        if master:
+            print("step 0 | " + " | ".join(f"{name} {a:.3f}" for name, a in accuracies.items()), flush=True)
     clock = loggers.Clock(run.step, run.proc.device)
     while run.step < args.steps:
         lr = get_lr(run.step, args.lr, args.min_lr, args.warmup, run.horizon)
@@ -214,18 +247,19 @@ def train(run, saver, stop):
         step, last = run.step, run.step == args.steps
         stopping = stop.should_stop()  # a signal on any rank: every rank saves and stops after this step
         hurry = stopping and run.proc.any_rank(stop.hurry)  # a second signal: no evaluation or sample first
-        evaluating = run.val is not None and (step % args.eval_interval == 0 or last) and not hurry
+        evaluating = (run.val is not None or run.tasks) and (step % args.eval_interval == 0 or last) and not hurry
         periodic = args.ckpt_interval and step % args.ckpt_interval == 0
         if evaluating or periodic or last or stopping:  # a checkpoint may follow: a stream's ranks share
             run.loader.share()  # their positions now (a host-side gather), not at every step
-        val = None
+        val = accuracies = None
         if evaluating:
             with clock.pause():
-                val = run.evaluate()
+                val = run.evaluate() if run.val is not None else None
+                accuracies = run.score_tasks() if run.tasks else None
         if step % args.log_interval == 0 or last or stopping or evaluating:
             loss = run.proc.all_sum(loss) / run.proc.world  # on every rank: an all-reduce
             if master:
-                loss = loggers.log_step(run, step, loss, norm, lr, val, clock)
+                loss = loggers.log_step(run, step, loss, norm, lr, val, clock, accuracies)
                 if run.precision.diverged(loss):
                     raise SystemExit(f"loss is {loss} at step {step}: training diverged; lower --lr or raise --warmup")
             clock = loggers.Clock(step, run.proc.device)
@@ -272,6 +306,7 @@ def main(argv=None):
     if args.deterministic:  # before anything runs on the device (cuBLAS reads its setting once)
         devices.deterministic_mode(proc.type)
     check_writable(args.save, args.metrics, args.plot)
+    tasks = load_tasks(args)  # a bad task name or file: one line, before anything heavy
     lock = RunLock(args.save) if proc.master else None  # a second run on this --save stops here
     trackers = None
     new_run = auto and ckpt is None and proc.master  # --ckpt auto found nothing: say what starts
@@ -289,7 +324,7 @@ def main(argv=None):
             print(notice, file=sys.stderr, flush=True)
         if proc.type == "cpu" and not args.fsdp:  # FSDP frees each gathered layer: give that back
             speedups.keep_freed_memory()
-        run = Run(args, ckpt, proc, loader, val)
+        run = Run(args, ckpt, proc, loader, val, tasks)
         if new_run and args.init:  # the --init source's size is known once it is loaded
             print(new_run_notice(args, proc, run.model), flush=True)
         run.data_fingerprint, run.trackers = data_id, trackers

@@ -98,7 +98,7 @@ class Loggers:
     def log(self, record):
         self.metrics.write(record)
         step = record["step"]
-        scalars = {TAGS.get(k, f"train/{k}"): float(v) for k, v in record.items()
+        scalars = {TAGS.get(k, f"{'eval' if k.startswith('acc_') else 'train'}/{k}"): float(v) for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
                    and math.isfinite(v)}
         for writer in self.writers:
@@ -144,9 +144,10 @@ def eta_text(seconds):
     return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s"
 
 
-def log_step(run, step, loss, norm, lr, val, clock):
+def log_step(run, step, loss, norm, lr, val, clock, accuracies=None):
     """Log one step: its record to metrics.jsonl and the trackers, its line to stdout, its losses to
-    run.history (the checkpoint's loss curve). Returns the loss as a float."""
+    run.history (the checkpoint's loss curve). accuracies: {task: accuracy} of --eval-tasks at an
+    evaluation step, logged as acc_<task>. Returns the loss as a float."""
     loss, norm = loss.item(), float(norm)  # .item() waits for the device: the timing below is real
     per_step = clock.seconds_per_step(step)
     tok_s, eta = run.tokens_per_step / max(per_step, 1e-9), (run.args.steps - step) * per_step
@@ -168,25 +169,41 @@ def log_step(run, step, loss, norm, lr, val, clock):
         record["val_loss"] = val
         run.history["val_step"].append(step)
         run.history["val_loss"].append(val)
+    tasks = run.history.setdefault("tasks", {})
+    for name, accuracy in (accuracies or {}).items():
+        record[f"acc_{name}"] = accuracy
+        tasks.setdefault(name, []).append((step, accuracy))
     run.trackers.log(record)
     width = len(str(run.args.steps))
     print(f"step {step:>{width}}/{run.args.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
           f"{tok_s:,.0f} tok/s{extra} | ETA {eta_text(eta)}"
-          + (f" | val loss {val:.4f}" if val is not None else ""), flush=True)
+          + (f" | val loss {val:.4f}" if val is not None else "")
+          + "".join(f" | {name} {a:.3f}" for name, a in (accuracies or {}).items()), flush=True)
     return loss
 
 
 def plot_loss(history, path):
+    """The loss curve (train, validation) as a PNG; with --eval-tasks a second panel below it, each
+    task's accuracy at the evaluation steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    tasks = history.get("tasks") or {}
+    fig, axes = plt.subplots(2 if tasks else 1, 1, figsize=(8, 7.5 if tasks else 4.5), sharex=True, squeeze=False)
+    ax = axes[0][0]
     ax.plot(history["step"], history["loss"], lw=1, label="train")
     if history["val_step"]:
         ax.plot(history["val_step"], history["val_loss"], "o-", ms=3, label="validation")
     ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="SmolLM2 training loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if tasks:
+        acc = axes[1][0]
+        for name, points in tasks.items():
+            acc.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, label=name)
+        acc.set(xlabel="step", ylabel="zero-shot accuracy", title="--eval-tasks")
+        acc.grid(alpha=0.3)
+        acc.legend(fontsize=8)
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     finally:

@@ -21,7 +21,7 @@ DEFAULTS = dict(data="input.txt", model="smollm2-135m", batch_size=4, seq_len=25
                 dtype="auto", val_frac=0.05, eval_interval=250, eval_iters=20, log_interval=10,
                 save="checkpoint.pt", ckpt_interval=1000, keep_last=2, metrics=None, plot=None,  # None: beside --save
                 sample_interval=500, sample_prompt="The", sample_tokens=48, compile="auto",
-                deterministic=False, text_column="text", val_data=None, val_tokens=100_000)  # the last three: loaders.py
+                deterministic=False, eval_tasks=None, text_column="text", val_data=None, val_tokens=100_000)  # the last three: loaders.py
 
 
 EXAMPLES = """examples:
@@ -92,6 +92,9 @@ def build_parser(description=None):
     add("--val-frac", "held-out tail of file data for validation; 0 = none", type=NONNEG_FLOAT)
     add("--eval-interval", "steps between validation losses", type=POS_INT)
     add("--eval-iters", "batches per validation loss", type=POS_INT)
+    add("--eval-tasks", "zero-shot tasks scored at every evaluation step, logged as acc_<task>: a comma list "
+        "of NAME[:ROWS] (arc_easy, arc_challenge, piqa, openbook_qa, lambada_openai, core = all five; "
+        "a JSONL path in llm-foundry's layout), e.g. arc_easy:500,piqa:500 (default none)", metavar="TASKS")
     add("--log-interval", "steps between log lines and metrics records", type=POS_INT)
     add("--save", "final checkpoint (also written on SIGINT/SIGTERM)", metavar="PATH")
     add("--ckpt-interval", "steps between NAME_step_N.pt beside --save NAME.pt; 0 = none", type=NONNEG_INT)

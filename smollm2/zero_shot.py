@@ -153,11 +153,11 @@ def row_texts(task, row, encode):
     d = task.delimiter
     if task.layout == "multiple_choice":
         seqs = [encode(row["query"] + d + choice) for choice in row["choices"]]
-        start = common_prefix(seqs)
-        return [(s, start, len(s)) for s in seqs]
+        start = common_prefix(seqs)  # a choice that is all prefix (a prefix of another) keeps its last token
+        return [(s, min(start, len(s) - 1), len(s)) for s in seqs]
     if task.layout == "schema":
         seqs = [encode(option + d + row["continuation"]) for option in row["context_options"]]
-        suffix = common_suffix(seqs)
+        suffix = max(1, common_suffix(seqs))  # at least the last token: texts may share no suffix token
         return [(s, len(s) - suffix, len(s)) for s in seqs]
     context = row["context"].strip()
     whole, head = encode(context + d + row["continuation"]), encode((context + d).strip())
@@ -208,7 +208,7 @@ def score_batch(model, batch, layout, device):
     losses, greedy = [], []
     for j, (s, start, end) in enumerate(texts):
         logits = model.lm_head(hidden[j, start - 1:end - 1]).float()  # the positions that predict s[start:end]
-        targets = torch.tensor(s[start:end], device=logits.device)
+        targets = torch.tensor(s[start:end], dtype=torch.long, device=logits.device)
         losses.append(F.cross_entropy(logits, targets).item())
         greedy.append(bool((logits.argmax(-1) == targets).all()))
     out, k = [], 0
@@ -231,6 +231,7 @@ def centred(scores):
 def table(scores):
     """The printed table: task, rows, accuracy, chance; then the centred average."""
     lines = [f"{'task':<16} {'rows':>6} {'accuracy':>9} {'chance':>7}"]
-    lines += [f"{name:<16} {s['rows']:>6,} {s['accuracy']:>9.4f} {s['chance']:>7.2f}" for name, s in scores.items()]
+    lines += [f"{name:<16} {s['rows']:>6,} {s['accuracy']:>9.4f} {s['chance']:>7.2f}"
+              + (f" {s['seconds']:>6.0f} s" if "seconds" in s else "") for name, s in scores.items()]
     lines.append(f"{'centred average':<16} {'':>6} {centred(scores):>9.4f}   (above chance, as CORE averages)")
     return "\n".join(lines)

@@ -96,6 +96,23 @@ def run_cmd(cwd, *cmd, status=0, timeout=600):
     return proc
 
 
+def patched_train(folder, patch, name="patched_train.py"):
+    """A script that runs `patch` (Python source that replaces what train.py will call: a fault to
+    inject) and then train.py as __main__ with the script's own arguments. Returns its path."""
+    script = folder / name
+    script.write_text(f"import runpy, sys\nsys.path.insert(0, {ROOT!r})\n{patch.strip()}\n"
+                      f"sys.argv = ['train.py'] + sys.argv[1:]\nrunpy.run_path({TRAIN_PY!r}, run_name='__main__')\n")
+    return script
+
+
+def text_file(folder, chars):
+    """The first `chars` characters of tiny Shakespeare (input.txt) in a file in folder."""
+    path = folder / "shakespeare.txt"
+    with open(os.path.join(ROOT, "input.txt")) as f:
+        path.write_text(f.read(chars))
+    return path
+
+
 def run_train(cwd, *args, status=0, timeout=600):
     return run_cmd(cwd, *train_cmd(*args), status=status, timeout=timeout)
 
@@ -117,10 +134,7 @@ def load_ckpt(path):
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """The first 20,000 characters of tiny Shakespeare (about 6,000 tokens), tokenised once."""
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    with open(os.path.join(ROOT, "input.txt")) as f:
-        path.write_text(f.read(20_000))
-    return path
+    return text_file(tmp_path_factory.mktemp("corpus"), 20_000)
 
 
 @pytest.fixture

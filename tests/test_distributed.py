@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TRAIN_PY, load_ckpt, losses, run_cmd, run_train
+from conftest import ROOT, TINY, TRAIN_PY, load_ckpt, losses, patched_train, run_cmd, run_train
 
 TINY = TINY + ["--ckpt-interval", "2", "--steps", "4"]  # 2 ranks on 2 cores: one thread each (TRAIN_ENV)
 
@@ -116,8 +116,9 @@ def test_torchrun_on_a_macs_gpu_is_one_line(tmp_path, monkeypatch):
 # torchrun's rank 1 cannot compile (as a node without a C++ compiler); rank 0 "compiles" (torch.compile
 # returns the module as it is: no compile time in the test). The ranks must decide together.
 ONE_RANK_CANNOT_COMPILE = """
-import os, runpy, sys
+import os
 import torch
+from smollm2 import devices
 def fake_compile(module, **kw):
     if os.environ["RANK"] != "1":
         return module
@@ -125,17 +126,12 @@ def fake_compile(module, **kw):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
     return call
 torch.compile = fake_compile
-sys.argv = ["train.py"] + sys.argv[1:]
-sys.path.insert(0, {root!r})
-from smollm2 import devices
 devices.COMPILE_MIN_PARAMS = devices.COMPILE_MIN_STEPS = 0  # --compile auto compiles the tiny run
-runpy.run_path({train_py!r}, run_name="__main__")
 """
 
 
 def test_a_compile_that_fails_on_one_rank_makes_every_rank_eager_or_stop(tmp_path, corpus):
-    script = tmp_path / "one_rank.py"
-    script.write_text(ONE_RANK_CANNOT_COMPILE.format(root=ROOT, train_py=TRAIN_PY))
+    script = patched_train(tmp_path, ONE_RANK_CANNOT_COMPILE)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
     proc = run_cmd(tmp_path, *torchrun, *TINY, "--data", corpus, "--steps", 2, "--compile", "auto",
                    "--save", "auto.pt", timeout=300)

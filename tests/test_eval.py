@@ -73,7 +73,7 @@ def test_eval_equals_transformers_on_the_same_windows(tmp_path, tiny_dir, text_f
     (["{model}", "--data", "nope.txt"], "no such file or directory: nope.txt"),
     (["{model}", "--data", "{text}", "--seq-len", "0"], "--seq-len: must be > 0"),
     (["{model}", "--data", "{text}", "--seq-len", "5000"], "exceeds the model's context window of 1024"),
-    (["{model}"], "the following arguments are required: --data"),
+    (["{model}"], "give --data (loss and bits per byte on a text) or --tasks"),
     (["{model}", "--data", "{text}", "--json", "."], "--json . is a directory"),
 ])
 def test_bad_eval_input_is_one_line_and_exit_2(tmp_path, tiny_dir, text_file, args, message):

@@ -2,14 +2,13 @@
 skipped with the reason "needs CUDA"; CI is CPU-only). Each test is short: the whole suite is meant
 to take a few minutes on one H100. What it checks is what no CPU test can: the CUDA paths of
 model.py, train.py and the Space (docs/gpu.md says what was measured where)."""
-import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TRAIN_PY, losses, read_metrics, run_cmd, run_train
+from conftest import TRAIN_PY, losses, read_metrics, run_cmd, run_train, text_file
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
@@ -29,10 +28,7 @@ def text_ids():
 
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
-    with open(os.path.join(ROOT, "input.txt")) as f:
-        path.write_text(f.read(200_000))
-    return path
+    return text_file(tmp_path_factory.mktemp("data"), 200_000)
 
 
 def nll(logits, ids):

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TRAIN_PY, assert_one_line_error, load_ckpt, losses, run_cmd, run_train
+from conftest import (ROOT, TINY, TRAIN_PY, assert_one_line_error, load_ckpt, losses, patched_train, read_metrics,
+                      run_cmd, run_train)
 
 TINY = TINY + ["--steps", "4", "--ckpt-interval", "2", "--eval-interval", "2", "--eval-iters", "3"]
 
@@ -23,7 +24,8 @@ def runs(tmp_path_factory, corpus):
     resumed from its step-2 checkpoint under 2 ranks and under 1."""
     folder = tmp_path_factory.mktemp("fsdp")
     data = ["--data", corpus]
-    sharded = run_cmd(folder, *torchrun(2, TRAIN_PY, *TINY, *data, "--fsdp", "--save", "fsdp/c.pt"))
+    sharded = run_cmd(folder, *torchrun(2, TRAIN_PY, *TINY, *data, "--fsdp", "--save", "fsdp/c.pt",
+                                        "--eval-tasks", "openbook_qa:4"))
     run_train(folder, *TINY, *data, "--grad-accum", 2, "--save", "single/c.pt")
     run_cmd(folder, *torchrun(2, TRAIN_PY, *TINY, *data, "--fsdp", "--ckpt", "fsdp/c_step_2.pt", "--save", "two/c.pt"))
     one = run_cmd(folder, *torchrun(1, TRAIN_PY, *TINY, *data, "--fsdp", "--ckpt", "fsdp/c_step_2.pt",
@@ -37,6 +39,8 @@ def test_two_sharded_ranks_match_one_process_with_grad_accum_2_step_by_step(runs
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
     assert "sharded over 2 processes" in sharded.stdout and sharded.stdout.count("step 4/4") == 1  # rank 0 logs
+    assert [r.get("acc_openbook_qa") is not None for r in read_metrics(folder / "fsdp/c_metrics.jsonl")] == [
+        False, True, False, True]  # --eval-tasks under FSDP: every rank scores, in step
 
 
 def test_a_sharded_checkpoint_is_a_folder_of_shards_and_the_train_state_and_old_ones_are_pruned(runs):
@@ -79,7 +83,7 @@ def test_export_and_eval_gather_a_sharded_checkpoint_that_transformers_reads_wit
 
 # rank 1 is killed (SIGKILL) as it starts writing its shards of the step-4 checkpoint
 KILL_DURING_SAVE = """
-import os, runpy, signal, sys
+import os, signal
 import torch.distributed.checkpoint as dcp
 real, calls = dcp.save, [0]
 def save(*args, **kwargs):
@@ -88,15 +92,11 @@ def save(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
 dcp.save = save
-sys.argv = ["train.py"] + sys.argv[1:]
-sys.path.insert(0, {root!r})
-runpy.run_path({train_py!r}, run_name="__main__")
 """
 
 
 def test_a_rank_killed_during_a_sharded_save_costs_only_the_steps_since_the_last_checkpoint(tmp_path, corpus):
-    script = tmp_path / "kill.py"
-    script.write_text(KILL_DURING_SAVE.format(root=ROOT, train_py=TRAIN_PY))
+    script = patched_train(tmp_path, KILL_DURING_SAVE)
     args = [*TINY, "--data", corpus, "--fsdp", "--eval-interval", "1000", "--steps", "6", "--ckpt", "auto",
             "--save", "run/c.pt"]
     run_cmd(tmp_path, *torchrun(2, script, *args), status=1, timeout=300)  # torchrun: a worker died

@@ -181,3 +181,34 @@ def test_an_unknown_task_or_no_task_and_no_data_is_one_line(tmp_path):
     assert_one_line_error(proc, "eval.py", "'hellaswag'", "core")
     proc = run_cmd(tmp_path, sys.executable, EVAL_PY, "x.gguf", status=2)
     assert_one_line_error(proc, "eval.py", "--data", "--tasks")
+
+
+# ----------------------------------------------------------------------------- during training
+def test_train_scores_eval_tasks_at_evaluation_steps_into_metrics_tensorboard_and_a_second_plot_panel(tmp_path,
+                                                                                                     corpus):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from conftest import TINY, losses, read_metrics, run_train
+    args = [*TINY, "--data", corpus, "--steps", 4, "--eval-interval", 2, "--ckpt-interval", 2,
+            "--eval-tasks", "piqa:6,openbook_qa:4"]
+    proc = run_train(tmp_path, *args, "--save", "a/c.pt", "--tensorboard", "tb")
+    assert "step 0 | piqa " in proc.stdout and " | openbook_qa " in proc.stdout
+    records = {r["step"]: r for r in read_metrics(tmp_path / "a/c_metrics.jsonl")}
+    assert {s for s, r in records.items() if "acc_piqa" in r} == {2, 4}
+    assert all(r["acc_piqa"] in {k / 6 for k in range(7)} and r["acc_openbook_qa"] in {0, .25, .5, .75, 1}
+               for r in records.values() if "acc_piqa" in r)
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/acc_piqa")] == [
+        (s, pytest.approx(records[s]["acc_piqa"])) for s in (2, 4)]
+    assert Image.open(tmp_path / "a/c_loss.png").size[1] > 800  # two panels: loss, then accuracy
+    run_train(tmp_path, *args, "--ckpt", "a/c_step_2.pt", "--save", "b/c.pt", "--metrics", "b/m.jsonl")
+    resumed = {r["step"]: r for r in read_metrics(tmp_path / "b/m.jsonl")}
+    assert losses(tmp_path / "b/m.jsonl") == {s: r["loss"] for s, r in records.items() if s > 2}
+    assert resumed[4]["acc_piqa"] == records[4]["acc_piqa"]  # exact resume: the same weights, the same answers
+
+
+def test_a_bad_eval_task_stops_train_py_before_training_with_one_line(tmp_path, corpus):
+    from conftest import TINY, run_train
+    proc = run_train(tmp_path, *TINY, "--data", corpus, "--steps", 2, "--eval-tasks", "arc_easy,nope", status=2)
+    assert_one_line_error(proc, "train.py", "'nope'")
+    assert not (tmp_path / "checkpoint.pt").exists()
