@@ -11,7 +11,8 @@ a hub id). smollm2/loss_eval.py gives the definition, so numbers compare across 
 from the second on predicted once, in windows of --seq-len; bits per byte = total nats / ln 2 / the
 data's UTF-8 bytes (tokenizer-independent, as in nanochat's loss_eval). --tasks scores by CORE's
 rules (smollm2/zero_shot.py gives them) and prints each task's accuracy, its chance level and the
-average of the accuracies above chance.
+average of the accuracies above chance. On conversations (rows with a `messages` column, as train.py
+reads them) the loss is over the assistant tokens only, each conversation scored on its own.
 """
 import json
 import os
@@ -68,9 +69,11 @@ def main(argv=None):
     if args.data:
         result = evaluate(args.source, args.data, args.seq_len, args.batch_size, device,
                           sys.stderr.isatty(), args.text_column, args.max_tokens)
+        what = (f"{result['tokens']:,} assistant tokens of {result['conversations']:,} conversations, "
+                f"{result['bytes']:,} bytes of their contents" if result.get("assistant_tokens_only")
+                else f"{result['tokens']:,} tokens, {result['bytes']:,} bytes")
         print(f"{result['source']} on {args.data}: loss {result['loss']:.4f} | perplexity "
-              f"{result['perplexity']:.2f} | bits per byte {result['bits_per_byte']:.4f} | "
-              f"{result['tokens']:,} tokens, {result['bytes']:,} bytes")
+              f"{result['perplexity']:.2f} | bits per byte {result['bits_per_byte']:.4f} | {what}")
     if tasks:
         result.update(score(args, loaded, device))
     if args.json:

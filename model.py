@@ -273,8 +273,11 @@ class SmolLM2(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def hidden_states(self, idx, cache=None):
-        """(B, T) token ids -> (B, T, C), the final norm's output; with a cache, continue from it."""
+    def hidden_states(self, idx, cache=None, doc=None):
+        """(B, T) token ids -> (B, T, C), the final norm's output; with a cache, continue from it.
+        doc (B, T): rows that pack several sequences (conversations) number them, and a token attends
+        only to earlier tokens of its own; RoPE scores depend on relative positions only, so each
+        sequence needs no position reset to be computed as if it were alone."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_position_embeddings:
@@ -284,6 +287,9 @@ class SmolLM2(nn.Module):
         mask = None  # the first T positions: causal attention over them (SDPA's is_causal)
         if start > 0:  # query at position p reads the cached keys at positions <= p
             mask = torch.arange(start + T, device=idx.device) <= positions[:, None]  # (T, start+T)
+        if doc is not None:  # block-diagonal causal: (B, 1, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = (doc[:, None, :, None] == doc[:, None, None, :]) & causal
         x = self.trunk(idx, positions, cache, mask)
         if cache is not None:
             cache.pos += T
@@ -297,7 +303,7 @@ class SmolLM2(nn.Module):
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.model.layers:
             if recompute:  # keep only each layer's input; recompute the rest in backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, positions, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, positions, mask)
         return self.model.norm(x)

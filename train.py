@@ -33,7 +33,6 @@ from smollm2.distributed import Process, exit_process
 from smollm2.documents import resolve_files
 from smollm2.errors import UsageError
 from smollm2.files import check_writable
-from smollm2.loaders import load_data
 from smollm2.loss_eval import validation_loss
 from smollm2.precision import Precision
 from smollm2.run_lock import RunLock
@@ -42,6 +41,7 @@ from smollm2.signals import StopSignals
 from smollm2.token_cache import dataset_stats, fingerprint
 from smollm2.tokenizer import load_tokenizer
 from smollm2.train_args import DEFAULTS, build_parser, check_args, resolve_args
+from smollm2.train_data import load_data
 from smollm2.training_loss import TrainingLoss
 
 
@@ -129,9 +129,9 @@ class Run:
         args, precision = self.args, self.precision
         loss_sum = torch.zeros((), device=self.proc.device)
         for micro in range(args.grad_accum):
-            x, y = (t.to(self.proc.device, non_blocking=True) for t in self.loader.next_batch())
+            batch = [t.to(self.proc.device, non_blocking=True) for t in self.loader.next_batch()]  # x, y[, doc]
             self.loss.sync_gradients(micro == args.grad_accum - 1)  # DDP: all-reduce in the last backward
-            loss = self.loss(x, y) / args.grad_accum  # the sum over micro-steps is the mean over the batch
+            loss = self.loss(*batch) / args.grad_accum  # the sum over micro-steps is the mean over the batch
             loss_sum += loss.detach()
             precision.backward(loss)
             self.loss.after_backward()

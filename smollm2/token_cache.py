@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 
-from smollm2.documents import CHUNK_BYTES, documents, is_row_file, is_stream, resolve_files
+from smollm2.chat import check_messages, encode_conversations
+from smollm2.documents import CHUNK_BYTES, documents, file_layout, is_row_file, is_stream, message_rows, resolve_files
 from smollm2.errors import DataError
 from smollm2.tokenizer import EOT_ID, TOKENIZER_DIR, SegmentEncoder, load_tokenizer, tokenizer_file
 
@@ -100,14 +101,24 @@ def _cache_is_whole(cache):
             elif size != CACHE_HEADER.size + 2 * count:
                 problem = f"{size:,} bytes where its header says {CACHE_HEADER.size + 2 * count:,}"
             else:
-                h = hashlib.blake2b(digest_size=16)
-                while block := f.read(1 << 24):
-                    h.update(block)
-                problem = None if h.digest() == digest else "the checksum of its ids does not match"
+                problem = None if rest_digest(f) == digest else "the checksum of its ids does not match"
     except OSError as e:
         problem = f"unreadable: {e}"
+    return whole("token cache", cache, problem)
+
+
+def rest_digest(f):
+    """The blake2b-128 digest of what is left of file f to read: a cache's checksum."""
+    h = hashlib.blake2b(digest_size=16)
+    while block := f.read(1 << 24):
+        h.update(block)
+    return h.digest()
+
+
+def whole(kind, cache, problem):
+    """Whether a cache is whole (problem None); if not, say so, and that it is being rebuilt."""
     if problem:
-        print(f"token cache {cache} is damaged ({problem}): rebuilding it", file=sys.stderr, flush=True)
+        print(f"{kind} {cache} is damaged ({problem}): rebuilding it", file=sys.stderr, flush=True)
     return problem is None
 
 
@@ -153,3 +164,164 @@ def dataset_stats(tokens):
         counts += np.bincount(np.asarray(tokens[start:start + (1 << 24)]), minlength=65536)
     return {"tokens": int(len(tokens)), "unique_tokens": int(np.count_nonzero(counts)),
             "documents": int(counts[EOT_ID]) + 1 if len(tokens) else 0}
+
+
+# ----------------------------------------------------------------------------- conversations
+CONV_MAGIC = b"SMOLCNV1"  # header: magic, tokens, conversations, skipped (no assistant turn), checksum
+CONV_HEADER = struct.Struct("<8sQQQ16s")
+CONV_BATCH = 1024  # conversations rendered and encoded at a time
+
+
+def data_layout(spec, column="text"):
+    """"conversations" when every file of spec holds `messages` rows, "text" when none does; a
+    one-line DataError for a mix (train on one kind at a time)."""
+    if is_stream(spec):
+        return "text"
+    files = resolve_files(spec)
+    kinds = {f: file_layout(f, column) for f in files}
+    if len(set(kinds.values())) > 1:
+        chat = [f for f, k in kinds.items() if k == "conversations"]
+        text = [f for f, k in kinds.items() if k == "text"]
+        raise DataError(f"{spec} mixes conversation files ({os.path.basename(chat[0])}: a 'messages' "
+                        f"column) with text files ({os.path.basename(text[0])}); train on one kind at a time")
+    return kinds[files[0]]
+
+
+class Conversations:
+    """Conversations as one run of token ids with the loss mask beside them: conversation i is
+    tokens[starts[i]:starts[i + 1]]; mask is 1 on the tokens that carry the loss (chat.py).
+    skipped: rows with no assistant turn, left out. len() is the token count."""
+
+    def __init__(self, tokens, mask, starts, skipped=0):
+        self.tokens, self.mask, self.starts, self.skipped = tokens, mask, np.asarray(starts, np.int64), skipped
+
+    def __len__(self):
+        return len(self.tokens)
+
+    @property
+    def count(self):
+        return len(self.starts) - 1
+
+    def loss_share(self):
+        return float(np.count_nonzero(self.mask)) / max(len(self.mask), 1)
+
+    def split(self, val_frac):
+        """(train, val): the last val_frac of the conversations (at least one when val_frac > 0) hold
+        out; val is None when val_frac is 0."""
+        if not 0 <= val_frac < 1:
+            raise DataError(f"val_frac must be in [0, 1), got {val_frac}")
+        n_val = max(1, int(self.count * val_frac)) if val_frac else 0
+        if n_val and n_val >= self.count:
+            raise DataError(f"{self.count} conversation(s): too few to hold out --val-frac {val_frac} "
+                            "for validation and train on the rest; give more, or --val-frac 0")
+        cut = self.count - n_val
+        a = int(self.starts[cut])
+        train = Conversations(self.tokens[:a], self.mask[:a], self.starts[:cut + 1], self.skipped)
+        val = Conversations(self.tokens[a:], self.mask[a:], self.starts[cut:] - a) if n_val else None
+        return train, val
+
+    def describe(self):
+        skipped = f", {self.skipped:,} without an assistant turn skipped" if self.skipped else ""
+        return (f"conversations {self.count:,} (a 'messages' column: chat template, loss on assistant "
+                f"tokens only){skipped}, tokens {len(self.tokens):,}, "
+                f"{100 * self.loss_share():.1f}% of them carry loss")
+
+
+def tokenize_conversations(spec, tokenizer_dir=TOKENIZER_DIR, cache_dir=None, progress=True):
+    """The Conversations of the files in spec, from the cache beside them, tokenising on a miss."""
+    files = resolve_files(spec)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    cache = _cache_path(files, tokenizer_file(tokenizer_dir), cache_dir, "messages (conversations v1)")
+    cache = cache[: -len(".bin")] + ".conv.bin"  # still matches TOKEN_CACHE_NAME
+    if not os.path.exists(cache) or not _conversations_whole(cache):
+        _conversations_to(cache, files, tokenizer, progress)
+    elif progress:
+        print(f"conversations from cache {cache}", file=sys.stderr)
+    return _read_conversations(cache)
+
+
+def _layout(n_tokens, n_conv):
+    """Offsets in the cache file of its tokens, mask and starts."""
+    tok = CONV_HEADER.size
+    mask = tok + 2 * n_tokens
+    starts = mask + n_tokens + (-(mask + n_tokens)) % 8
+    return tok, mask, starts, starts + 8 * (n_conv + 1)
+
+
+def _read_conversations(cache):
+    with open(cache, "rb") as f:
+        _, n_tokens, n_conv, skipped, _ = CONV_HEADER.unpack(f.read(CONV_HEADER.size))
+    tok, mask, starts, _ = _layout(n_tokens, n_conv)
+    return Conversations(np.memmap(cache, np.uint16, "r", tok, (n_tokens,)),
+                         np.memmap(cache, np.uint8, "r", mask, (n_tokens,)),
+                         np.array(np.memmap(cache, np.int64, "r", starts, (n_conv + 1,))), skipped)
+
+
+def _conversations_whole(cache):
+    problem = None
+    try:
+        with open(cache, "rb") as f:
+            head = f.read(CONV_HEADER.size)
+            if len(head) != CONV_HEADER.size or head[:8] != CONV_MAGIC:
+                problem = "no valid header"
+            else:
+                _, n_tokens, n_conv, _, digest = CONV_HEADER.unpack(head)
+                if os.fstat(f.fileno()).st_size != _layout(n_tokens, n_conv)[3]:
+                    problem = "its size does not match its header"
+                else:
+                    problem = None if rest_digest(f) == digest else "the checksum does not match"
+    except OSError as e:
+        problem = f"unreadable: {e}"
+    return whole("conversation cache", cache, problem)
+
+
+def _conversations_to(cache, files, tokenizer, progress):
+    """Render, encode and write every conversation (tokens, then mask, then starts) to a temp file,
+    then rename it."""
+    from tqdm import tqdm
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = cache[: -len(".bin")] + f".{os.getpid()}.tmp.bin"
+    pieces, starts, skipped, n = [], [0], 0, 0
+    bar = tqdm(unit=" conversations", desc="tokenizing", disable=not progress, file=sys.stderr)
+
+    def flush(batch):
+        nonlocal n
+        for ids, mask in encode_conversations(tokenizer, batch):
+            pieces.append((ids, mask))
+            n += len(ids)
+            starts.append(n)
+        bar.update(len(batch))
+    try:
+        batch = []
+        for path in files:
+            for where, messages in message_rows(path):
+                turns = check_messages(messages, where)
+                if not any(role == "assistant" for role, _ in turns):
+                    skipped += 1  # nothing to learn from: counted, said in the log
+                    continue
+                batch.append(turns)
+                if len(batch) == CONV_BATCH:
+                    flush(batch)
+                    batch = []
+        flush(batch)
+        if len(starts) == 1:
+            raise DataError(f"no conversation in {', '.join(files)} has an assistant turn "
+                            f"({skipped:,} skipped): nothing carries the loss")
+        tokens = np.concatenate([p[0] for p in pieces])
+        mask = np.concatenate([p[1] for p in pieces])
+        tok, mask_at, starts_at, size = _layout(len(tokens), len(starts) - 1)
+        body = bytearray(size - CONV_HEADER.size)
+        body[:2 * len(tokens)] = tokens.tobytes()
+        body[mask_at - tok:mask_at - tok + len(mask)] = mask.tobytes()
+        body[starts_at - tok:] = np.array(starts, np.int64).tobytes()
+        digest = hashlib.blake2b(bytes(body), digest_size=16).digest()
+        with open(tmp, "wb") as out:
+            out.write(CONV_HEADER.pack(CONV_MAGIC, len(tokens), len(starts) - 1, skipped, digest))
+            out.write(body)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, cache)
+    finally:
+        bar.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -54,14 +54,15 @@ class TrainingLoss:
                                                              self.gradient_checkpointing, proc.world):
             self.fn = self.weight_copy = speedups.LowPrecisionWeights(self.chunked)
 
-    def __call__(self, x, y):
-        """The micro-batch's loss: under autocast, or on the bf16 weight copy (which needs none)."""
+    def __call__(self, *batch):
+        """The micro-batch's loss (batch: x, y, and for packed conversations doc): under autocast, or
+        on the bf16 weight copy (which needs none)."""
         if self.compiled and self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last micro-step's graph outputs are spent
         if self.weight_copy is not None:
-            return self.fn(x, y)
+            return self.fn(*batch)
         with self.precision.autocast:
-            return self.fn(x, y)
+            return self.fn(*batch)
 
     def sync_gradients(self, sync):
         """Under DDP: all-reduce the gradients in this backward (the last micro-step's) or not."""

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from model import PRESETS, SmolLM2
-from smollm2 import devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE = os.path.join(ROOT, "hf_files")
@@ -145,7 +144,8 @@ def servers(space_folder, gguf_path, app, tmp_path_factory):
     real_env = {"SMOL_CKPT": gguf_path} if shipped else {}
     # it serves one request at a time: the browser test sees Stop free the worker
     # (and decodes eagerly: compiling 30 layers four times would hold both cores for minutes)
-    started["real"] = Server(workdir, SMOL_CONCURRENCY="1", SMOL_COMPILE="0", **real_env)
+    # fp32: its chat answers are compared token for token with transformers' greedy generation
+    started["real"] = Server(workdir, SMOL_CONCURRENCY="1", SMOL_COMPILE="0", SMOL_CPU_BF16="0", **real_env)
     yield started
     for server in started.values():
         server.stop()
@@ -577,12 +577,107 @@ def test_page_follows_the_warm_up_and_answers_then_come_from_the_compiled_decode
 def test_real_weights_are_named_on_the_page_and_answer_sensibly(real_app):
     config = real_app.page_config()
     assert "SmolLM2-135M-Instruct" in config and "pretrained" in config
-    native_bf16 = bool(devices.cpu_flags()[1])  # this machine's CPU: bf16 weights where it is native
-    assert f"serving on cpu in {'bfloat16' if native_bf16 else 'float32'}" in real_app.log(), real_app.log()
+    assert "serving on cpu in float32" in real_app.log(), real_app.log()  # SMOL_CPU_BF16=0
+    # an Instruct model: the page chats, and says so; its Completion tab continues raw text (no template)
+    assert "SmolLM2 chat" in config and "135M-parameter" in config and "continues your text" not in config
     from gradio_client import Client
-    text, status = generate(Client(real_app.url, verbose=False), "What is the capital of France?",
-                            max_new_tokens=16)
-    assert "Paris" in text, text
+    text, status = generate(Client(real_app.url, verbose=False), "def fibonacci(n):", max_new_tokens=24)
+    assert "return" in text or "fibonacci" in text or "if" in text, text  # code goes on as code
+
+
+def test_tiny_base_weights_keep_the_completion_page_and_say_what_they_are(tiny_app):
+    config = tiny_app.page_config()
+    assert "continues your text" in config and "4.9M-parameter" in config and "135M" not in config.split("Weights")[0]
+    assert "SmolLM2 chat" not in config
+
+
+def test_chat_endpoint_at_temperature_0_answers_as_transformers_greedy(real_app, hf_real_model):
+    from gradio_client import Client
+    from transformers import AutoTokenizer
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is Paris."},
+                {"role": "user", "content": "And what is the capital of Italy?"}]
+    client = Client(real_app.url, verbose=False)
+    job = client.submit(messages=messages, max_new_tokens=24, temperature=0.0, top_k=0, top_p=1.0,
+                        repetition_penalty=1.0, seed=0, api_name="/chat")
+    updates = [text for text, _ in job]
+    reply, status = job.result()
+    assert "end of turn" in status or "max new tokens" in status, status
+    assert len([u for u in updates if u]) >= 2 and all(reply.startswith(u) for u in updates)  # it streamed
+    hf_tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "tokenizer"))
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = hf_real_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=2,
+                                     pad_token_id=2)[0, len(ids):].tolist()
+    expected = hf_tok.decode(out[:out.index(2)] if 2 in out else out)
+    assert reply == expected and "Rome" in reply, (reply, expected)
+
+
+@pytest.mark.parametrize("messages, words", [
+    ("not json", ["messages must be a list"]),
+    (42, ["non-empty list", "got int"]),
+    ({"role": "user", "content": "hi"}, ["non-empty list", "got dict"]),
+    ([], ["non-empty list", "got an empty list"]),
+    ([{"role": "user"}], ["message 0", "got keys role"]),
+    ([{"role": "wizard", "content": "hi"}], ["unknown role 'wizard'"]),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], ["end with a user turn"]),
+    ([{"role": "user", "content": " \n"}], ["last user message is empty"]),
+])
+def test_chat_endpoint_rejects_bad_messages_with_a_clear_message(client, messages, words):
+    from gradio_client.exceptions import AppError
+    with pytest.raises(AppError) as e:
+        client.predict(messages=messages, **GREEDY, api_name="/chat")
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_chat_drops_the_oldest_turns_when_the_history_outgrows_the_context(app, tokenizer):
+    model = SmolLM2(PRESETS["tiny"]).eval()
+    model.source_info = {"source": "x", "format": "random", "why": "test", "name": "random"}
+    engine = app.Engine(model, tokenizer)
+    long = [{"role": r, "content": "word " * 300} for _ in range(4) for r in ("user", "assistant")]
+    ids, n, notice = engine.chat_prompt(long + [{"role": "user", "content": "last"}], 100)
+    assert "dropped its" in notice and "oldest turns" in notice and len(ids) + n <= engine.context
+    assert tokenizer.decode(ids).rstrip().endswith("last<|im_end|>\n<|im_start|>assistant") or \
+        ids[-6:] == tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n").ids
+
+
+def test_warmup_build_pauses_while_a_request_runs_and_the_page_says_how_far_it_is(app):
+    warmup = app.Warmup(None, 2048, enabled=False)
+    with warmup.request():
+        assert not warmup.idle.is_set()
+        waiter = threading.Thread(target=warmup.yield_to_requests)  # the build thread's hook
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # the build waits while the request runs
+    waiter.join(5)
+    assert not waiter.is_alive() and warmup.idle.is_set() and warmup.paused_s > 0.2
+    warmup.deadline = 0.0  # a request that outlived the time limit (never closed) stops holding it
+    warmup.idle.clear()
+    started = time.monotonic()
+    warmup.yield_to_requests()
+    assert time.monotonic() - started < 1
+    warmup.enabled, warmup.ready = True, [256, 512]
+    warmup.done.clear()
+    assert "2 of 4 cache sizes" in warmup.markdown() and "built: 256, 512" in warmup.markdown()
+
+
+def test_weights_trained_on_conversations_get_the_chat_page_with_a_completion_tab(app, tokenizer, tiny_checkpoint,
+                                                                                  tmp_path):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    checkpoint["data"] = {"conversations": True}  # as train.py records a run on conversations
+    torch.save(checkpoint, tmp_path / "chat.pt")
+    pages = {}
+    for name, path in (("base", tiny_checkpoint), ("chat", str(tmp_path / "chat.pt"))):
+        model, _ = app.load_model({"SMOL_CKPT": path})
+        engine = app.Engine(model, tokenizer)
+        ui = app.build_ui(engine)
+        pages[name] = (engine.chat, engine.header(), {b.elem_id for b in ui.blocks.values() if b.elem_id})
+    chat, header, ids = pages["chat"]
+    assert chat and "SmolLM2 chat" in header and "4.9M" in header and "135M" not in header
+    assert {"chatbot", "message", "system", "send", "chat_tab", "completion_tab", "prompt"} <= ids
+    chat, header, ids = pages["base"]
+    assert not chat and "continues your text" in header and "4.9M" in header
+    assert "chatbot" not in ids and "prompt" in ids
 
 
 def test_browser_streams_text_stops_on_request_and_takes_the_screenshot(real_app, tmp_path):
@@ -594,6 +689,26 @@ def test_browser_streams_text_stops_on_request_and_takes_the_screenshot(real_app
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(real_app.url)
+            # a chat model's page: three turns of conversation in the Chat tab, greedy and short
+            for name, value in (("temperature", "0"), ("max_new_tokens", "24")):
+                page.fill(f"#{name} input[type=number]", value)
+                page.press(f"#{name} input[type=number]", "Enter")
+            rows = "document.querySelectorAll('#chatbot .{}-row').length"
+            for turn, question in enumerate(["What is the capital of France?", "And of Italy?", "Thank you!"], 1):
+                page.locator("#message textarea").fill(question)
+                page.click("#send")
+                page.wait_for_function(f"{rows.format('user')} === {turn}", timeout=30_000)  # "Generating…"
+                page.wait_for_function(f"{rows.format('bot')} === {turn} && "
+                                       "document.querySelector('#status').innerText.includes('tokens/s')",
+                                       timeout=120_000)
+            answers = page.locator("#chatbot .bot-row").all_inner_texts()
+            assert len(answers) == 3 and all(a.strip() for a in answers), answers
+            assert "Paris" in answers[0] and "Rome" in answers[1], answers  # the second turn saw the first
+            assert "SmolLM2 chat" in page.inner_text("#header")
+            assert "SmolLM2-135M-Instruct" in page.inner_text("#weights")
+            page.screenshot(path=screenshot, full_page=True)
+            assert os.path.getsize(screenshot) > 20_000
+            page.click("#completion_tab-button")  # the switch to plain completion
             prompt, output = page.locator("#prompt textarea"), page.locator("#output textarea")
             page.fill("#max_new_tokens input[type=number]", "1024")  # minutes of work, unless stopped
             page.press("#max_new_tokens input[type=number]", "Enter")
@@ -620,15 +735,12 @@ def test_browser_streams_text_stops_on_request_and_takes_the_screenshot(real_app
             time.sleep(1.5)
             assert output.input_value() == stopped, "text kept growing after Stop"
 
-            page.fill("#temperature input[type=number]", "0")  # greedy: a reproducible screenshot
-            page.press("#temperature input[type=number]", "Enter")
-            prompt.fill("What is the capital of France?")
+            page.fill("#max_new_tokens input[type=number]", "16")
+            page.press("#max_new_tokens input[type=number]", "Enter")
+            prompt.fill("The capital of France is")
             page.click("#generate")
             page.wait_for_function("document.querySelector('#status').innerText.includes('tokens/s')",
                                    timeout=60_000)  # the only worker is free again: no waiting for 1024 tokens
-            assert "Paris" in output.input_value()
-            assert "SmolLM2-135M-Instruct" in page.inner_text("#weights")
-            page.screenshot(path=screenshot, full_page=True)
-            assert os.path.getsize(screenshot) > 20_000
+            assert output.input_value().strip()
         finally:
             browser.close()

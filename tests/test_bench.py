@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_cmd
 from model import PRESETS, SmolLM2, SmolLM2Config
 
 
@@ -45,6 +45,11 @@ def test_bench_space_serves_a_tiny_model_and_compares_it_with_model_py(tmp_path)
         r"Space, one user .*: ([\d.]+) tokens/s", r"generate\(compile=True\): +([\d.]+) tokens/s",
         r"Space / model.py: ([\d.]+)"))
     assert space > 0 and ours > 0 and ratio == pytest.approx(space / ours, rel=0.01)
+    first, eager, cold = (float(re.search(pattern, run.stdout).group(1)) for pattern in (
+        r"first request after start-up .*: ([\d.]+) tokens/s", r"model.py eager, this run .*: ([\d.]+) tokens/s",
+        r"first request / eager: ([\d.]+)"))  # the cold start: a request sent as the app came up
+    assert first > 0 and eager > 0 and cold == pytest.approx(first / eager, rel=0.01)
+    assert "eager decoder (warming up)" in run.stdout  # it was answered while the compiled decoder was built
 
 
 def test_bench_compiles_ours_as_train_py_would_and_transformers_only_when_asked():
@@ -65,3 +70,15 @@ def test_bench_sharding_shows_fsdp_holding_half_of_ddps_state_per_rank():
     held = {m[0]: float(m[1]) for m in re.findall(r"(ddp|fsdp) +rank 0: weights \+ gradients \+ AdamW held ([\d.]+) MiB",
                                                   proc.stdout)}
     assert held["fsdp"] == pytest.approx(held["ddp"] / 2, rel=0.05), proc.stdout
+
+
+def test_bench_chat_batching_gives_packed_and_padded_conversations_the_same_loss():
+    proc = run_cmd(ROOT, sys.executable, "-m", "bench.chat_batching", "--weights", "tiny", "--seq-len", "128",
+                   "--batch-size", "2", "--steps", "1", "--rounds", "1")
+    out = proc.stdout
+    padded = re.search(r"padded loss on the first 64 rows \(.*\): ([\d.]+) over ([\d,]+)", out)
+    packed = re.search(r"packed loss on the first 64 rows \(.*\): ([\d.]+) over ([\d,]+)", out)
+    assert padded.groups() == packed.groups(), out  # the same loss over the same targets
+    shares = [float(m) for m in re.findall(r"([\d.]+)% of positions carry loss", out)]
+    assert len(shares) == 2 and shares[1] > shares[0], out  # packing fills the rows
+    assert re.search(r"packed / padded: [\d.]+x", out), out

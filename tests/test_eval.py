@@ -119,3 +119,91 @@ def test_parquet_jsonl_and_hf_stream_evaluate_like_the_same_text_files(tmp_path,
         got = loss_eval.evaluate(tiny_dir, str(spec), seq_len=16, batch_size=2, column=column)
         assert {k: got[k] for k in ("tokens", "bytes")} == {k: want[k] for k in ("tokens", "bytes")}, spec
         assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), spec
+
+
+# ----------------------------------------------------------------------------- conversations
+HELDOUT = os.path.join(ROOT, "data", "chat", "heldout.jsonl")
+
+
+def first_conversations(n):
+    with open(HELDOUT) as f:
+        return [json.loads(line)["messages"] for line, _ in zip(f, range(n))]
+
+
+def assistant_token_reference(model, conversations, seq_len):
+    """transformers on its own: each conversation's chat-template ids and assistant mask (the template
+    with {% generation %}, as tests/test_chat.py builds it), cut to its last seq_len + 1 tokens, and
+    the summed cross-entropy of the HF model's logits over the targets the mask keeps."""
+    from transformers import AutoTokenizer
+    from test_chat import GENERATION_TURN, TOKENIZER, TURN
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    template = tok.chat_template.replace(TURN, GENERATION_TURN)
+    nats, count, cut = 0.0, 0, 0
+    for messages in conversations:
+        out = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        cut += len(ids) > seq_len + 1
+        ids, mask = torch.tensor(ids[-(seq_len + 1):]), torch.tensor(mask[-(seq_len + 1):]).bool()
+        with torch.no_grad():
+            logits = model(ids[None, :-1]).logits[0]
+        keep = mask[1:]
+        nats += torch.nn.functional.cross_entropy(logits[keep], ids[1:][keep], reduction="sum").item()
+        count += int(keep.sum())
+    return nats, count, cut
+
+
+@pytest.mark.slow
+def test_eval_on_conversations_is_transformers_loss_over_the_assistant_tokens_of_each_alone(
+        tmp_path, gguf_path, hf_real_model):
+    """The real SmolLM2-135M-Instruct on six held-out conversations, three of them longer than the
+    window (cut from the left): eval.py's loss is transformers' cross-entropy over the assistant tokens
+    (contents and their <|im_end|>) of each conversation scored on its own."""
+    conversations, seq_len = first_conversations(6), 64
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    out = tmp_path / "result.json"
+    proc = run_cmd(tmp_path, sys.executable, EVAL_PY, gguf_path, "--data", data, "--seq-len", seq_len,
+                   "--json", out, "--device", "cpu")
+    result = json.loads(out.read_text())
+    nats, count, cut = assistant_token_reference(hf_real_model, conversations, seq_len)
+    assert 0 < cut < len(conversations)  # some cut from the left, some whole
+    assert result["assistant_tokens_only"] and result["conversations"] == 6 and result["tokens"] == count
+    assert result["loss"] == pytest.approx(nats / count, abs=1e-3)
+    assert result["loss"] < 3  # the Instruct model answers these well: not a uniform guess (10.8)
+    assert f"{count:,} assistant tokens of 6 conversations" in proc.stdout and f"loss {result['loss']:.4f}" in proc.stdout
+
+
+def test_conversations_as_jsonl_parquet_and_an_hf_stream_evaluate_alike(tmp_path, tiny_dir):
+    """The same conversations as a JSONL file, a parquet file and an hf: stream of JSONL shards: the
+    same assistant tokens, bytes and loss (a stream: its first --max-tokens of whole conversations)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from smollm2 import loss_eval
+    conversations = first_conversations(8)
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    pq.write_table(pa.table({"messages": conversations}), tmp_path / "chat.parquet")
+    (tmp_path / "shards").mkdir()
+    for i in range(2):
+        (tmp_path / "shards" / f"part{i}.jsonl").write_text(
+            "".join(json.dumps({"messages": m}) + "\n" for m in conversations[4 * i:4 * i + 4]))
+    want = loss_eval.evaluate(tiny_dir, str(tmp_path / "chat.jsonl"), seq_len=64)
+    assert want["assistant_tokens_only"] and want["conversations"] == 8
+    for spec in (tmp_path / "chat.parquet", f"hf:{tmp_path / 'shards'}"):
+        got = loss_eval.evaluate(tiny_dir, str(spec), seq_len=64)
+        assert {k: got[k] for k in ("tokens", "bytes", "conversations")} == \
+            {k: want[k] for k in ("tokens", "bytes", "conversations")}, spec
+        assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), spec
+    head = loss_eval.evaluate(tiny_dir, f"hf:{tmp_path / 'shards'}", seq_len=64, max_tokens=100)
+    assert 0 < head["conversations"] < 8  # whole conversations until 100 tokens
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}], "unknown role 'bot'"),
+    ([{"messages": [{"role": "user", "content": "a"}]}], "no conversation in"),
+])
+def test_bad_conversations_to_eval_are_one_line_and_exit_2(tmp_path, tiny_dir, rows, message):
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cmd(tmp_path, sys.executable, EVAL_PY, tiny_dir, "--data", tmp_path / "bad.jsonl", status=2)
+    assert_one_line_error(proc, "eval.py", message)
+    assert proc.stdout == "" and [p.name for p in tmp_path.iterdir()] == ["bad.jsonl"]  # no cache left behind

@@ -162,3 +162,75 @@ def test_push_to_hub_needs_export(tmp_path):
     proc = subprocess.run(train_cmd("--push-to-hub", "me/model"), cwd=tmp_path, env=TRAIN_ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "give --export SRC OUT" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the chat template
+CHAT_DATA = os.path.join(ROOT, "data", "chat", "train.jsonl")
+
+
+def chat_prompts():
+    """Conversations so far (tests/test_chat.py's, the last turn left out): system or not, several
+    turns, unicode, empty contents, special-token text."""
+    from test_chat import CONVERSATIONS
+    return [m[:-1] for m in CONVERSATIONS]
+
+
+def assert_chats_like_prompt_ids(hf_tokenizer):
+    from smollm2.chat import check_messages, prompt_ids
+    from smollm2.tokenizer import load_tokenizer
+    ours = load_tokenizer()
+    for messages in chat_prompts():
+        got = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        assert list(got) == prompt_ids(ours, check_messages(messages, "test")), messages
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A tiny model trained for 2 steps on conversations (data/chat/train.jsonl)."""
+    folder = tmp_path_factory.mktemp("chat_trained")
+    run_train(folder, "--model", "tiny", "--data", CHAT_DATA, "--steps", 2, "--batch-size", 2, "--seq-len", 64,
+              "--eval-iters", 1, "--sample-interval", 0, "--ckpt-interval", 0)
+    return folder / "checkpoint.pt"
+
+
+def test_the_exported_directory_and_gguf_carry_the_chat_template_transformers_applies(tmp_path, checkpoint):
+    import gguf
+    from transformers import AutoTokenizer
+    import export
+    export.export(str(checkpoint), str(tmp_path / "hf"), "fp32")
+    export.export(str(checkpoint), str(tmp_path / "model.gguf"))
+    with open(os.path.join(ROOT, "tokenizer", "chat_template.jinja")) as f:
+        template = f.read()
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == template
+    assert_chats_like_prompt_ids(AutoTokenizer.from_pretrained(tmp_path / "hf"))
+    field = gguf.GGUFReader(tmp_path / "model.gguf").fields["tokenizer.chat_template"]
+    assert field.contents() == template  # llama.cpp's chat template key, the repo's file byte for byte
+    from_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")  # transformers reads it back
+    assert from_gguf.chat_template == template
+    assert_chats_like_prompt_ids(from_gguf)
+    card = (tmp_path / "hf" / "README.md").read_text()  # trained on text: no chat claimed
+    assert "## Chat" not in card and "conversational" not in card
+
+
+def test_a_checkpoint_trained_on_conversations_exports_as_a_chat_model(tmp_path, chat_checkpoint):
+    from huggingface_hub import ModelCard
+    proc = run_cmd(tmp_path, sys.executable, os.path.join(ROOT, "export.py"), chat_checkpoint, tmp_path / "out")
+    assert "exported" in proc.stdout
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "conversational" in card.data.tags and "## Chat" in card.text and "apply_chat_template" in card.text
+    assert json.loads((tmp_path / "out" / "training_info.json").read_text())["conversations"] is True
+    assert (tmp_path / "out" / "chat_template.jinja").is_file()
+
+
+@pytest.mark.slow
+def test_the_instruct_gguf_exports_as_a_chat_model_whose_tokenizer_chats(tmp_path, gguf_path):
+    from huggingface_hub import ModelCard
+    from transformers import AutoTokenizer
+    import export
+    export.export(gguf_path, str(tmp_path / "out"))
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "conversational" in card.data.tags and "## Chat" in card.text
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.eos_token == "<|im_end|>"  # generate stops where the Instruct model ends its turn
+    assert_chats_like_prompt_ids(tok)

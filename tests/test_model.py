@@ -476,3 +476,33 @@ def test_the_repeated_kv_path_gives_the_grouped_paths_logits_and_gradients(monke
     (a, ga), (b, gb) = results
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- packed rows
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_sequences_give_what_each_gives_alone_and_their_gradients(checkpointing):
+    """A row packing three sequences (doc numbers them) gives each one's hidden states and loss as
+    if it were alone at position 0: the block-diagonal mask, and RoPE's relative positions."""
+    model = tiny_model()
+    model.gradient_checkpointing = checkpointing
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 7]
+    seqs = [torch.randint(0, TINY.vocab_size, (n,), generator=g) for n in lengths]
+    idx = torch.cat(seqs)[None]
+    doc = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])[None]
+    packed = model.hidden_states(idx, doc=doc)[0]
+    alone = torch.cat([model.hidden_states(s[None])[0] for s in seqs])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model.hidden_states(idx)[0, 5:], alone[5:], atol=1e-3)  # without doc: attends across
+    # the chunked loss over packed targets (-1 where a sequence ends) equals the loss of the sequences alone
+    targets = torch.cat([torch.cat([s[1:], torch.tensor([-1])]) for s in seqs])[None]
+    loss = ChunkedLoss(model)(idx, targets, doc)
+    loss.backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    x = torch.nn.utils.rnn.pad_sequence([s[:-1] for s in seqs], batch_first=True)
+    y = torch.nn.utils.rnn.pad_sequence([s[1:] for s in seqs], batch_first=True, padding_value=-1)
+    reference = model(x, y)[1]
+    reference.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, model.lm_head.weight.grad, atol=1e-5, rtol=1e-4)

@@ -102,3 +102,18 @@ def test_a_model_whose_vocabulary_is_not_the_tokenizers_is_one_line(tmp_path):
     torch.save({"model": model.state_dict(), "config": asdict(model.config)}, tmp_path / "small.pt")
     proc = sample(tmp_path, tmp_path / "small.pt", "--prompt", "ROMEO:", status=2)
     assert_one_line_error(proc, "sample.py", "512", "49152")
+
+
+@pytest.mark.parametrize("prompt", ["What is the capital of France?", " leading space, café 🤗\n", "<|im_end|> in it"])
+def test_the_chat_wrapping_is_the_chat_templates_prompt_as_transformers_renders_it(prompt):
+    """sample.py's --chat prompt (sampling.chat_wrap around the prompt's ids) is what transformers'
+    apply_chat_template gives for one user turn with a generation prompt: one template in code
+    (chat.render), the repo's tokenizer/chat_template.jinja as the oracle."""
+    from transformers import AutoTokenizer
+    from smollm2.sampling import chat_wrap
+    tokenizer = load_tokenizer()
+    prefix, suffix = chat_wrap(tokenizer)
+    hf = AutoTokenizer.from_pretrained(os.path.join(ROOT, "tokenizer"))
+    expected = hf.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+    assert prefix + tokenizer.encode(prompt).ids + suffix == list(expected)

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import TINY, losses, run_train
 from smollm2 import documents, token_cache
+from smollm2.errors import DataError
 from smollm2.token_cache import tokenize_corpus
 from smollm2.tokenizer import EOT_ID, load_tokenizer
 from test_documents import INPUT, docs, needs_rows, oracle, write, write_parquet  # noqa: F401 (docs: a fixture)
@@ -163,3 +164,24 @@ def test_read_only_data_directory_caches_in_home(tmp_path, monkeypatch):
     tokens = tokenize_corpus(str(tmp_path / "input.txt"), progress=False)
     assert len(tokens) == 341_094
     assert os.listdir(tmp_path / "home" / ".cache" / "smollm2_tokens")
+
+
+# ----------------------------------------------------------------------------- conversations
+def test_conversations_without_an_answer_are_skipped_and_counted_and_none_answered_leaves_no_cache(tmp_path):
+    import json
+    from smollm2.token_cache import tokenize_conversations
+    answered = {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4."}]}
+    unanswered = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [unanswered, answered, unanswered, answered]))
+    conv = tokenize_conversations(str(path), progress=False)
+    assert (conv.count, conv.skipped) == (2, 2)
+    assert "conversations 2 (" in conv.describe() and "2 without an assistant turn skipped" in conv.describe()
+    again = tokenize_conversations(str(path), progress=False)  # from the cache: the count kept
+    assert again.skipped == 2 and np.array_equal(again.tokens, conv.tokens)
+    (tmp_path / "none").mkdir()
+    path = tmp_path / "none" / "chat.jsonl"
+    path.write_text(json.dumps(unanswered) + "\n")
+    with pytest.raises(DataError, match=r"no conversation in .* has an assistant turn \(1 skipped\)"):
+        tokenize_conversations(str(path), progress=False)
+    assert os.listdir(tmp_path / "none") == ["chat.jsonl"]  # nothing half-written left behind
