@@ -9,8 +9,9 @@ SOURCE is anything SmolLM2.from_pretrained reads: a checkpoint, best.pt, an HF d
 .safetensors file, a hub id. The settings and their defaults are the Space's (hf_files/app.py): the
 repetition penalty, then temperature (0 is greedy), top-k and top-p, drawn from --seed. A sample is
 the prompt and its continuation, which stops at the model's EOS or after --max-new-tokens. An
-Instruct model (its EOS is <|im_end|>), or any model with --chat, gets the prompt as the user's turn
-of its chat template, as the Space does, and the sample is the answer alone.
+Instruct model (its EOS is <|im_end|>), weights trained on conversations (their checkpoint or
+training_info.json says so), or any model with --chat, gets the prompt as the user's turn of its
+chat template, as the Space does, and the sample is the answer alone.
 """
 import argparse
 import os
@@ -19,6 +20,7 @@ import sys
 import torch
 
 from model import SmolLM2
+from smollm2.chat import trained_on_conversations
 from smollm2.cli import NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, OneLineParser, main_guard
 from smollm2.devices import available_devices, pick_device
 from smollm2.errors import ModelLoadError, UsageError
@@ -75,7 +77,8 @@ def main(argv=None):
     device = pick_device(args.device, available_devices())
     model = SmolLM2.from_pretrained(args.source, device=device).eval()
     tokenizer = load_tokenizer()
-    chat = args.chat or is_chat_model(tokenizer, model.config.eos_token_id)
+    chat = (args.chat or is_chat_model(tokenizer, model.config.eos_token_id)
+            or trained_on_conversations(args.source, model.source_info["format"]))
     prefix, suffix = chat_wrap(tokenizer) if chat else ([], [])
     ids = prefix + tokenizer.encode(args.prompt).ids + suffix
     if max(ids) >= model.config.vocab_size:

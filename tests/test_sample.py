@@ -60,6 +60,16 @@ def test_train_pys_sample_settings_draw_train_pys_samples(tmp_path, tiny_checkpo
     assert proc.stdout == sample_text(model, "ROMEO:\n", 30, 1337, temperature=0.8, top_k=50) + "\n"
 
 
+def test_weights_trained_on_conversations_answer_through_the_chat_template_without_chat(tmp_path, tiny_checkpoint):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["data"] = {"conversations": True}  # as ConversationLoader's state records it
+    torch.save(ckpt, tmp_path / "chat.pt")
+    args = ["--prompt", "ROMEO:", "--max-new-tokens", 20, "--temperature", 0]
+    marked = sample(tmp_path, tmp_path / "chat.pt", *args).stdout
+    assert marked == sample(tmp_path, tiny_checkpoint, *args, "--chat").stdout  # the same as --chat asks
+    assert not marked.startswith("ROMEO:") and sample(tmp_path, tiny_checkpoint, *args).stdout.startswith("ROMEO:")
+
+
 @pytest.mark.slow
 def test_the_real_instruct_model_answers_through_its_chat_template(tmp_path, gguf_path):
     proc = sample(tmp_path, gguf_path, "--prompt", "What is the capital of France?", "--temperature", 0,
