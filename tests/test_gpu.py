@@ -112,6 +112,25 @@ def test_bf16_training_learns_with_and_without_compile_and_logs_memory_and_mfu(t
         assert "mode reduce-overhead" in proc.stdout
 
 
+def test_packed_conversations_on_cuda_attend_only_to_themselves_and_train_compiled(tmp_path, monkeypatch):
+    """The block-diagonal mask of packed conversations (doc) on CUDA's kernels: hidden states equal
+    each sequence alone (fp32, TF32 off), then train.py on the shipped conversations, compiled, in bf16."""
+    import os
+    from conftest import ROOT, tiny_model
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
+    model = tiny_model().cuda()
+    seqs = [torch.randint(0, 512, (n,), device="cuda") for n in (7, 30, 11)]
+    doc = torch.cat([torch.full((len(s),), d, device="cuda") for d, s in enumerate(seqs)])[None]
+    packed = model.hidden_states(torch.cat(seqs)[None], doc=doc)[0]
+    alone = torch.cat([model.hidden_states(s[None])[0] for s in seqs])
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-4)
+    chat = os.path.join(ROOT, "data", "chat", "train.jsonl")
+    proc = run_train(tmp_path, *GPU_TINY, "--data", chat, "--steps", "30", "--seq-len", "256", "--compile", "on",
+                     "--save", "c.pt")
+    records = read_metrics(tmp_path / "c_metrics.jsonl")
+    assert "packed, each attending only to itself" in proc.stdout and records[-1]["loss"] < records[0]["loss"]
+
+
 def test_a_deterministic_gpu_run_resumes_bit_for_bit(tmp_path, shakespeare):
     args = [*GPU_TINY, "--dtype", "bf16", "--deterministic", "--data", shakespeare, "--ckpt-interval", "5"]
     run_train(tmp_path, *args, "--steps", "10", "--save", "a/c.pt")
