@@ -115,15 +115,8 @@ def row_text(row, column, where):
 
 
 def _parquet_documents(path, column):
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        file = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path} is not a readable parquet file ({str(e)[:120]})") from None
+    file = _parquet_file(path)
+    import pyarrow as pa  # importable: _parquet_file checked
     schema = file.schema_arrow
     if column not in schema.names:
         raise DataError(f"{path} has no column {column!r} (its columns: {', '.join(schema.names)}); "
@@ -146,25 +139,11 @@ def _parquet_documents(path, column):
 
 
 def _jsonl_documents(path, column):
-    with open(path, "rb") as raw:
-        lines = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-        done, lineno = 0, 0
-        try:
-            for lineno, line in enumerate(lines, 1):
-                if not line.strip():  # blank lines (a trailing one, say) hold no document
-                    continue
-                where = f"{path} line {lineno}"
-                try:
-                    row = json.loads(line)
-                except UnicodeDecodeError:
-                    raise DataError(f"{where}: not UTF-8") from None
-                except ValueError as e:
-                    raise DataError(f"{where}: not JSON ({getattr(e, 'msg', e)})") from None
-                text = row_text(row, column, where)
-                read, done = raw.tell() - done, raw.tell()
-                yield ((read, text),)
-        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-            raise DataError(f"{path} line {lineno + 1}: unreadable ({e})") from None
+    done = 0
+    for where, row, at in _jsonl_rows(path):
+        text = row_text(row, column, where)
+        yield ((at - done, text),)  # progress: the file's bytes read for this row
+        done = at
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -175,7 +154,7 @@ def file_layout(path, column="text"):
         names = _parquet_file(path).schema_arrow.names
         return "conversations" if "messages" in names and column not in names else "text"
     if path.endswith((".jsonl", ".jsonl.gz")):
-        for where, row in _jsonl_rows(path):
+        for where, row, _ in _jsonl_rows(path):
             return "conversations" if isinstance(row, dict) and "messages" in row and column not in row \
                 else "text"
     return "text"
@@ -192,7 +171,7 @@ def message_rows(path):
                     yield f"{path} row {row}", messages
                     row += 1
         return
-    for where, row in _jsonl_rows(path):
+    for where, row, _ in _jsonl_rows(path):
         if not isinstance(row, dict) or "messages" not in row:
             got = f"fields: {', '.join(row) or 'none'}" if isinstance(row, dict) else type(row).__name__
             raise DataError(f"{where}: no 'messages' field ({got}); a conversation file has one on every row")
@@ -212,22 +191,24 @@ def _parquet_file(path):
 
 
 def _jsonl_rows(path):
-    """Yield (where, parsed row) of each non-blank line of a JSONL file."""
+    """Yield (where, parsed row, the file's bytes read so far) of each non-blank line of a JSONL
+    file (.gz too); a line that is not UTF-8 JSON, or an unreadable file, is a one-line DataError."""
     with open(path, "rb") as raw:
         lines = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
         lineno = 0
         try:
             for lineno, line in enumerate(lines, 1):
-                if not line.strip():
+                if not line.strip():  # blank lines (a trailing one, say) hold no row
                     continue
                 where = f"{path} line {lineno}"
                 try:
-                    yield where, json.loads(line)
+                    row = json.loads(line)
                 except UnicodeDecodeError:
                     raise DataError(f"{where}: not UTF-8") from None
                 except ValueError as e:
                     raise DataError(f"{where}: not JSON ({getattr(e, 'msg', e)})") from None
-        except (OSError, EOFError) as e:
+                yield where, row, raw.tell()
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
             raise DataError(f"{path} line {lineno + 1}: unreadable ({e})") from None
 
 

@@ -5,6 +5,7 @@ files' contents, of tokenizer.json and of the text column (fingerprint()), so a 
 once; its header holds a checksum, and a damaged cache is rebuilt. <|endoftext|> (id 0) goes between
 documents. loaders.py serves batches from the tokens.
 """
+import contextlib
 import hashlib
 import os
 import struct
@@ -122,11 +123,26 @@ def whole(kind, cache, problem):
     return problem is None
 
 
-def _tokenize_to(cache, files, tokenizer, chunk_bytes, progress, column="text"):
-    """Write the tokens to a temp file, then rename it: a cache file is always complete."""
-    from tqdm import tqdm
+@contextlib.contextmanager
+def _writing(cache):
+    """An open temp file beside cache, renamed to cache (fsynced) when the block ends without an
+    error and removed when it does not: a cache file is always complete."""
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = cache[: -len(".bin")] + f".{os.getpid()}.tmp.bin"  # still matches .gitignore's pattern
+    try:
+        with open(tmp, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _tokenize_to(cache, files, tokenizer, chunk_bytes, progress, column="text"):
+    """Write the tokens of files into the cache (_writing)."""
+    from tqdm import tqdm
     bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True,
                desc="tokenizing", disable=not progress, file=sys.stderr)
     encode, n_bytes, first, h = SegmentEncoder(tokenizer), 0, True, hashlib.blake2b(digest_size=16)
@@ -134,7 +150,7 @@ def _tokenize_to(cache, files, tokenizer, chunk_bytes, progress, column="text"):
         h.update(ids)
         return out.write(ids)
     try:
-        with open(tmp, "wb") as out:
+        with _writing(cache) as out:
             out.write(bytes(CACHE_HEADER.size))  # filled in once the count and checksum are known
             for path in files:
                 for document in documents(path, column, chunk_bytes):
@@ -144,17 +160,12 @@ def _tokenize_to(cache, files, tokenizer, chunk_bytes, progress, column="text"):
                     for n_read, text in document:
                         n_bytes += put(encode(text))
                         bar.update(n_read)
+            if n_bytes == 0:
+                raise DataError(f"no tokens in {', '.join(files)} (expected some text)")
             out.seek(0)
             out.write(CACHE_HEADER.pack(CACHE_MAGIC, n_bytes // 2, h.digest()))
-            out.flush()
-            os.fsync(out.fileno())
-        if n_bytes == 0:
-            raise DataError(f"no tokens in {', '.join(files)} (expected some text)")
-        os.replace(tmp, cache)
     finally:
         bar.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def dataset_stats(tokens):
@@ -276,11 +287,9 @@ def _conversations_whole(cache):
 
 
 def _conversations_to(cache, files, tokenizer, progress):
-    """Render, encode and write every conversation (tokens, then mask, then starts) to a temp file,
-    then rename it."""
+    """Render, encode and write every conversation (tokens, then mask, then starts) into the cache
+    (_writing)."""
     from tqdm import tqdm
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = cache[: -len(".bin")] + f".{os.getpid()}.tmp.bin"
     pieces, starts, skipped, n = [], [0], 0, 0
     bar = tqdm(unit=" conversations", desc="tokenizing", disable=not progress, file=sys.stderr)
 
@@ -315,13 +324,8 @@ def _conversations_to(cache, files, tokenizer, progress):
         body[mask_at - tok:mask_at - tok + len(mask)] = mask.tobytes()
         body[starts_at - tok:] = np.array(starts, np.int64).tobytes()
         digest = hashlib.blake2b(bytes(body), digest_size=16).digest()
-        with open(tmp, "wb") as out:
+        with _writing(cache) as out:
             out.write(CONV_HEADER.pack(CONV_MAGIC, len(tokens), len(starts) - 1, skipped, digest))
             out.write(body)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, cache)
     finally:
         bar.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
