@@ -20,7 +20,6 @@ import torch
 
 from model import SmolLM2
 from smollm2 import space
-from smollm2.chat import record_conversations
 from smollm2.cli import OneLineParser, main_guard
 from smollm2.errors import ExportError, UsageError
 from smollm2.files import check_writable
@@ -59,7 +58,7 @@ def export(source, out, dtype="auto", push_to_hub=None, prefix="--export: "):
     else:
         model.save_pretrained(out, dtype=DTYPES[dtype][0])
         write_training_info(out, source, model.source_info)
-        info["chat"] = record_conversations(out, model.source_info) or \
+        info["chat"] = bool(model.source_info.get("conversations")) or \
             is_chat_model(load_tokenizer(), model.config.eos_token_id)
         card = write_model_card(out, source, info, push_to_hub)
         what = (f"{str(DTYPES[dtype][0]).removeprefix('torch.')}: config.json, model.safetensors, "

@@ -20,7 +20,6 @@ import sys
 import torch
 
 from model import SmolLM2
-from smollm2.chat import trained_on_conversations
 from smollm2.cli import NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, OneLineParser, main_guard
 from smollm2.devices import available_devices, pick_device
 from smollm2.errors import ModelLoadError, UsageError
@@ -78,7 +77,7 @@ def main(argv=None):
     model = SmolLM2.from_pretrained(args.source, device=device).eval()
     tokenizer = load_tokenizer()
     chat = (args.chat or is_chat_model(tokenizer, model.config.eos_token_id)
-            or trained_on_conversations(args.source, model.source_info["format"]))
+            or bool(model.source_info.get("conversations")))
     prefix, suffix = chat_wrap(tokenizer) if chat else ([], [])
     ids = prefix + tokenizer.encode(args.prompt).ids + suffix
     if max(ids) >= model.config.vocab_size:

@@ -38,7 +38,8 @@ sys.path.insert(0, HERE if os.path.isfile(os.path.join(HERE, "model.py")) else o
 from model import PRESETS, KVCache, SmolLM2  # noqa: E402
 from smollm2 import devices  # noqa: E402
 from smollm2.errors import DataError, ModelLoadError  # noqa: E402
-from smollm2.chat import check_messages, fit_history, trained_on_conversations  # noqa: E402
+from smollm2.chat import check_messages, fit_history  # noqa: E402
+from smollm2.weights import export_record  # noqa: E402
 from smollm2.sampling import CHAT_END, TextStream, is_chat_model  # noqa: E402
 from smollm2.tokenizer import load_tokenizer  # noqa: E402
 
@@ -110,7 +111,6 @@ def load_model(env=os.environ, folder=HERE):
             continue
         model.source_info.update(why=why, name=display_name(source, model.source_info))
         model.source_info.update(training_info(model.source_info))
-        model.source_info["conversations"] = trained_on_conversations(source, model.source_info["format"])
         return model, notes
     torch.manual_seed(0)
     model = SmolLM2(PRESETS["tiny"]).eval()
@@ -121,15 +121,9 @@ def load_model(env=os.environ, folder=HERE):
 def training_info(info):
     """{"step", "val_loss"} from the training_info.json that `train.py --export` writes beside an
     export's model.safetensors; {} when there is none."""
-    path = os.path.join(os.path.dirname(info["source"]), "training_info.json")
-    if info["format"] != "safetensors" or not os.path.isfile(path):
+    if info["format"] != "safetensors":
         return {}
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return {k: saved[k] for k in ("step", "val_loss") if isinstance(saved, dict) and saved.get(k) is not None}
+    return {k: v for k, v in export_record(info["source"]).items() if k in ("step", "val_loss")}
 
 
 def display_name(source, info):

@@ -14,7 +14,7 @@ ids against transformers' apply_chat_template with the file itself):
 The text is encoded whole (special tokens split it, as in transformers) and a token carries the loss
 when its character span overlaps an assistant span (content + <|im_end|>), as transformers'
 return_assistant_tokens_mask decides it. token_cache.py caches the ids and the mask of a corpus,
-loaders.py batches them, loss_eval.py scores them; the Space renders the conversation so far with
+chat_loaders.py batches them, loss_eval.py scores them; the Space renders the conversation so far with
 prompt_ids().
 """
 import numpy as np
@@ -117,41 +117,3 @@ def fit_history(tokenizer, turns, room):
     keep = max(room - len(prefix) - len(suffix), 1)
     ids = prefix + tokenizer.encode(content, add_special_tokens=False).ids[-keep:] + suffix
     return ids[-room:], len(rest) - 1
-
-
-def trained_on_conversations(source, fmt):
-    """Whether weights read from source (format fmt, as weights.py names it) were trained on
-    conversations: their training checkpoint's data state says so (chat_loaders.ConversationLoader), or
-    the training_info.json beside an export records it."""
-    import json
-    import os
-
-    import torch
-    try:
-        if fmt == "checkpoint":
-            ckpt = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-            return bool((ckpt.get("data") or {}).get("conversations"))
-        path = os.path.join(os.path.dirname(source), "training_info.json")
-        if fmt == "safetensors" and os.path.isfile(path):
-            with open(path) as f:
-                return bool(json.load(f).get("conversations"))
-    except (OSError, ValueError, RuntimeError, AttributeError, KeyError):
-        pass
-    return False
-
-
-def record_conversations(out_dir, source_info):
-    """Add "conversations": true to the training_info.json in out_dir when its weights were trained
-    on conversations (the Space then chats, the model card says so); returns whether they were."""
-    import json
-    import os
-    chat = trained_on_conversations(source_info["source"], source_info["format"])
-    path = os.path.join(out_dir, "training_info.json")
-    if chat and os.path.isfile(path):
-        with open(path) as f:
-            info = json.load(f)
-        info["conversations"] = True
-        with open(path, "w") as f:
-            json.dump(info, f, indent=2)
-            f.write("\n")
-    return chat

@@ -10,7 +10,6 @@ import shutil
 from model import SmolLM2
 from smollm2.errors import ExportError
 from smollm2.tokenizer import TOKENIZER_DIR
-from smollm2.chat import record_conversations
 from smollm2.weights import write_training_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +57,5 @@ def assemble(source, out_dir, dtype):
     shutil.copytree(TOKENIZER_DIR, os.path.join(out_dir, "tokenizer"), dirs_exist_ok=True)
     written.append("tokenizer/")
     model.save_pretrained(out_dir, dtype=dtype, tokenizer_dir=None)  # the app reads tokenizer/
-    write_training_info(out_dir, source, model.source_info)
-    record_conversations(out_dir, model.source_info)  # the Space chats with weights trained on conversations
+    write_training_info(out_dir, source, model.source_info)  # with "conversations": the Space then chats
     return written + ["model.safetensors", "config.json", "generation_config.json", "training_info.json"]

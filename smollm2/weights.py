@@ -43,8 +43,28 @@ def save_pretrained(model, out_dir, dtype=None, tokenizer_dir=None):
 
 def training_info(source, source_info):
     """What an export records of where its weights came from: the source by its file name or hub id
-    (never this machine's folders), its format, and the training step and validation loss."""
-    return {"source": public_name(str(source)), **{k: source_info.get(k) for k in ("format", "step", "val_loss")}}
+    (never this machine's folders), its format, the training step and validation loss, and
+    "conversations": true for weights trained on conversations (the Space then chats)."""
+    chat = {"conversations": True} if source_info.get("conversations") else {}
+    return {"source": public_name(str(source)), **{k: source_info.get(k) for k in ("format", "step", "val_loss")},
+            **chat}
+
+
+def export_record(path):
+    """What the training_info.json beside the weights file at path holds of "step", "val_loss" and
+    "conversations" (an export's record of its training); {} when there is none or it is unreadable."""
+    try:
+        with open(os.path.join(os.path.dirname(path), "training_info.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: saved[k] for k in ("step", "val_loss", "conversations")
+            if isinstance(saved, dict) and saved.get(k) is not None}
+
+
+def trained_on_conversations(data_state):
+    """Whether a training checkpoint's data state (its loader's) says it trained on conversations."""
+    return bool(isinstance(data_state, dict) and data_state.get("conversations"))
 
 
 def write_training_info(out_dir, source, source_info):
@@ -153,7 +173,8 @@ def _load_safetensors(path):
         state = load_file(path)
     except Exception as e:
         raise ModelLoadError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
-    return config, state, {"source": path, "format": "safetensors"}
+    chat = {"conversations": True} if export_record(path).get("conversations") else {}
+    return config, state, {"source": path, "format": "safetensors", **chat}
 
 
 def _load_checkpoint(path):
@@ -163,7 +184,8 @@ def _load_checkpoint(path):
     except Exception as e:
         raise ModelLoadError(f"{path}: not a readable training checkpoint with 'model' and 'config' "
                              f"({type(e).__name__}: {e}); {EXPECTED}") from None
-    info = {"source": path, "format": "checkpoint", "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss")}
+    info = {"source": path, "format": "checkpoint", "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
+            "conversations": trained_on_conversations(ckpt.get("data"))}
     return config, state, info
 
 
@@ -175,7 +197,8 @@ def _load_sharded(path):
         raise ModelLoadError(f"{path}: not a readable sharded checkpoint ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0][:160]}); {EXPECTED}") from None
     info = {"source": path, "format": "sharded checkpoint", "step": train_state.get("step"),
-            "val_loss": train_state.get("val_loss")}
+            "val_loss": train_state.get("val_loss"),
+            "conversations": trained_on_conversations(train_state.get("data"))}
     return config, state, info
 
 
