@@ -232,11 +232,9 @@ def train(run, saver, stop):
             print(f"step 0 | val loss {run.val_loss:.4f}", flush=True)
     if run.step == 0 and run.tasks:  # where the accuracy curves start
         accuracies = run.score_tasks()
-        run.history.setdefault("tasks", {})
-        for name, accuracy in accuracies.items():
-            run.history["tasks"].setdefault(name, []).append((0, accuracy))
+        loggers.record_tasks(run.history, 0, accuracies)
         if master:
-            print("step 0 | " + " | ".join(f"{name} {a:.3f}" for name, a in accuracies.items()), flush=True)
+            print("step 0" + loggers.tasks_text(accuracies), flush=True)
     clock = loggers.Clock(run.step, run.proc.device)
     while run.step < args.steps:
         lr = get_lr(run.step, args.lr, args.min_lr, args.warmup, run.horizon)

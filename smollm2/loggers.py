@@ -169,17 +169,26 @@ def log_step(run, step, loss, norm, lr, val, clock, accuracies=None):
         record["val_loss"] = val
         run.history["val_step"].append(step)
         run.history["val_loss"].append(val)
-    tasks = run.history.setdefault("tasks", {})
-    for name, accuracy in (accuracies or {}).items():
-        record[f"acc_{name}"] = accuracy
-        tasks.setdefault(name, []).append((step, accuracy))
+    record.update({f"acc_{name}": accuracy for name, accuracy in (accuracies or {}).items()})
+    record_tasks(run.history, step, accuracies)
     run.trackers.log(record)
     width = len(str(run.args.steps))
     print(f"step {step:>{width}}/{run.args.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
           f"{tok_s:,.0f} tok/s{extra} | ETA {eta_text(eta)}"
-          + (f" | val loss {val:.4f}" if val is not None else "")
-          + "".join(f" | {name} {a:.3f}" for name, a in (accuracies or {}).items()), flush=True)
+          + (f" | val loss {val:.4f}" if val is not None else "") + tasks_text(accuracies), flush=True)
     return loss
+
+
+def record_tasks(history, step, accuracies):
+    """--eval-tasks' accuracies at step into history["tasks"] (the checkpoint's curves, the plot's panel)."""
+    tasks = history.setdefault("tasks", {})
+    for name, accuracy in (accuracies or {}).items():
+        tasks.setdefault(name, []).append((step, accuracy))
+
+
+def tasks_text(accuracies):
+    """The log line's part for --eval-tasks: " | arc_easy 0.480 | piqa 0.650"."""
+    return "".join(f" | {name} {a:.3f}" for name, a in (accuracies or {}).items())
 
 
 def plot_loss(history, path):
