@@ -53,7 +53,8 @@ def worker(mode, model_name, seq_len, steps=4):
         optimizer.zero_grad(set_to_none=False)
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) * 1024
-    print(f"RESULT {mode} {proc.rank} {tensors} {hwm} {statistics.median(times[1:])}", flush=True)
+    # one write per line: torchrun's ranks share our stdout unbuffered, where print's text and newline could interleave
+    os.write(1, f"RESULT {mode} {proc.rank} {tensors} {hwm} {statistics.median(times[1:])}\n".encode())
     dist.barrier()
     os._exit(0)  # as train.py's exit_process: no gloo teardown race
 
@@ -76,7 +77,8 @@ def main():
                              cwd=ROOT, env=env, capture_output=True, text=True)
         rows = [line.split()[1:] for line in out.stdout.splitlines() if re.match(r"RESULT ", line)]
         if out.returncode or len(rows) != args.ranks:
-            sys.exit(f"bench.sharding: the {mode} run failed:\n{out.stderr[-2000:]}")
+            sys.exit(f"bench.sharding: the {mode} run failed (exit {out.returncode}, {len(rows)} of {args.ranks} ranks "
+                     f"reported):\n{out.stderr[-2000:]}")
         for _, rank, tensors, hwm, step in sorted(rows, key=lambda r: int(r[1])):
             print(f"  {mode:5s} rank {rank}: weights + gradients + AdamW held {int(tensors) / 2**20:,.0f} MiB, "
                   f"peak RSS {int(hwm) / 2**20:,.0f} MiB, step {float(step):.2f} s")
