@@ -12,9 +12,9 @@ that layout, the layout told by each row's keys:
 - language modelling (context, continuation): context.strip() + delimiter + continuation; the scored
   tokens are those after the tokens of (context.strip() + delimiter).strip(), which must be a token
   prefix; correct when greedy argmax predicts every scored token.
-Zero-shot, no BOS token (SmolLM2's tokenizer adds none). A row's texts go through the model in one
-forward pass, with other rows' (TOKENS_PER_BATCH tokens a pass), and only the scored positions meet
-the LM head.
+Zero-shot, no BOS token (SmolLM2's tokenizer adds none). A row's texts go through the model with
+other rows' (TOKENS_PER_BATCH tokens a pass); the leading tokens that a multiple choice row's texts
+share run once, not once per choice; only the scored positions meet the LM head.
 """
 import json
 import os
@@ -198,19 +198,20 @@ def score_task(model, tokenizer, task, device, dtype="fp32"):
 
 
 def score_batch(model, batch, layout, device):
-    """Predictions of the rows in batch, whose texts run through the model in one padded forward pass."""
+    """Predictions of the rows in batch. Rows of several texts that share leading tokens (a multiple
+    choice question) run those once: shared_pass; the rest run whole in one padded pass."""
     texts = [t for row in batch for t in row]
-    width = max(len(s) for s, _, _ in texts)
-    idx = torch.zeros(len(texts), width, dtype=torch.long)
-    for j, (s, _, _) in enumerate(texts):
-        idx[j, :len(s)] = torch.tensor(s)  # right-padded: causal attention never reads the padding
-    hidden = model.hidden_states(idx.to(device))
-    losses, greedy = [], []
-    for j, (s, start, end) in enumerate(texts):
-        logits = model.lm_head(hidden[j, start - 1:end - 1]).float()  # the positions that predict s[start:end]
-        targets = torch.tensor(s[start:end], dtype=torch.long, device=logits.device)
-        losses.append(F.cross_entropy(logits, targets).item())
-        greedy.append(bool((logits.argmax(-1) == targets).all()))
+    shared = shared_pass(model, batch, device) if layout == "multiple_choice" else None
+    if shared:
+        hidden, where = shared
+    else:
+        width = max(len(s) for s, _, _ in texts)
+        idx = torch.zeros(len(texts), width, dtype=torch.long)
+        for j, (s, _, _) in enumerate(texts):
+            idx[j, :len(s)] = torch.tensor(s)  # right-padded: causal attention never reads the padding
+        hidden = model.hidden_states(idx.to(device)).flatten(0, 1)
+        where = [[j * width + i for i in range(start - 1, end - 1)] for j, (_, start, end) in enumerate(texts)]
+    losses, greedy = score_positions(model, hidden, where, texts)
     out, k = [], 0
     for row in batch:
         if layout == "language_modeling":
@@ -220,6 +221,76 @@ def score_batch(model, batch, layout, device):
             out.append(min(range(len(row)), key=scores.__getitem__))
         k += len(row)
     return out
+
+
+def shared_tokens(row):
+    """How many leading tokens all of a row's texts share and none of them scores."""
+    return min(common_prefix([s for s, _, _ in row]), *(start for _, start, _ in row)) if len(row) > 1 else 0
+
+
+class SharedPrefix:
+    """A KV cache for shared_pass: the first pass keeps each row's keys and values, the second reads
+    them once for each of the row's texts (rows[j] is text j's row)."""
+
+    def __init__(self):
+        self.k, self.v, self.rows = {}, {}, None
+
+    def update(self, layer, k, v, positions, kv_len):
+        if self.rows is None:
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        return (torch.cat([self.k[layer].index_select(0, self.rows), k], 2),
+                torch.cat([self.v[layer].index_select(0, self.rows), v], 2))
+
+
+def shared_pass(model, batch, device):
+    """Final hidden states of the batch's texts, each row's shared tokens run once: a first pass over
+    the rows' shared tokens (left-padded to P, so each row's last one sits at P - 1; RoPE depends
+    on relative positions only), then one over every text's own tokens after them, reading its row's
+    keys and values. Returns (hidden (M, C), where): where[j] lists the rows of hidden at text j's
+    positions start - 1 .. end - 2, those that predict its scored tokens. None where a row shares no
+    token or the two passes together would outgrow the context window."""
+    texts = [t for row in batch for t in row]
+    shared = [shared_tokens(row) for row in batch]
+    owner = [r for r, row in enumerate(batch) for _ in row]
+    P = max(shared)
+    S = max(len(s) - shared[r] for (s, _, _), r in zip(texts, owner))
+    if min(shared) == 0 or P + S > model.config.max_position_embeddings:
+        return None
+    head, real = torch.zeros(len(batch), P, dtype=torch.long), torch.zeros(len(batch), P, dtype=torch.bool)
+    for r, (row, n) in enumerate(zip(batch, shared)):
+        head[r, P - n:], real[r, P - n:] = torch.tensor(row[0][0][:n]), True
+    tail = torch.zeros(len(texts), S, dtype=torch.long)
+    for j, ((s, _, _), r) in enumerate(zip(texts, owner)):
+        tail[j, :len(s) - shared[r]] = torch.tensor(s[shared[r]:])
+    causal = torch.ones(P + S, P + S, dtype=torch.bool).tril()
+    # padding reads only itself (a query that reads nothing gives NaN, and NaN keys poison the rest)
+    head_mask = (causal[:P, :P] & real[:, None, :]) | torch.eye(P, dtype=torch.bool)
+    rows = torch.tensor(owner)
+    tail_mask = torch.cat([real[rows][:, None, :].expand(-1, S, -1), causal[P:, P:].expand(len(texts), -1, -1)], 2)
+    cache = SharedPrefix()
+    first = model.trunk(head.to(device), torch.arange(P, device=device), cache, head_mask[:, None].to(device))
+    cache.rows = rows.to(device)
+    second = model.trunk(tail.to(device), torch.arange(P, P + S, device=device), cache, tail_mask[:, None].to(device))
+    hidden = torch.cat([first.flatten(0, 1), second.flatten(0, 1)])
+    where = [[r * P + P - shared[r] + i if i < shared[r] else len(batch) * P + j * S + i - shared[r]
+              for i in range(start - 1, end - 1)] for j, ((_, start, end), r) in enumerate(zip(texts, owner))]
+    return hidden, where
+
+
+def score_positions(model, hidden, where, texts):
+    """Each text's mean cross-entropy over its scored tokens and whether greedy argmax predicts them
+    all, from the rows of hidden (M, C) listed in where[j]: every scored position meets the LM head
+    in one (N, C) x (C, V) product."""
+    text_of = torch.cat([torch.full((len(w),), j) for j, w in enumerate(where)])
+    targets = torch.tensor([t for s, start, end in texts for t in s[start:end]], device=hidden.device)
+    logits = model.lm_head(hidden[torch.tensor([i for w in where for i in w], device=hidden.device)]).float()
+    token_loss = F.cross_entropy(logits, targets, reduction="none").cpu()
+    missed = (logits.argmax(-1) != targets).cpu()
+    counts = torch.bincount(text_of, minlength=len(texts))
+    losses = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, text_of, token_loss.double()) / counts
+    greedy = torch.zeros(len(texts), dtype=torch.long).index_add_(0, text_of, missed.long()) == 0
+    return losses.tolist(), greedy.tolist()
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -131,6 +131,26 @@ def test_scoring_leaves_the_mode_and_the_random_state_as_they_were():
     assert model.training and torch.equal(torch.get_rng_state(), state)
 
 
+def test_shared_tokens_run_once_and_give_each_text_the_losses_it_has_alone():
+    model = tiny_model().eval()  # rows of unequal shared lengths (left padding), a choice that is all
+    rows = [[([5, 6, 7, 8], 3, 4), ([5, 6, 7, 9, 10], 3, 5), ([5, 6, 7], 2, 3)],  # prefix, one text
+            [([1, 2, 3, 4, 5, 6, 7], 5, 7), ([1, 2, 3, 4, 5, 8], 5, 6)]]  # longer than another's
+    texts = [t for row in rows for t in row]
+    assert [zero_shot.shared_tokens(row) for row in rows] == [2, 5]
+    with torch.inference_mode():
+        hidden, where = zero_shot.shared_pass(model, rows, "cpu")
+        losses, greedy = zero_shot.score_positions(model, hidden, where, texts)
+        for (s, start, end), loss, right in zip(texts, losses, greedy):
+            logits = model(torch.tensor([s]))[0][0, start - 1:end - 1]
+            assert loss == pytest.approx(F.cross_entropy(logits, torch.tensor(s[start:end])).item(), abs=1e-5)
+            assert right == bool((logits.argmax(-1) == torch.tensor(s[start:end])).all())
+        assert hidden.shape[0] == 2 * 5 + 5 * 3  # 2 rows x 5 shared, 5 texts x 3 of their own: not 5 x 7
+        window = model.config.max_position_embeddings  # a batch the two passes would outgrow: one pass
+        assert zero_shot.shared_pass(model, [[([1] * window, window - 1, window), ([1] * (window - 1) + [2], window - 1, window)],
+                                             [([3, 4] + [5] * (window - 2), 1, window), ([3, 5], 1, 2)]], "cpu") is None
+        assert zero_shot.shared_pass(model, [[([1, 2], 1, 2), ([3, 4], 1, 2)]], "cpu") is None  # nothing shared
+
+
 def test_rules_prefix_suffix_layout_and_the_centred_average():
     assert zero_shot.common_prefix([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 2
     assert zero_shot.common_suffix([[9, 2, 3], [1, 2, 3], [3]]) == 1
