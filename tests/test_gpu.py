@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TRAIN_PY, losses, read_metrics, run_cmd, run_train, text_file
+from conftest import ROOT, TRAIN_PY, losses, read_metrics, run_cmd, run_train, text_file
 
 CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
@@ -155,6 +155,22 @@ def test_the_space_serves_the_real_weights_on_cuda_in_bf16_and_streams_greedy_an
         assert answer.strip() and "tokens/s" in status, status
     finally:
         real_model.to("cpu", torch.float32)
+
+
+def test_zero_shot_tasks_on_cuda_choose_as_the_cpu_does_and_the_core_suite_prints_its_time(tmp_path, gguf_path):
+    """eval.py --tasks core on CUDA (bf16 where native): every row's prediction against CPU fp32's on
+    the first 100 rows of each task, at most 3 in 100 apart (bf16 rounding); the suite's seconds are
+    printed (-s) for docs/eval.md, not asserted."""
+    import json
+    out = {}
+    for device, limit in (("cuda", None), ("cpu", 100)):
+        args = ["--device", device, "--json", str(tmp_path / f"{device}.json")] + (["--dtype", "fp32", "--limit", str(limit)]
+                                                                                   if device == "cpu" else [])
+        print(run_cmd(ROOT, sys.executable, "eval.py", gguf_path, "--tasks", "core", *args).stdout)
+        out[device] = json.loads((tmp_path / f"{device}.json").read_text())["tasks"]
+    for name, cpu in out["cpu"].items():
+        cuda = out["cuda"][name]["results"][:100]
+        assert sum(a != b for a, b in zip(cuda, cpu["results"])) <= 3, name
 
 
 @pytest.mark.skipif(CUDA and torch.cuda.device_count() < 2, reason="needs 2 GPUs")
