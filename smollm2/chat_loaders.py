@@ -301,16 +301,14 @@ class ConversationStreamLoader(StreamLoader):
     def first_fill(self):
         return self.B  # rows: a batch's worth before the first step (bad rows fail now)
 
+    ITEMS, LANE_GETS = "conversations", "conversation with an assistant turn"
+
     def too_few(self, none_answered=False):
         if none_answered:
             lane = f" of one of its {self.lanes} lanes (world size x grad accum)" if self.lanes > 1 else ""
             return (f"{self.spec}: no conversation{lane} has an assistant turn (all skipped): nothing "
                     "carries the loss")
-        if self.lanes == 1 and not self.held_out:
-            return f"{self.spec}: the stream is empty (no conversations in its train split)"
-        return (f"{self.spec}: a lane of {self.lanes} (world size x grad accum) gets no conversation "
-                f"with an assistant turn{' once the validation conversations are held out' if self.held_out else ''}; "
-                "the stream has too few conversations for this many lanes")
+        return super().too_few()
 
     def describe(self):
         counts = {k: sum(lane.counts[k] for lane in self.own.values()) for k in self.own[self.mine[0]].counts}

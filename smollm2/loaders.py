@@ -202,12 +202,14 @@ class StreamLoader:
         """What a lane holds before the first step: the tokens of one batch (and its last target)."""
         return self.B * self.T + 1
 
+    ITEMS, LANE_GETS = "documents", "documents"  # what the stream holds, what a lane may get none of
+
     def too_few(self):
         if self.lanes == 1 and not self.held_out:
-            return f"{self.spec}: the stream is empty (no documents in its train split)"
-        return (f"{self.spec}: a lane of {self.lanes} (world size x grad accum) gets no documents"
-                f"{' once the validation documents are held out' if self.held_out else ''}; "
-                "the stream has too few documents for this many lanes")
+            return f"{self.spec}: the stream is empty (no {self.ITEMS} in its train split)"
+        return (f"{self.spec}: a lane of {self.lanes} (world size x grad accum) gets no {self.LANE_GETS}"
+                f"{f' once the validation {self.ITEMS} are held out' if self.held_out else ''}; "
+                f"the stream has too few {self.ITEMS} for this many lanes")
 
     def describe(self):
         return (f"streamed, no cache | {self.lanes} lane(s) of disjoint documents (world size x grad "
