@@ -35,7 +35,7 @@ def main_guard(main, prog, exit=sys.exit, interrupted=None):
     try:
         code = main()
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"{prog}: error: {e}\n")  # one write: ranks under torchrun share an unbuffered stderr
         code = 2
     except KeyboardInterrupt:
         if interrupted is None:
