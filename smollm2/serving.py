@@ -1,0 +1,178 @@
+"""CPU serving for the Space (hf_files/app.py): one decoder thread that decodes every request with
+all the cores, the KV cache sizes requests get, the compiled decoder's build in the background at
+start-up (it yields to requests), and how many CPUs this process may use. On a GPU none of it runs:
+each request decodes on its own thread."""
+import contextlib
+import os
+import queue
+import sys
+import threading
+import time
+import types
+
+import torch
+
+from model import KVCache
+
+CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a request gets on CPU
+
+
+class Decoder:
+    """Decodes every request on one thread that has all the cores: each request's next token in
+    turn. A lone request gets every core; n at once get a token each in turn, so 1/n of the speed
+    each (a new request's prompt is read in one turn). Why one thread: libgomp, torch's OpenMP on
+    Linux, cuts its spin-waits short once more threads are in its teams than there are cores, and
+    each thread that runs torch ops gets a team of its own. Decoding on Gradio's worker threads did
+    that: 19 tokens/s for one user where the same compiled decoder gives 35 alone (2-core Xeon).
+    The main thread must then run no ops at 2 threads either (app.py's main() sets it to 1). A job ends
+    after time_limit seconds even if nobody reads it (a client gone without closing its stream)."""
+
+    def __init__(self, cores, time_limit):
+        self.cores, self.time_limit, self.inbox = cores, time_limit, queue.SimpleQueue()
+        threading.Thread(target=self.serve, name="decoder", daemon=True).start()
+
+    def serve(self):
+        torch.set_num_threads(self.cores)
+        jobs = []
+        while True:
+            if not jobs:
+                jobs.append(self.inbox.get())  # idle: wait for a request
+            while not self.inbox.empty():
+                jobs.append(self.inbox.get())
+            for job in list(jobs):
+                try:
+                    if job.closed or time.monotonic() > job.deadline:
+                        raise StopIteration
+                    job.out.put(next(job.tokens))
+                except Exception as e:  # StopIteration at the end, or the model's error: pass it on
+                    job.tokens.close()
+                    job.out.put(e)
+                    jobs.remove(job)
+
+    def stream(self, tokens):
+        """Yield what the generator `tokens` yields, computed on the decoder thread; closing this
+        generator (Stop, or the caller is done) ends `tokens` there, at its next turn."""
+        job = types.SimpleNamespace(tokens=tokens, out=queue.SimpleQueue(), closed=False,
+                                    deadline=time.monotonic() + self.time_limit)
+        self.inbox.put(job)
+        try:
+            while not isinstance(item := job.out.get(), Exception):
+                yield item
+            if not isinstance(item, StopIteration):
+                raise item
+        finally:
+            job.closed = True
+
+
+def cache_sizes(context):
+    """The KV cache sizes requests use (CACHE_SIZES below the context, then the context): one
+    compiled graph each."""
+    return tuple(s for s in CACHE_SIZES if s < context) + (context,)
+
+
+def cache_size(tokens, context):
+    """The smallest of cache_sizes(context) that holds `tokens` (prompt plus answer)."""
+    return next(s for s in cache_sizes(context) if s >= min(tokens, context))
+
+
+class Warmup:
+    """Builds the model's compiled decode step in a background thread at start-up, one graph per
+    cache size, so no request waits for torch.compile (15 s to 2 min per graph on 2 cores): until
+    every size is built, requests decode eagerly (about 0.75x the speed) and the page says so.
+
+    The build yields to requests. Tracing and compiling is Python that holds the GIL for its whole
+    switch interval (5 ms) each time the decoder thread lets it go, and eager decoding lets it go
+    around every op: a token waited for hundreds of such turns (1.0 tokens/s instead of about 30).
+    So while a request runs (request()), the build pauses at its next Python call (a profile hook
+    on its thread only) until none does. (A lower CPU priority, nice 19, was tried and dropped: on a
+    machine shared with other busy processes it starved the build for over ten minutes.)"""
+
+    def __init__(self, model, context, enabled, threads=1, request_limit=310.0):
+        self.model, self.sizes, self.threads = model, cache_sizes(context), threads
+        self.request_limit = request_limit  # seconds a request may hold the build back
+        self.enabled, self.ready, self.error, self.seconds = enabled, [], None, None
+        self.done, self.idle, self.lock = threading.Event(), threading.Event(), threading.Lock()
+        self.idle.set()
+        self.active, self.deadline, self.paused_s = 0, 0.0, 0.0  # requests running; seconds paused for them
+        if not enabled:
+            self.done.set()
+            return
+        self.thread = threading.Thread(target=self.run, name="warmup", daemon=True)
+        self.thread.start()
+
+    @contextlib.contextmanager
+    def request(self):
+        """Around a request: the build waits while any runs (for at most the time limit of a request
+        from the latest one's start: a request never closed must not stop the build for good)."""
+        with self.lock:
+            self.active += 1
+            self.idle.clear()
+            self.deadline = time.monotonic() + self.request_limit
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+                if not self.active:
+                    self.idle.set()
+
+    def yield_to_requests(self, *_):
+        """The build thread's profile hook: wait (GIL released) while a request runs."""
+        if not self.idle.is_set():
+            t0 = time.monotonic()
+            self.idle.wait(max(0.0, self.deadline - t0))
+            self.paused_s += time.monotonic() - t0
+
+    def run(self):
+        start = time.perf_counter()
+        try:
+            sys.setprofile(self.yield_to_requests)  # this thread only
+            torch.set_num_threads(self.threads)  # the decoder's: Inductor's kernels are built for it
+            step, weight = self.model.compiled_decode_step(), self.model.lm_head.weight
+            with torch.inference_mode():  # as generate_stream runs it: the same guards
+                for size in self.sizes:
+                    cache = KVCache(self.model.config, 1, size, weight.device, weight.dtype)
+                    step(torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long), cache)
+                    self.ready.append(size)
+        except Exception as e:  # no C++ compiler, say: serve eagerly, correct and slower
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            self.model.decode_eagerly()
+            print(f"app.py: torch.compile of the decoder failed, decoding eagerly ({self.error})",
+                  file=sys.stderr, flush=True)
+        else:
+            self.seconds = time.perf_counter() - start
+            print(f"app.py: compiled decoder ready for caches of {', '.join(map(str, self.sizes))} tokens "
+                  f"in {self.seconds:.0f} s", file=sys.stderr, flush=True)
+        finally:
+            sys.setprofile(None)
+            self.done.set()
+
+    def compiled(self):
+        """Whether requests decode through the compiled step: once every size is built (no request
+        then triggers a compilation, and none runs while one is under way)."""
+        return self.enabled and self.done.is_set() and self.error is None
+
+    def markdown(self):
+        if not self.enabled:
+            return ""
+        if not self.done.is_set():
+            ready = ", ".join(map(str, self.ready)) or "none yet"
+            return (f"⏳ **Warming up:** {len(self.ready)} of {len(self.sizes)} cache sizes of the fast CPU "
+                    f"decoder built (built: {ready}; all: {', '.join(map(str, self.sizes))}). The build "
+                    f"pauses while you are answered: answers use the eager decoder until then.")
+        if self.error:
+            return f"Decoding eagerly: torch.compile is not available here ({self.error})."
+        return f"⚡ Fast CPU decoder ready (torch.compile, built in {self.seconds:.0f} s at start-up)."
+
+
+def cpu_budget(cpu_max="/sys/fs/cgroup/cpu.max"):
+    """CPUs this process may use: affinity, and the cgroup quota that containers (Spaces) set."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
