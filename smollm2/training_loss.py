@@ -83,8 +83,8 @@ class TrainingLoss:
         """Compile now, on a forward and backward of a batch of zeros (no step, no data read, the
         gradients dropped and not all-reduced), so that a machine that cannot compile (no C++
         compiler, say) says so before training: --compile auto then trains eagerly, --compile on stops
-        with one line. Under DDP the ranks decide together: a compile that fails on one rank makes
-        every rank train eagerly (or stop), never some ranks compiled and the others waiting."""
+        with one line. Under DDP and FSDP the ranks decide together: a compile that fails on one rank
+        makes every rank train eagerly (or stop), never some ranks compiled and the others waiting."""
         if not self.compiled:
             return
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -93,20 +93,28 @@ class TrainingLoss:
         tokens = torch.zeros(batch_size * seq_len + 1, dtype=torch.long, device=self.proc.device)
         x, y = tokens[:-1].view(batch_size, seq_len), tokens[1:].view(batch_size, seq_len)  # as the loaders'
         cuda = [self.proc.device] if self.proc.type == "cuda" else []
-        failure = None
-        try:
-            # DDP: no all-reduce, which a rank whose compile failed would never join. FSDP's forward
-            # gathers weights from every rank anyway, and an unsynced backward would keep its
-            # unsharded gradients for the next step: there the probe's backward reduces as usual.
-            self.sync_gradients(self.sharded is not None)
-            with torch.random.fork_rng(cuda):  # the run's random state as it was
-                self.precision.backward(self(x, y))
-        except Exception as e:  # Inductor's errors have no common base class
-            failure = ": ".join([type(e).__name__] + str(e).strip().splitlines()[:1])
-        finally:
-            optimizer.zero_grad(set_to_none=True)
-            self.sync_gradients(True)
-        if not self.proc.any_rank(failure is not None):
+        failure, failed = None, False
+        if self.sharded is not None:
+            # FSDP's probe gathers weights from every rank: a rank whose compile fails before its
+            # first all-gather would leave the others waiting there for good. So the ranks first
+            # agree on a compile with no collective in it (a missing C++ compiler shows there).
+            failure = compile_failure(self.proc.device)
+            failed = self.proc.any_rank(failure is not None)
+        if not failed:
+            try:
+                # DDP: no all-reduce, which a rank whose compile failed would never join. FSDP's
+                # forward gathers weights from every rank anyway, and an unsynced backward would keep
+                # its unsharded gradients for the next step: there the probe's backward reduces.
+                self.sync_gradients(self.sharded is not None)
+                with torch.random.fork_rng(cuda):  # the run's random state as it was
+                    self.precision.backward(self(x, y))
+            except Exception as e:  # Inductor's errors have no common base class
+                failure = one_line(e)
+            finally:
+                optimizer.zero_grad(set_to_none=True)
+                self.sync_gradients(True)
+            failed = self.proc.any_rank(failure is not None)
+        if not failed:
             return
         failure = failure or "it failed on another rank"
         if self.compile_request == "on":
@@ -115,3 +123,19 @@ class TrainingLoss:
         self.compile_reason = f"eager: torch.compile failed here ({failure.split(':')[0]})"
         torch.use_deterministic_algorithms(deterministic)  # eager CPU training repeats without it
         self.wrap()
+
+
+def one_line(error):
+    """An exception as one line: its type and the first line of its message."""
+    return ": ".join([type(error).__name__] + str(error).strip().splitlines()[:1])
+
+
+def compile_failure(device):
+    """Why torch.compile cannot build and run a small function on device here (one line), or None.
+    It runs on this rank alone: no collective, so a failure cannot leave other ranks waiting."""
+    try:
+        fn = torch.compile(lambda t: torch.nn.functional.silu(t) * 2.0 + 1.0, fullgraph=True)
+        fn(torch.ones(8, device=device))
+    except Exception as e:  # Inductor's errors have no common base class
+        return one_line(e)
+    return None

@@ -3,6 +3,7 @@ train.py run as its users run it, in a subprocess."""
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -89,11 +90,45 @@ def train_cmd(*args):
 
 
 def run_cmd(cwd, *cmd, status=0, timeout=600):
-    """Run cmd in cwd with TRAIN_ENV; assert its exit status, showing its output if it differs."""
-    proc = subprocess.run([*map(str, cmd)], cwd=cwd, env=TRAIN_ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    """Run cmd in cwd with TRAIN_ENV; assert its exit status, showing its output if it differs. Past
+    the timeout it is ended (torchrun's workers with it), and the assertion shows its output."""
+    cmd = [*map(str, cmd)]
+    with subprocess.Popen(cmd, cwd=cwd, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.terminate()  # torchrun ends its workers (they run in sessions of their own), then itself
+            try:
+                out, err = p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                out, err = p.communicate()
+            raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out}\n{err}") from None
+    proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     assert proc.returncode == status, f"exit status {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
+
+
+# a patch for patched_train under torchrun: torch.compile fails on rank 1 only, as without a C++ compiler
+ONE_RANK_CANNOT_COMPILE = """
+import os
+import torch
+from smollm2 import devices
+def fake_compile(module, **kw):
+    if os.environ["RANK"] != "1":
+        return module
+    def call(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+    return call
+torch.compile = fake_compile
+devices.COMPILE_MIN_PARAMS = devices.COMPILE_MIN_STEPS = 0  # --compile auto compiles the tiny run
+"""
+# --compile on with ONE_RANK_CANNOT_COMPILE: rank 0's line and rank 1's
+COMPILE_ON_ERRORS = ["train.py: error: --compile on: torch.compile failed here (it failed on another rank); "
+                     "train with --compile off",
+                     "train.py: error: --compile on: torch.compile failed here (RuntimeError: InvalidCxxCompiler: "
+                     "No working C++ compiler found); train with --compile off"]
 
 
 def patched_train(folder, patch, name="patched_train.py"):

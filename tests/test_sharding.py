@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (ROOT, TINY, TRAIN_PY, assert_one_line_error, load_ckpt, losses, patched_train, read_metrics,
-                      run_cmd, run_train)
+from conftest import (COMPILE_ON_ERRORS, ONE_RANK_CANNOT_COMPILE, ROOT, TINY, TRAIN_PY, assert_one_line_error,
+                      load_ckpt, losses, patched_train, read_metrics, run_cmd, run_train)
 
 TINY = TINY + ["--steps", "4", "--ckpt-interval", "2", "--eval-interval", "2", "--eval-iters", "3"]
 
@@ -105,6 +105,20 @@ def test_a_rank_killed_during_a_sharded_save_costs_only_the_steps_since_the_last
     assert "--ckpt auto: resuming from run/c_step_2.pt at step 2" in proc.stdout
     assert load_ckpt(tmp_path / "run/c.pt/train_state.pt")["step"] == 6
     assert not [n for n in os.listdir(tmp_path / "run") if n.endswith(".tmp")]
+
+
+def test_a_compile_that_fails_on_one_sharded_rank_makes_every_rank_eager_or_stop(tmp_path, corpus):
+    """FSDP's compile probe gathers weights from every rank, so a rank whose compile failed before
+    it would leave the others waiting: the ranks agree on a compile with no collective first."""
+    script = patched_train(tmp_path, ONE_RANK_CANNOT_COMPILE)
+    args = [*TINY, "--data", corpus, "--fsdp", "--steps", "2", "--ckpt-interval", "0", "--eval-interval", "1000"]
+    proc = run_cmd(tmp_path, *torchrun(2, script, *args, "--compile", "auto", "--save", "auto.pt"), timeout=300)
+    assert "compile: eager: torch.compile failed here (it failed on another rank)" in proc.stdout  # rank 0's log
+    assert load_ckpt(tmp_path / "auto.pt/train_state.pt")["step"] == 2  # both ranks trained, eagerly
+    proc = run_cmd(tmp_path, *torchrun(2, script, *args, "--compile", "on", "--save", "on.pt"), status=1, timeout=300)
+    assert sorted(line for line in proc.stderr.splitlines() if line.startswith("train.py: error: ")) == \
+        sorted(COMPILE_ON_ERRORS)
+    assert not (tmp_path / "on.pt").exists()
 
 
 def test_gradient_checkpointing_and_compile_compose_with_fsdp_and_init_loads_into_a_sharded_model(runs):
