@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from smollm2 import sharding
+from smollm2.chat import IM_END
 from smollm2.errors import ExportError, ModelLoadError
 from smollm2.files import public_name
 from smollm2.tokenizer import TOKENIZER_DIR, load_tokenizer
@@ -31,7 +32,7 @@ def save_pretrained(model, out_dir, dtype=None, tokenizer_dir=None):
     hf = hf_config_dict(model.config, dtype)
     _write_json(os.path.join(out_dir, "config.json"), hf)
     _write_json(os.path.join(out_dir, "generation_config.json"),
-                {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id})
+                {"bos_token_id": model.config.bos_token_id, "eos_token_id": generation_eos(model)})
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         for name in os.listdir(tokenizer_dir):
             with open(os.path.join(tokenizer_dir, name), "rb") as fin, \
@@ -39,6 +40,18 @@ def save_pretrained(model, out_dir, dtype=None, tokenizer_dir=None):
                 fout.write(fin.read())
         if os.path.isfile(os.path.join(out_dir, "tokenizer_config.json")):
             _name_the_models_special_tokens(out_dir, model.config, tokenizer_dir)
+
+
+def generation_eos(model):
+    """generation_config.json's eos_token_id: the model's EOS, and for weights trained on
+    conversations whose EOS is another token (a base model fine-tuned, or one trained from scratch)
+    <|im_end|> first, which ends each assistant turn: transformers' generate then stops where the
+    Space and sample.py do, at the end of the answer."""
+    eos = model.config.eos_token_id
+    end_of_turn = load_tokenizer().token_to_id(IM_END)
+    if getattr(model, "source_info", {}).get("conversations") and end_of_turn not in (None, eos):
+        return [end_of_turn, eos]
+    return eos
 
 
 def training_info(source, source_info):

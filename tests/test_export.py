@@ -221,6 +221,16 @@ def test_a_checkpoint_trained_on_conversations_exports_as_a_chat_model(tmp_path,
     assert "conversational" in card.data.tags and "## Chat" in card.text and "apply_chat_template" in card.text
     assert json.loads((tmp_path / "out" / "training_info.json").read_text())["conversations"] is True
     assert (tmp_path / "out" / "chat_template.jinja").is_file()
+    # transformers' generate stops where an assistant turn ends (<|im_end|>), as the Space does, though
+    # the model's own EOS is <|endoftext|>: pushed to emit <|im_end|>, it stops after that one token
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, model = AutoTokenizer.from_pretrained(tmp_path / "out"), AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    im_end, endoftext = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert model.generation_config.eos_token_id == [im_end, endoftext]
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, sequence_bias={(im_end,): 1e4})
+    assert out[0, ids.shape[1]:].tolist() == [im_end]
 
 
 @pytest.mark.slow
