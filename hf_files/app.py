@@ -51,6 +51,7 @@ SHIPPED_FILES = ("model.safetensors", "checkpoint.pt")  # looked for in this fol
 MAX_NEW_TOKENS = 1024  # per request, so that no request holds a worker for long
 MAX_CONTEXT = int(os.environ.get("SMOL_MAX_CONTEXT", 2048))  # prompt + answer, in tokens (CPU-sized)
 TIME_LIMIT_S = float(os.environ.get("SMOL_TIME_LIMIT", 300))  # per request, a second safety net
+HOLD_LIMIT_S = TIME_LIMIT_S + 10  # the longest a request holds the decoder or the warm-up, even if never closed
 CONCURRENCY = int(os.environ.get("SMOL_CONCURRENCY", 2))  # requests generating at once; others queue
 COMPILE = os.environ.get("SMOL_COMPILE", "1") != "0"  # on CPU: build the compiled decoder at start-up
 CPU_BF16 = os.environ.get("SMOL_CPU_BF16", "1") != "0"  # bf16 weights on CPUs with native bf16 dot products
@@ -222,7 +223,7 @@ class Engine:
         self.chat = is_chat_model(tokenizer, self.eos) or bool(model.source_info.get("conversations"))
         self.prefix, self.suffix = [], []  # completion: the text as it is, for every model
         self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
-        self.warmup = Warmup(model, self.context, compile, decoder.cores if decoder else 1, TIME_LIMIT_S + 10)
+        self.warmup = Warmup(model, self.context, compile, decoder.cores if decoder else 1, HOLD_LIMIT_S)
         self.weights_markdown = describe_weights(model.source_info, model)
         if self.chat:
             why = ("an Instruct model" if is_chat_model(tokenizer, self.eos) else "trained on conversations")
@@ -491,7 +492,7 @@ def main():
     print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     cpu = device == "cpu"  # one thread decodes every request, with all the cores (Decoder)
     engine = Engine(model, load_tokenizer(),
-                    Decoder(cpu_budget(), TIME_LIMIT_S + 10) if cpu else None, compile=cpu and COMPILE)
+                    Decoder(cpu_budget(), HOLD_LIMIT_S) if cpu else None, compile=cpu and COMPILE)
     print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
     ui = build_ui(engine)
     ui.queue(default_concurrency_limit=CONCURRENCY, max_size=64)

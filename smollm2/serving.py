@@ -87,8 +87,9 @@ class Warmup:
     on its thread only) until none does. (A lower CPU priority, nice 19, was tried and dropped: on a
     machine shared with other busy processes it starved the build for over ten minutes.)"""
 
-    def __init__(self, model, context, enabled, threads=1, request_limit=310.0):
-        self.model, self.sizes, self.threads = model, cache_sizes(context), threads
+    def __init__(self, model, context, enabled, threads, request_limit):
+        self.model, self.sizes = model, cache_sizes(context)
+        self.threads = threads  # the decoder's: Inductor builds its kernels for that many
         self.request_limit = request_limit  # seconds a request may hold the build back
         self.enabled, self.ready, self.error, self.seconds = enabled, [], None, None
         self.done, self.idle, self.lock = threading.Event(), threading.Event(), threading.Lock()

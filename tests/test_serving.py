@@ -70,7 +70,7 @@ def test_cache_sizes_follow_the_context():
 
 
 def test_warmup_build_pauses_while_a_request_runs_and_the_page_says_how_far_it_is():
-    warmup = Warmup(None, 2048, enabled=False)
+    warmup = Warmup(None, 2048, enabled=False, threads=1, request_limit=60)
     with warmup.request():
         assert not warmup.idle.is_set()
         waiter = threading.Thread(target=warmup.yield_to_requests)  # the build thread's hook
