@@ -397,7 +397,8 @@ class SmolLM2(nn.Module):
             import warnings
             warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); "
                           "generating in eager mode")
-            self._compiled_step, step = None, None
+            self.decode_eagerly()
+            step = None
             logits = self.decode_step(idx, positions, cache)
         cache.pos += 1
         return logits, step

@@ -13,7 +13,7 @@ import os
 import re
 import weakref
 
-from smollm2.errors import DataError
+from smollm2.errors import DataError, reason
 from smollm2.tokenizer import SAFE_CUT
 
 ROW_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")  # files whose rows (lines) are the documents
@@ -263,12 +263,6 @@ def _load_local(datasets, folder, spec):
     if not shards:
         raise DataError(f"{spec}: the stream is empty (no .parquet, .jsonl or .jsonl.gz files in it)")
     return datasets.load_dataset(kinds.pop(), data_files={"train": shards}, split="train", streaming=True)
-
-
-def reason(e):
-    """The library's reason in a few words: the exception's kind and its message's first line."""
-    message = str(e).strip()
-    return f"{type(e).__name__}: {message.splitlines()[0][:160]}" if message else type(e).__name__
 
 
 def next_example(iterator, spec):

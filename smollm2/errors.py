@@ -29,3 +29,9 @@ class ExportError(UserError):
 
 class MissingPackage(UserError):
     """An optional integration was asked for but its package is not installed: what to pip install."""
+
+
+def reason(e):
+    """A library's exception in a few words, for an error line: its kind and its message's first line."""
+    message = str(e).strip()
+    return f"{type(e).__name__}: {message.splitlines()[0][:160]}" if message else type(e).__name__

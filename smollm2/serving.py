@@ -13,6 +13,7 @@ import types
 import torch
 
 from model import KVCache
+from smollm2.errors import reason
 
 CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a request gets on CPU
 
@@ -136,7 +137,7 @@ class Warmup:
                     step(torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long), cache)
                     self.ready.append(size)
         except Exception as e:  # no C++ compiler, say: serve eagerly, correct and slower
-            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            self.error = reason(e)
             self.model.decode_eagerly()
             print(f"app.py: torch.compile of the decoder failed, decoding eagerly ({self.error})",
                   file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from smollm2 import devices, speedups
 from smollm2.chunked_loss import ChunkedLoss
-from smollm2.errors import UsageError
+from smollm2.errors import UsageError, reason
 
 # No buffer broadcast before each forward: the only buffers are the RoPE tables, equal on every rank
 # (newer torch calls the flag forward_sync_buffers and warns at the old name)
@@ -109,7 +109,7 @@ class TrainingLoss:
                 with torch.random.fork_rng(cuda):  # the run's random state as it was
                     self.precision.backward(self(x, y))
             except Exception as e:  # Inductor's errors have no common base class
-                failure = one_line(e)
+                failure = reason(e)
             finally:
                 optimizer.zero_grad(set_to_none=True)
                 self.sync_gradients(True)
@@ -125,11 +125,6 @@ class TrainingLoss:
         self.wrap()
 
 
-def one_line(error):
-    """An exception as one line: its type and the first line of its message."""
-    return ": ".join([type(error).__name__] + str(error).strip().splitlines()[:1])
-
-
 def compile_failure(device):
     """Why torch.compile cannot build and run a small function on device here (one line), or None.
     It runs on this rank alone: no collective, so a failure cannot leave other ranks waiting."""
@@ -137,5 +132,5 @@ def compile_failure(device):
         fn = torch.compile(lambda t: torch.nn.functional.silu(t) * 2.0 + 1.0, fullgraph=True)
         fn(torch.ones(8, device=device))
     except Exception as e:  # Inductor's errors have no common base class
-        return one_line(e)
+        return reason(e)
     return None

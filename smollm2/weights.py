@@ -48,10 +48,10 @@ def generation_eos(model):
     <|im_end|> first, which ends each assistant turn: transformers' generate then stops where the
     Space and sample.py do, at the end of the answer."""
     eos = model.config.eos_token_id
+    if not getattr(model, "source_info", {}).get("conversations"):
+        return eos
     end_of_turn = load_tokenizer().token_to_id(IM_END)
-    if getattr(model, "source_info", {}).get("conversations") and end_of_turn not in (None, eos):
-        return [end_of_turn, eos]
-    return eos
+    return [end_of_turn, eos] if end_of_turn not in (None, eos) else eos
 
 
 def training_info(source, source_info):
