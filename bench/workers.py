@@ -126,10 +126,11 @@ class Trainer:
         self.model, self.n_params = model, sum(p.numel() for p in model.parameters())
         from smollm2 import devices, speedups
         from smollm2.chunked_loss import ChunkedLoss  # ours: the loss as train.py computes it, no (B, T, V) logits
+        if impl.startswith("ours"):  # as train.py installs them (the malloc setting is _setup's)
+            speedups.install(model, device, dtype, compile, training=True, keep_memory=False)
         self.fwd = ChunkedLoss(model) if impl.startswith("ours") else model
         if compile and device == "cpu" and impl.startswith("ours"):
             devices.deterministic_mode("cpu")  # as train.py compiles it
-        self.fwd = torch.compile(self.fwd) if compile else self.fwd
         decay = [p for p in model.parameters() if p.dim() >= 2]
         other = [p for p in model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
@@ -137,12 +138,13 @@ class Trainer:
             self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=True)
         except (RuntimeError, TypeError):
             self.opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95))
+        self.fwd = torch.compile(self.fwd) if compile else self.fwd
         self.autocast = devices.autocast(device, dtype)  # no GradScaler in fp16: timing, not training
         self.low = None
         if impl in ("ours", "ours-eager") and speedups.use_weight_copy(device, dtype, compile,
                                                                              gradient_checkpointing):
             # as train.py trains in bf16 on CPU: a bf16 weight copy, no autocast
-            self.fwd = self.low = speedups.LowPrecisionWeights(self.fwd)
+            self.fwd = self.low = speedups.LowPrecisionWeights(self.fwd, self.opt)  # its hooks keep it in step
             self.autocast = contextlib.nullcontext()
         self.peak_reset = False
         self.shape(batch_size, seq_len)
@@ -173,12 +175,8 @@ class Trainer:
             else:  # transformers shifts the labels itself: same inputs, same compute
                 loss = self.fwd(input_ids=self.idx, labels=self.idx).loss
         loss.backward()
-        if self.low is not None:
-            self.low.accumulate_grads()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.low is not None:
-            self.low.refresh()
         return _now(self.device) - t0
 
     def flops_per_token(self, seq_len):
@@ -234,8 +232,9 @@ class Generator:
         t0 = _now(self.device)
         first = None
         if self.impl == "ours":
+            from smollm2 import engine
             tokens = []
-            for token in self.model.generate_stream(self.prompt, max_new_tokens, compile=compile):
+            for token in engine.generate_stream(self.model, self.prompt, max_new_tokens, compile=compile):
                 tokens.append(token)  # an int: the step has finished
                 first = first or _now(self.device)
         else:

@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from smollm2.speedups import autocast_dtype, matmul_nt, route
+from smollm2.speedups import autocast_dtype, matmul_nt
 
 
 class ChunkedLoss(nn.Module):
@@ -21,7 +21,6 @@ class ChunkedLoss(nn.Module):
         device_type = next(model.parameters()).device.type
         self.model = model
         self.chunk_rows = chunk_rows or loss_chunk_rows(device_type, model.config.vocab_size)
-        route(model)  # its fp32 CPU training products take speedups' GEMM route
 
     def forward(self, idx, targets, doc=None):
         x = self.model.hidden_states(idx, doc=doc)  # (B, T, C); doc: packed rows (model.py)

@@ -12,7 +12,7 @@ import types
 
 import torch
 
-from model import KVCache
+from smollm2 import engine
 from smollm2.errors import reason
 
 CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a request gets on CPU
@@ -130,15 +130,15 @@ class Warmup:
         try:
             sys.setprofile(self.yield_to_requests)  # this thread only
             torch.set_num_threads(self.threads)  # the decoder's: Inductor's kernels are built for it
-            step, weight = self.model.compiled_decode_step(), self.model.lm_head.weight
+            step, weight = engine.compiled_decode_step(self.model), self.model.lm_head.weight
             with torch.inference_mode():  # as generate_stream runs it: the same guards
                 for size in self.sizes:
-                    cache = KVCache(self.model.config, 1, size, weight.device, weight.dtype)
-                    step(torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long), cache)
+                    cache = engine.KVCache(self.model.config, 1, size, weight.device, weight.dtype)
+                    step(torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, 1), dtype=torch.long), cache)
                     self.ready.append(size)
         except Exception as e:  # no C++ compiler, say: serve eagerly, correct and slower
             self.error = reason(e)
-            self.model.decode_eagerly()
+            engine.decode_eagerly(self.model)
             print(f"app.py: torch.compile of the decoder failed, decoding eagerly ({self.error})",
                   file=sys.stderr, flush=True)
         else:

@@ -1,19 +1,69 @@
-"""What only makes CPU training faster, kept out of model.py (the model a reader and the Space
-need). Each is a measured gain; docs/performance.md has the figures.
+"""What only makes the model faster, kept out of model.py (the model a reader needs): each a measured
+gain (docs/performance.md), installed by one visible call where it is used (install, below: train.py,
+eval.py, the Space) or by the object that needs it (LowPrecisionWeights, in training_loss.py).
 
 - the GEMM route: fp32 training products through oneDNN on AMD CPUs, where MKL is slower.
-- CausalAttention: compiled bf16 CPU training's attention backward as fusable tensor operations.
+- CompiledCausalAttention: compiled bf16 CPU training's attention backward as fusable tensor operations.
+- RepeatedKVAttention: on CUDA (and MPS) K/V repeated where no kernel reads grouped heads itself.
 - LowPrecisionWeights: a bf16 copy of the weights for eager CPU bf16 training, instead of casts.
 - keep_freed_memory: glibc keeps what a step frees, instead of faulting the pages in again.
 """
 import ctypes
+import functools
 import math
 import platform
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from model import Attention, Linear
+from model import ScaledDotProductAttention
 from smollm2.devices import cpu_info
+
+
+def install(model, device, dtype="fp32", compiled=False, training=False, sharded=False, keep_memory=True):
+    """Give model the speed-ups that pay for this work on this device (training: in dtype, compiled
+    or not, sharded by FSDP or not); returns one line for each installed, for the start-up log. Call
+    it before DDP or FSDP wrap the model (it swaps modules). keep_memory=False leaves malloc alone."""
+    device = torch.device(device)
+    installed = []
+    if device.type in ("cuda", "mps"):
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        swap_modules(model, ScaledDotProductAttention, lambda old: RepeatedKVAttention(capability))
+        installed.append("K/V repeated for attention where no kernel reads grouped heads"
+                         + (" (flash does: 16-bit, no mask, compute capability 8.0+)" if capability else ""))
+    if device.type != "cpu" or not training:
+        return installed
+    if keep_memory and not sharded and keep_freed_memory():  # FSDP frees each gathered layer: give that back
+        installed.append("glibc keeps freed memory (no page faults each step)")
+    if dtype == "fp32" and ONEDNN:
+        swap_modules(model, nn.Linear, linear_as(RoutedLinear))
+        installed.append("fp32 training products through oneDNN (MKL is slower on AMD CPUs)")
+    if dtype == "bf16" and compiled:
+        swap_modules(model, ScaledDotProductAttention, lambda old: CompiledCausalAttention())
+        installed.append("attention backward as batched products Inductor fuses (compiled bf16)")
+    return installed
+
+
+def swap_modules(model, kind, make):
+    """Replace each submodule of exactly type `kind` by make(old): a module of another kind over the
+    same parameters (as torchao's module swaps). Returns how many it replaced."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is kind:
+                setattr(parent, name, make(child).train(child.training))
+                swapped += 1
+    return swapped
+
+
+def linear_as(cls):
+    """make() for swap_modules: an nn.Linear subclass cls holding the old layer's parameters."""
+    def make(old):
+        new = cls(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+        new.weight, new.bias = old.weight, old.bias  # the same Parameters: ties and optimizers hold
+        return new
+    return make
 
 
 def autocast_dtype(device_type):
@@ -79,23 +129,14 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
-class RoutedLinear(Linear):
-    """model.Linear whose fp32 training products go through OneDNNLinear where ONEDNN; inference
-    and autocast keep F.linear, so logits stay bit-identical to transformers'."""
+class RoutedLinear(nn.Linear):
+    """nn.Linear whose fp32 training products go through OneDNNLinear where ONEDNN; inference and
+    autocast keep F.linear, so logits stay bit-identical to transformers'."""
 
     def forward(self, x):
         if torch.is_grad_enabled() and self.weight.requires_grad and onednn_ok(x, self.weight):
             return OneDNNLinear.apply(x, self.weight)
-        return super().forward(x)
-
-
-def route(model):
-    """Give model's Linear and Attention modules the forward paths above (the same modules and
-    weights, one more path each): what ChunkedLoss trains."""
-    routes = {Linear: RoutedLinear, Attention: RoutedAttention}
-    for module in model.modules():
-        if type(module) in routes:
-            module.__class__ = routes[type(module)]
+        return F.linear(x, self.weight, self.bias)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -104,16 +145,16 @@ def route(model):
 # it takes half the time. The scores are recomputed in fp32 from bf16 q and k; the gradients come out
 # no further from fp32 than flash's own (a test). Only where Inductor compiles it: eager, the same
 # steps are unfused and slower than flash's, and so is fp32 (docs/performance.md).
-class RoutedAttention(Attention):
-    """model.Attention whose causal attention, in a compiled bf16 CPU training step, is CausalAttention."""
+class CompiledCausalAttention(ScaledDotProductAttention):
+    """model.py's attention, whose causal attention in a compiled bf16 CPU training step is CausalAttention."""
 
-    def attend(self, q, k, v, mask):
+    def forward(self, q, k, v, mask=None):
         dtype = autocast_dtype("cpu") or q.dtype
         if (mask is None and q.size(2) > 1 and q.device.type == "cpu" and dtype == torch.bfloat16
                 and torch.is_grad_enabled() and torch.compiler.is_compiling()):
             with torch.autocast("cpu", enabled=False):
                 return CausalAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype))  # as autocast casts SDPA's
-        return super().attend(q, k, v, mask)
+        return super().forward(q, k, v, mask)
 
 
 class CausalAttention(torch.autograd.Function):
@@ -149,14 +190,39 @@ class CausalAttention(torch.autograd.Function):
         return dQ.view(q.shape), dK.view(k.shape), dV.view(v.shape)
 
 
+# ----------------------------------------------------------------------------- attention on CUDA
+def flash_reads_groups(dtype, masked, head_dim, capability):
+    """Whether CUDA's SDPA reads grouped K/V heads itself (enable_gqa): only its flash kernel does
+    (16-bit, no mask, head_dim a multiple of 8 up to 256, compute capability 8.0+). The
+    memory-efficient kernel refuses unequal head counts, so enable_gqa elsewhere (a T4, fp32, a mask)
+    falls back to the math kernel and its fp32 (B, nh, T, T) matrices kept for backward: 18 GB over
+    30 layers at B=4, T=2048 in fp16, where the repeat copies of K and V take 19 MB a layer."""
+    return (dtype in (torch.float16, torch.bfloat16) and not masked and head_dim % 8 == 0 and head_dim <= 256
+            and capability is not None and tuple(capability) >= (8, 0))
+
+
+class RepeatedKVAttention(ScaledDotProductAttention):
+    """model.py's attention with K/V repeated to every query head where flash_reads_groups says no
+    kernel reads grouped heads (capability None: MPS, where enable_gqa crashed in torch <= 2.6)."""
+
+    def __init__(self, capability=None):
+        super().__init__()
+        self.capability = capability
+
+    def forward(self, q, k, v, mask=None):
+        if k.size(1) != q.size(1) and not flash_reads_groups(q.dtype, mask is not None, q.size(-1), self.capability):
+            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))  # (B, nh, S, hs)
+        return super().forward(q, k, v, mask)
+
+
 # ----------------------------------------------------------------------------- bf16 weight copy
 # Under bf16 autocast every product casts its fp32 weight (and its fp32 input) to bf16 on the fly,
 # forward and backward: on CPU those casts were a quarter of a 135M training step. Here the model's
-# fp32 weights stay the masters (AdamW updates them, checkpoints save them) and a bf16 copy, refreshed
-# once per optimizer step, runs forward and backward with torch.func.functional_call, no autocast:
-# activations and gradients in bf16, as in a bf16 model, the gradients added into the masters' fp32
-# .grad after each backward. The copy is a function of the masters, so a resumed run rebuilds it bit
-# for bit.
+# fp32 weights stay the masters (AdamW updates them, checkpoints save them) and a bf16 copy runs
+# forward and backward with torch.func.functional_call, no autocast: activations and gradients in
+# bf16, as in a bf16 model. torch's own hooks keep the two in step: each copy's gradient is added into
+# its master's fp32 .grad as soon as backward has accumulated it, and the optimizer's step refreshes
+# the copy. The copy is a function of the masters, so a resumed run rebuilds it bit for bit.
 def use_weight_copy(device_type, dtype, compiled, gradient_checkpointing, world=1):
     """Whether training steps run on LowPrecisionWeights: bf16 on CPU, one process, eager. Compiled,
     Inductor fuses autocast's casts into its kernels, and autocast was as fast; under gradient
@@ -167,34 +233,43 @@ def use_weight_copy(device_type, dtype, compiled, gradient_checkpointing, world=
 
 
 class LowPrecisionWeights:
-    """Calls `model` with a `dtype` copy of its parameters; the fp32 parameters stay the masters."""
+    """Calls `model` with a `dtype` copy of its parameters; the fp32 parameters stay the masters.
+    optimizer: its steps refresh the copy (a step post-hook)."""
 
-    def __init__(self, model, dtype=torch.bfloat16):
+    def __init__(self, model, optimizer=None, dtype=torch.bfloat16):
         self.model = model
         self.names, self.masters = zip(*model.named_parameters())  # the tied embedding once
         self.low = [p.detach().to(dtype).requires_grad_(p.requires_grad) for p in self.masters]
         self.params = dict(zip(self.names, self.low))
+        self.hooks = [low.register_post_accumulate_grad_hook(functools.partial(self.add_grad, master))
+                      for master, low in zip(self.masters, self.low) if low.requires_grad]
+        if optimizer is not None:
+            self.hooks.append(optimizer.register_step_post_hook(lambda *_: self.refresh()))
 
     def __call__(self, *args, **kwargs):
         # tie_weights (the default): lm_head.weight is the same bf16 tensor as the embedding
         return torch.func.functional_call(self.model, self.params, args, kwargs)
 
+    @staticmethod
     @torch.no_grad()
-    def accumulate_grads(self):
-        """Add the copy's gradients into the masters' fp32 .grad (summing micro-batches in fp32)."""
-        for master, low in zip(self.masters, self.low):
-            if low.grad is None:
-                continue
-            if master.grad is None:
-                master.grad = low.grad.to(master.dtype)
-            else:
-                master.grad.add_(low.grad)
-            low.grad = None
+    def add_grad(master, low):
+        """Backward has accumulated low's gradient: add it to the master's fp32 .grad (micro-batches
+        sum in fp32) and free it."""
+        if master.grad is None:
+            master.grad = low.grad.to(master.dtype)
+        else:
+            master.grad.add_(low.grad)
+        low.grad = None
 
     @torch.no_grad()
     def refresh(self):
         """Copy the masters into the bf16 copy: after every optimizer step."""
         torch._foreach_copy_(self.low, list(self.masters))
+
+    def remove(self):
+        """Unhook from the parameters and the optimizer (the copy is dropped)."""
+        for hook in self.hooks:
+            hook.remove()
 
 
 def keep_freed_memory():

@@ -25,10 +25,13 @@ class TrainingLoss:
     weight_copy: the bf16 copy of the weights (speedups.LowPrecisionWeights) or None."""
 
     def __init__(self, model, proc, precision, compile_request, horizon, gradient_checkpointing,
-                 tokens_per_micro_step=0, sharded=None):
-        """sharded: under --fsdp, the ChunkedLoss that sharding.shard made the FSDP root (no DDP then)."""
+                 tokens_per_micro_step=0, sharded=None, grad_accum=1, optimizer=None):
+        """sharded: under --fsdp, the ChunkedLoss that sharding.shard made the FSDP root (no DDP then).
+        grad_accum: micro-steps per optimizer step (DDP and FSDP reduce gradients in the last one's
+        backward); optimizer: the one whose steps refresh the bf16 weight copy."""
         self.proc, self.precision, self.compile_request = proc, precision, compile_request
         self.gradient_checkpointing, self.sharded = gradient_checkpointing, sharded
+        self.grad_accum, self.optimizer, self.micro_steps = grad_accum, optimizer, 0
         self.chunked = sharded or ChunkedLoss(model)  # model(x, y)'s loss, without its logits
         n_params = sum(p.numel() for p in model.parameters())
         self.compiled, self.compile_reason = devices.pick_compile(proc.type, compile_request, n_params, horizon)
@@ -49,14 +52,22 @@ class TrainingLoss:
         if self.compiled:
             self.fn = torch.compile(self.fn, mode=self.mode)
         # bf16 on CPU, eager: a bf16 copy of the weights instead of autocast's casts at every use
+        if getattr(self, "weight_copy", None) is not None:
+            self.weight_copy.remove()  # a second wrap (compiling failed): one copy, one set of hooks
         self.weight_copy = None
         if self.sharded is None and speedups.use_weight_copy(proc.type, self.precision.dtype, self.compiled,
                                                              self.gradient_checkpointing, proc.world):
-            self.fn = self.weight_copy = speedups.LowPrecisionWeights(self.chunked)
+            self.fn = self.weight_copy = speedups.LowPrecisionWeights(self.chunked, self.optimizer)
 
     def __call__(self, *batch):
         """The micro-batch's loss (batch: x, y, and for packed conversations doc): under autocast, or
-        on the bf16 weight copy (which needs none)."""
+        on the bf16 weight copy (which needs none). Under DDP and FSDP, the gradients are reduced in
+        the backward of every grad_accum-th call only (the last micro-step of an optimizer step)."""
+        self.micro_steps += 1
+        self.sync_gradients(self.micro_steps % self.grad_accum == 0)
+        return self.forward(*batch)
+
+    def forward(self, *batch):
         if self.compiled and self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last micro-step's graph outputs are spent
         if self.weight_copy is not None:
@@ -65,19 +76,12 @@ class TrainingLoss:
             return self.fn(*batch)
 
     def sync_gradients(self, sync):
-        """Under DDP: all-reduce the gradients in this backward (the last micro-step's) or not."""
+        """Under DDP: all-reduce the gradients in the next backward or not; under FSDP: reduce-scatter
+        them or not."""
         if self.ddp is not None:
             self.ddp.require_backward_grad_sync = sync
-        elif self.sharded is not None:  # FSDP: reduce-scatter the gradients in this backward or not
+        elif self.sharded is not None:
             self.sharded.set_requires_gradient_sync(sync)
-
-    def after_backward(self):
-        if self.weight_copy is not None:
-            self.weight_copy.accumulate_grads()  # into the fp32 masters' .grad
-
-    def after_step(self):
-        if self.weight_copy is not None:
-            self.weight_copy.refresh()
 
     def probe(self, batch_size, seq_len, optimizer):
         """Compile now, on a forward and backward of a batch of zeros (no step, no data read, the
@@ -107,12 +111,12 @@ class TrainingLoss:
                 # its unsharded gradients for the next step: there the probe's backward reduces.
                 self.sync_gradients(self.sharded is not None)
                 with torch.random.fork_rng(cuda):  # the run's random state as it was
-                    self.precision.backward(self(x, y))
+                    self.precision.backward(self.forward(x, y))
             except Exception as e:  # Inductor's errors have no common base class
                 failure = reason(e)
             finally:
                 optimizer.zero_grad(set_to_none=True)
-                self.sync_gradients(True)
+                self.micro_steps = 0  # the run's first micro-step comes next
             failed = self.proc.any_rank(failure is not None)
         if not failed:
             return

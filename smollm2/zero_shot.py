@@ -235,7 +235,7 @@ class SharedPrefix:
     def __init__(self):
         self.k, self.v, self.rows = {}, {}, None
 
-    def update(self, layer, k, v, positions, kv_len):
+    def update(self, layer, k, v, positions):
         if self.rows is None:
             self.k[layer], self.v[layer] = k, v
             return k, v
@@ -269,9 +269,9 @@ def shared_pass(model, batch, device):
     rows = torch.tensor(owner)
     tail_mask = torch.cat([real[rows][:, None, :].expand(-1, S, -1), causal[P:, P:].expand(len(texts), -1, -1)], 2)
     cache = SharedPrefix()
-    first = model.trunk(head.to(device), torch.arange(P, device=device), cache, head_mask[:, None].to(device))
+    first = model.trunk(head.to(device), torch.arange(P, device=device), head_mask[:, None].to(device), cache)
     cache.rows = rows.to(device)
-    second = model.trunk(tail.to(device), torch.arange(P, P + S, device=device), cache, tail_mask[:, None].to(device))
+    second = model.trunk(tail.to(device), torch.arange(P, P + S, device=device), tail_mask[:, None].to(device), cache)
     hidden = torch.cat([first.flatten(0, 1), second.flatten(0, 1)])
     where = [[r * P + P - shared[r] + i if i < shared[r] else len(batch) * P + j * S + i - shared[r]
               for i in range(start - 1, end - 1)] for j, ((_, start, end), r) in enumerate(zip(texts, owner))]

@@ -1,0 +1,210 @@
+"""Generation with a KV cache: what sample.py, train.py's samples and the Space call. model.py keeps
+the model and a plain reference `generate`; here are the KV cache, HF's sampling controls, streaming
+with stop tokens, and the compiled decode step with its CPU decode kernels.
+
+    from smollm2 import engine
+    for token in engine.generate_stream(model, ids, 64, temperature=0.8, top_k=50, compile=True): ...
+
+The cache holds a batch of sequences, each at its own length, so that several requests can share
+one decode step; generate_stream decodes one sequence.
+"""
+import functools
+import math
+import warnings
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import ScaledDotProductAttention
+from smollm2.speedups import linear_as, swap_modules
+
+
+class KVCache:
+    """Keys and values of every layer for B sequences, allocated once and filled in place. Slot p of a
+    row holds its token at position p; lengths (B,) counts each row's filled slots, and a forward pass
+    continues every row where it stands (model.hidden_states)."""
+
+    def __init__(self, config, batch_size, size, device, dtype):
+        shape = (batch_size, config.num_key_value_heads, size, config.head_dim)
+        # one tensor per layer: a compiled step then updates each in place, not a copy of all of them
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.size = size
+
+    def update(self, layer_idx, k, v, positions):
+        """Store k, v (B, nkv, T, hs) at positions (B, T); return all of the layer's slots, (B, nkv, S, hs)."""
+        index = positions[:, None, :, None].expand_as(k)  # (B, nkv, T, hs): slot of each value
+        self.k[layer_idx].scatter_(2, index, k)
+        self.v[layer_idx].scatter_(2, index, v)
+        return self.k[layer_idx], self.v[layer_idx]
+
+
+def decode_step(model, idx, positions, cache):
+    """Logits (B, V) of one new token per row, idx (B, 1) at positions (B, 1), attending to every cache
+    slot up to it. Shapes never change, so one compiled graph serves a whole generation."""
+    mask = torch.arange(cache.size, device=idx.device) <= positions[..., None]  # (B, 1, S)
+    return model.lm_head(model.trunk(idx, positions, mask[:, None], cache)[:, -1])
+
+
+# ----------------------------------------------------------------------------- sampling
+def sample(scores, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """One token id from 1-D logits, with HF's top-k (ties kept) and top-p (>= 1 token kept)."""
+    if not temperature or temperature <= 0:
+        return int(scores.argmax())
+    scores = scores / temperature
+    if top_k is not None and 0 < top_k < scores.numel():
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores)  # ascending
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - top_p
+        drop[-1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+
+
+def penalise(scores, seen, repetition_penalty):
+    """HF's repetition penalty: the logits of tokens already seen divided by it (multiplied if < 0)."""
+    if repetition_penalty == 1.0:
+        return scores
+    penalised = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
+    return torch.where(seen, penalised, scores)
+
+
+# ----------------------------------------------------------------------------- generation
+def cache_size(model, n_prompt, max_new_tokens, compile, cache_len):
+    """KV cache slots for a generation: cache_len, else prompt + new tokens, rounded up to 256 with
+    compile (other prompt lengths then reuse the compiled graph); the context window at most."""
+    size = cache_len or n_prompt + max_new_tokens
+    if compile and not cache_len:
+        size = -(-size // 256) * 256
+    return min(model.config.max_position_embeddings, size)
+
+
+@torch.inference_mode()
+def generate_stream(model, prompt, max_new_tokens=128, temperature=0.0, top_k=None, top_p=None,
+                    repetition_penalty=1.0, eos_token_id=None, generator=None, compile=False, cache_len=None):
+    """Yield new token ids one at a time. prompt: a list or 1-D tensor of ids (one sequence).
+
+    Sampling follows HF's generate: repetition penalty, then temperature, top-k, top-p; temperature 0
+    is greedy. A prompt longer than the cache (the window at most) keeps its last tokens; when the
+    cache fills up, it restarts from the last half of the text. compile=True decodes each new token
+    through compiled_decode_step: several times faster on CPU after a one-off compilation (kept for
+    later calls; Inductor caches it on disk); if compiling fails, it warns and decodes eagerly.
+    cache_len: the KV cache's slots (default: see cache_size), each size a compiled graph of its own."""
+    device = model.lm_head.weight.device
+    ids = torch.as_tensor(prompt, dtype=torch.long, device=device).view(-1)
+    if ids.numel() == 0:
+        raise ValueError("prompt is empty: give at least one token")
+    size = cache_size(model, ids.numel(), max_new_tokens, compile, cache_len)
+    ids = ids[-(size - 1):]  # leave room for at least one new token
+    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+    seen[ids] = True
+    cache = KVCache(model.config, 1, size, device, model.lm_head.weight.dtype)
+    step = compiled_decode_step(model) if compile else None
+    logits = model.lm_head(model.hidden_states(ids[None], cache)[:, -1])  # the prompt: (1, V)
+    for _ in range(max_new_tokens):
+        token = sample(penalise(logits[0].float(), seen, repetition_penalty), temperature, top_k, top_p, generator)
+        yield token
+        if eos_token_id is not None and token == eos_token_id:
+            return
+        seen[token] = True
+        ids = torch.cat((ids, ids.new_tensor([token])))
+        if int(cache.lengths[0]) == size:  # cache full: restart from the last half of the text
+            ids = ids[-(size // 2):]
+            cache.lengths.zero_()
+            logits = model.lm_head(model.hidden_states(ids[None], cache)[:, -1])
+        else:
+            logits, step = next_logits(model, step, ids[-1:][None], cache)
+
+
+def next_logits(model, step, idx, cache):
+    """(logits (B, V), step) of the tokens idx (B, 1) through the compiled step, or eagerly where step
+    is None; a compiled step that fails warns, and this model decodes eagerly from then on."""
+    positions = cache.lengths[:, None].clone()  # (B, 1)
+    if step is not None:
+        try:
+            logits = step(idx, positions, cache)
+        except Exception as e:  # no C++ compiler, unsupported platform...: stay correct, just slower
+            warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); "
+                          "generating in eager mode")
+            decode_eagerly(model)
+            step = None
+    if step is None:
+        logits = decode_step(model, idx, positions, cache)
+    cache.lengths += 1
+    return logits, step
+
+
+def generate(model, prompt, max_new_tokens=128, **kwargs):
+    """All new token ids at once, as a list (see generate_stream for the arguments)."""
+    return list(generate_stream(model, prompt, max_new_tokens, **kwargs))
+
+
+# ----------------------------------------------------------------------------- compiled decoding
+COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled decode step, or None once it failed
+
+
+def compiled_decode_step(model):
+    """decode_step through torch.compile, built once per model; None once compiling has failed.
+    On CPU, with the decode kernels below, and two Inductor options: each RMSNorm is computed once,
+    not again in every weight row's loop (realize_opcount_threshold), and the wrapper skips input
+    shape checks that Dynamo's guards already make (size_asserts). Dynamo's recursive dict tags skip
+    re-checking the modules' unchanged attribute dicts before each token; weights changed later (new
+    values, a dtype, a new Parameter) still count. Each is a measured gain (docs/performance.md)."""
+    if model not in COMPILED:
+        cpu = model.lm_head.weight.device.type == "cpu"
+        if cpu:
+            install_decode_kernels(model)
+        options = {"realize_opcount_threshold": 4, "size_asserts": False} if cpu else None
+        step = torch.compile(functools.partial(decode_step, model), dynamic=False, fullgraph=True, options=options)
+        if hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):  # not in older torch
+            step = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)(step)
+        COMPILED[model] = step
+    return COMPILED[model]
+
+
+def decode_eagerly(model):
+    """Give up the compiled decode step of model (building it failed): generation decodes eagerly."""
+    COMPILED[model] = None
+
+
+# Decoding multiplies one vector per sequence by every weight matrix: the time is that of reading the
+# weights. MKL runs that one-row GEMM well below the memory bandwidth; written as a broadcast product
+# and a sum, Inductor emits one streaming reduction over the weight rows that runs at the bandwidth
+# (docs/performance.md). Eager, both keep torch's kernels (the product would be materialised).
+class StreamingLinear(nn.Linear):
+    """nn.Linear (no bias) whose one-row products, compiled, are a product and a sum over the weight's
+    rows; in bf16 written in fp32 (as F.linear accumulates), rounded to bf16 once."""
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
+            product = x.unsqueeze(-2).float() * self.weight.float()  # (..., 1, C) * (N, C)
+            return product.sum(-1).to(x.dtype)  # (..., N)
+        return F.linear(x, self.weight)
+
+
+class DecodeAttention(ScaledDotProductAttention):
+    """Compiled attention of one query per sequence as products and sums that Inductor fuses into a
+    few loops (the CPU flash-attention kernel costs more in set-up than the work itself at T=1)."""
+
+    def forward(self, q, k, v, mask=None):
+        if not (torch.compiler.is_compiling() and q.size(2) == 1 and mask is not None):
+            return super().forward(q, k, v, mask)
+        B, nh, _, hs = q.shape  # q: (B, nh, 1, hs); k, v: (B, nkv, S, hs); mask: (B, 1, 1, S)
+        q = q.view(B, k.size(1), nh // k.size(1), 1, hs)  # (B, nkv, group, 1, hs): query heads of one K/V head
+        scores = (q * k.unsqueeze(2)).sum(-1, dtype=torch.float32) / math.sqrt(hs)  # (B, nkv, group, S)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        y = (probs.unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (B, nkv, group, hs), fp32
+        return y.view(B, nh, 1, hs).to(v.dtype)
+
+
+def install_decode_kernels(model):
+    """Give model's linear layers and attention the compiled CPU decode kernels above (the same
+    weights; eager forward passes unchanged). Returns how many modules it swapped."""
+    return (swap_modules(model, nn.Linear, linear_as(StreamingLinear))
+            + swap_modules(model, ScaledDotProductAttention, lambda old: DecodeAttention()))
