@@ -20,6 +20,7 @@ import sys
 import torch
 
 from model import SmolLM2
+from smollm2 import engine
 from smollm2.cli import NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, OneLineParser, main_guard
 from smollm2.devices import available_devices, pick_device
 from smollm2.errors import ModelLoadError, UsageError
@@ -100,8 +101,8 @@ def write_samples(model, tokenizer, ids, chat, args, out):
     for n in range(args.num_samples):
         out.write(f"{SEPARATOR}\n" * (n > 0) + ("" if chat else args.prompt))
         stream = TextStream(tokenizer)
-        tokens = model.generate_stream(ids, args.max_new_tokens, args.temperature, args.top_k or None,
-                                       args.top_p, args.repetition_penalty, eos, generator, args.compile)
+        tokens = engine.generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_k or None,
+                                        args.top_p, args.repetition_penalty, eos, generator, args.compile)
         for token in tokens:
             if token in stops:
                 break

@@ -8,12 +8,11 @@ one conversation per row, each scored on its own.
 import numpy as np
 import torch
 
-from smollm2.chat import check_messages, encode_conversations, is_conversation_row, render
+from smollm2.chat import Conversations, chat_template, check_messages, encode_conversations, is_conversation_example
 from smollm2.documents import OPEN_ITERATORS, next_example, open_stream
 from smollm2.errors import DataError
-from smollm2.loaders import Lane, StreamLoader, text_digest
-from smollm2.token_cache import Conversations
-from smollm2.tokenizer import EOT_ID, load_tokenizer
+from smollm2.loaders import Lane, StreamLoader, check_kind, check_shape, text_digest
+from smollm2.tokenizer import EOT_ID, TOKENIZER_DIR, load_tokenizer
 
 IM_START_ID = 1  # <|im_start|>: where a turn begins, the place to split a long conversation
 
@@ -107,9 +106,7 @@ class ConversationLoader:
     conversations = True
 
     def __init__(self, conv, batch_size, seq_len, rank=0, world_size=1, seed=0):
-        if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
-            raise DataError(f"bad loader shape: batch_size={batch_size}, seq_len={seq_len}, "
-                            f"rank={rank}, world_size={world_size}")
+        check_shape(batch_size, seq_len, rank, world_size)
         self.conv, self.B, self.T, self.seed = conv, batch_size, seq_len, seed
         self.rank, self.world_size = rank, world_size
         self.rows, self.notes = plan_rows(conv, seq_len)
@@ -164,9 +161,7 @@ class ConversationLoader:
                 "rows": int(len(self.rows)), "seed": int(self.seed)}
 
     def load_state_dict(self, state):
-        if not state.get("conversations"):
-            raise DataError("the checkpoint trained on text, not conversations (a 'messages' column): "
-                            "resume it with its own --data")
+        check_kind(state, self.conversations)
         if "lanes" in state:
             raise DataError(f"the checkpoint streamed the conversations of {state['stream']}, not "
                             "conversation files: resume it with its own --data")
@@ -178,13 +173,6 @@ class ConversationLoader:
 
 
 # ----------------------------------------------------------------------------- hf: streams of conversations
-def is_conversation_example(example, column="text"):
-    """chat.is_conversation_row for a hub example, whose missing fields are None (datasets gives every
-    example all the columns of the stream)."""
-    return isinstance(example, dict) and is_conversation_row(
-        {k: v for k, v in example.items() if v is not None}, column)
-
-
 def example_turns(example, column, where):
     """The (role, content) turns of a conversation stream's example, or a one-line DataError."""
     if not is_conversation_example(example, column):
@@ -195,12 +183,12 @@ def example_turns(example, column, where):
     return check_messages(example["messages"], where)
 
 
-def stream_conversations(spec, n_tokens, column="text", dataset=None, tokenizer=None):
+def stream_conversations(spec, n_tokens, column="text", dataset=None, tokenizer_dir=TOKENIZER_DIR):
     """The stream's first whole conversations with an assistant turn, until they hold n_tokens
     tokens: (their Conversations, the digests of their rendered texts). Those without an assistant
     turn are skipped and counted (Conversations.skipped)."""
     dataset = dataset if dataset is not None else open_stream(spec)
-    tokenizer = tokenizer or load_tokenizer()
+    tokenizer, template = load_tokenizer(tokenizer_dir), chat_template(tokenizer_dir)
     it, pieces, have, digests, skipped, n = iter(dataset), [], 0, set(), 0, 0
     OPEN_ITERATORS.add(it)
     while have < n_tokens:
@@ -212,19 +200,16 @@ def stream_conversations(spec, n_tokens, column="text", dataset=None, tokenizer=
         if not any(role == "assistant" for role, _ in turns):
             skipped += 1
             continue
-        (ids, mask), = encode_conversations(tokenizer, [turns])
+        (ids, mask), = encode_conversations(tokenizer, [turns], template)
         pieces.append((ids, mask))
-        digests.add(text_digest(render(turns)[0]))
+        digests.add(text_digest(template.render(turns)))
         have += len(ids)
     it.close()
     if not pieces:
         raise DataError(f"{spec}: the stream is empty (no examples in its train split)" if not n else
                         f"{spec}: none of its first {n:,} conversations has an assistant turn: nothing "
                         "carries the loss")
-    starts = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in pieces])])
-    conv = Conversations(np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces]),
-                         starts, skipped)
-    return conv, digests
+    return Conversations.join(pieces, skipped), digests
 
 
 class ConversationLane(Lane):
@@ -255,9 +240,9 @@ class ConversationLane(Lane):
             if not any(role == "assistant" for role, _ in turns):
                 self.counts["skipped"] += 1  # nothing to learn from: counted, said in the log
                 continue
-            if loader.held_out and text_digest(render(turns)[0]) in loader.held_out:
+            if loader.held_out and text_digest(loader.template.render(turns)) in loader.held_out:
                 continue  # a validation conversation
-            (ids, mask), = encode_conversations(loader.tokenizer, [turns])
+            (ids, mask), = encode_conversations(loader.tokenizer, [turns], loader.template)
             self.counts["conversations"] += 1
             self.counts["tokens"] += len(ids)
             self.counts["loss_tokens"] += int(mask.sum())
@@ -297,6 +282,11 @@ class ConversationStreamLoader(StreamLoader):
 
     lane = ConversationLane  # StreamLoader's __init__ builds these lanes ...
     head = staticmethod(stream_conversations)  # ... and holds out validation with this
+
+    @property
+    def template(self):
+        """The chat template of the loader's tokenizer (chat.chat_template reads it once)."""
+        return chat_template(self.tokenizer_dir)
 
     def first_fill(self):
         return self.B  # rows: a batch's worth before the first step (bad rows fail now)

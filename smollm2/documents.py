@@ -3,6 +3,7 @@ of documents. A text file is one document; each row of a .parquet file (read one
 with pyarrow) or line of a .jsonl / .jsonl.gz file is one, its text in the --text-column.
 hf:NAME[:CONFIG] (or hf:./folder of parquet/JSONL shards) is a stream of documents opened with
 `datasets` (open_stream); loaders.StreamLoader tokenises it on the fly, never cached nor downloaded whole.
+Rows with a `messages` column are conversations (chat.py): data_kind tells which kind a --data holds.
 """
 import atexit
 import codecs
@@ -13,6 +14,7 @@ import os
 import re
 import weakref
 
+from smollm2.chat import COLUMN, is_conversation_example, is_conversation_row
 from smollm2.errors import DataError, reason
 from smollm2.tokenizer import SAFE_CUT
 
@@ -20,6 +22,7 @@ ROW_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")  # files whose rows (lines) a
 ROW_GROUP_SLICE = 4096  # rows turned into Python strings at a time
 CHUNK_BYTES = 1 << 20  # text read and encoded at a time
 TOKEN_CACHE_NAME = re.compile(r".*\.tokens\..*\.bin$")  # token_cache's files (and .gitignore's pattern): no data
+KIND_NAMES = {"text": "text", "conversations": f"conversations (a {COLUMN!r} column)"}  # data_kind: how it is said
 
 
 def is_stream(spec):
@@ -147,16 +150,35 @@ def _jsonl_documents(path, column):
 
 
 # ----------------------------------------------------------------------------- conversations
-def file_layout(path, column="text"):
+def data_kind(spec, column="text", dataset=None):
+    """"conversations" or "text" (KIND_NAMES): files by their rows (file_kind), a one-line DataError for a
+    mix (train on one kind at a time); a stream (its open dataset if given) by its first example."""
+    if is_stream(spec):
+        dataset = dataset if dataset is not None else open_stream(spec)
+        it = iter(dataset)
+        OPEN_ITERATORS.add(it)
+        example = next_example(it, spec)
+        it.close()
+        return "conversations" if is_conversation_example(example, column) else "text"
+    files = resolve_files(spec)
+    kinds = {f: file_kind(f, column) for f in files}
+    if len(set(kinds.values())) > 1:
+        chat = [f for f, k in kinds.items() if k == "conversations"]
+        text = [f for f, k in kinds.items() if k == "text"]
+        raise DataError(f"{spec} mixes conversation files ({os.path.basename(chat[0])}: a 'messages' "
+                        f"column) with text files ({os.path.basename(text[0])}); train on one kind at a time")
+    return kinds[files[0]]
+
+
+def file_kind(path, column="text"):
     """"conversations" when the file's rows hold a `messages` field (a parquet column, the first
     JSONL row's field) and no `column`; else "text" (text files always)."""
     if path.endswith(".parquet"):
         names = _parquet_file(path).schema_arrow.names
-        return "conversations" if "messages" in names and column not in names else "text"
+        return "conversations" if COLUMN in names and column not in names else "text"
     if path.endswith((".jsonl", ".jsonl.gz")):
         for where, row, _ in _jsonl_rows(path):
-            return "conversations" if isinstance(row, dict) and "messages" in row and column not in row \
-                else "text"
+            return "conversations" if is_conversation_row(row, column) else "text"
     return "text"
 
 

@@ -2,16 +2,32 @@
 resume. DataLoaderLite serves contiguous windows of a token file (token_cache.py), sharded across DDP
 ranks the way nanoGPT does; StreamLoader serves an hf: stream (documents.open_stream) with the same
 interface, tokenising it on the fly. Conversations: chat_loaders.py; train.py's wiring of --data and
-the validation flags to them: train_data.py.
+the validation flags to them: data.py.
 """
 import hashlib
 
 import numpy as np
 import torch
 
-from smollm2.documents import OPEN_ITERATORS, next_example, open_stream, row_text
+from smollm2.documents import KIND_NAMES, OPEN_ITERATORS, next_example, open_stream, row_text
 from smollm2.errors import DataError
 from smollm2.tokenizer import EOT_ID, TOKENIZER_DIR, SegmentEncoder, load_tokenizer
+
+
+def check_shape(batch_size, seq_len, rank, world_size, grad_accum=None):
+    """A one-line DataError for a loader shape that cannot be (grad_accum: a stream's lanes)."""
+    if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size or (grad_accum or 1) < 1:
+        accum = "" if grad_accum is None else f", grad_accum={grad_accum}"
+        raise DataError(f"bad loader shape: batch_size={batch_size}, seq_len={seq_len}, "
+                        f"rank={rank}, world_size={world_size}{accum}")
+
+
+def check_kind(state, conversations):
+    """A one-line DataError when a checkpoint's loader state is of the other kind of data."""
+    if bool(state.get("conversations")) != conversations:
+        said = (KIND_NAMES["text"], KIND_NAMES["conversations"])
+        raise DataError(f"the checkpoint trained on {said[not conversations]}, not {said[conversations]}: "
+                        "resume it with its own --data")
 
 
 def split_train_val(tokens, val_frac):
@@ -27,10 +43,10 @@ class DataLoaderLite:
     B*T*world_size tokens, rank r reading the window at position + r*B*T (then +1 for targets).
     So k ranks x 1 call read the same tokens as 1 rank x k calls (gradient accumulation)."""
 
+    conversations = False
+
     def __init__(self, tokens, batch_size, seq_len, rank=0, world_size=1):
-        if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size:
-            raise DataError(f"bad loader shape: batch_size={batch_size}, seq_len={seq_len}, "
-                            f"rank={rank}, world_size={world_size}")
+        check_shape(batch_size, seq_len, rank, world_size)
         self.tokens, self.B, self.T = tokens, batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.global_batch = batch_size * seq_len * world_size  # tokens consumed per call
@@ -62,9 +78,7 @@ class DataLoaderLite:
         return {"position": int(self.position), "epoch": int(self.epoch)}
 
     def load_state_dict(self, state):
-        if state.get("conversations"):
-            raise DataError("the checkpoint trained on conversations (a 'messages' column), not text: "
-                            "resume it with its own --data")
+        check_kind(state, self.conversations)
         if "position" not in state:
             raise DataError(f"the checkpoint streamed {state.get('stream')}, not token files: resume "
                             "it with its own --data")
@@ -137,11 +151,11 @@ class Lane:
         self._restart(state["dataset"])
 
 
-def stream_documents(spec, n_tokens, column="text", dataset=None, tokenizer=None):
+def stream_documents(spec, n_tokens, column="text", dataset=None, tokenizer_dir=TOKENIZER_DIR):
     """The stream's first whole documents, until they hold n_tokens tokens (EOT between them):
     (their tokens as uint16, the digests of their texts, their texts' UTF-8 bytes)."""
     dataset = dataset if dataset is not None else open_stream(spec)
-    encode = SegmentEncoder(tokenizer or load_tokenizer())
+    encode = SegmentEncoder(load_tokenizer(tokenizer_dir))
     it, pieces, have, digests, n_bytes = iter(dataset), [], 0, set(), 0
     OPEN_ITERATORS.add(it)
     while have < n_tokens:
@@ -159,9 +173,9 @@ def stream_documents(spec, n_tokens, column="text", dataset=None, tokenizer=None
     return np.concatenate(pieces).astype(np.uint16), digests, n_bytes
 
 
-def stream_head(spec, n_tokens, column="text", dataset=None, tokenizer=None):
+def stream_head(spec, n_tokens, column="text", dataset=None, tokenizer_dir=TOKENIZER_DIR):
     """(the first n_tokens tokens of the stream as uint16, digests of the documents they come from)."""
-    tokens, digests, _ = stream_documents(spec, n_tokens, column, dataset, tokenizer)
+    tokens, digests, _ = stream_documents(spec, n_tokens, column, dataset, tokenizer_dir)
     return tokens[:n_tokens], digests
 
 
@@ -178,16 +192,15 @@ class StreamLoader:
 
     def __init__(self, spec, batch_size, seq_len, rank=0, world_size=1, grad_accum=1, column="text",
                  val_tokens=0, tokenizer_dir=None, group=None, dataset=None):
-        if batch_size < 1 or seq_len < 1 or not 0 <= rank < world_size or grad_accum < 1:
-            raise DataError(f"bad loader shape: batch_size={batch_size}, seq_len={seq_len}, "
-                            f"rank={rank}, world_size={world_size}, grad_accum={grad_accum}")
+        check_shape(batch_size, seq_len, rank, world_size, grad_accum)
         self.spec, self.column, self.B, self.T = spec, column, batch_size, seq_len
         self.rank, self.world_size, self.lanes = rank, world_size, world_size * grad_accum
         self.dataset = dataset if dataset is not None else open_stream(spec)
-        self.tokenizer = load_tokenizer(tokenizer_dir or TOKENIZER_DIR)
+        self.tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.encode, self.held_out, self.val = SegmentEncoder(self.tokenizer), set(), None
         if val_tokens:  # the first val_tokens tokens are validation; their documents never train
-            self.val, self.held_out = self.head(spec, val_tokens, column, self.dataset, self.tokenizer)
+            self.val, self.held_out = self.head(spec, val_tokens, column, self.dataset, self.tokenizer_dir)
         self.mine = [m * world_size + rank for m in range(grad_accum)]  # lane of each micro-step
         self.own = {i: self.lane(self, i) for i in self.mine}
         for lane in self.own.values():  # fail now (empty stream, bad column), not at step 1
@@ -249,10 +262,7 @@ class StreamLoader:
                 "lanes": [states.get(i) for i in range(self.lanes)]}
 
     def load_state_dict(self, state):
-        if bool(state.get("conversations")) != self.conversations:
-            kinds = ("text", "conversations (a 'messages' column)")
-            raise DataError(f"the checkpoint trained on {kinds[not self.conversations]}, not "
-                            f"{kinds[self.conversations]}: resume it with its own --data")
+        check_kind(state, self.conversations)
         if "lanes" not in state:
             raise DataError(f"the checkpoint trained on token files, not a stream: resume it "
                             f"with its own --data, not {self.spec}")

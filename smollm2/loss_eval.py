@@ -10,37 +10,18 @@ Conversations (a 'messages' column, chat.py) are scored otherwise: each one alon
 over the assistant contents' bytes.
 """
 import math
-import os
 import sys
 
 import numpy as np
 import torch
 
 from model import SmolLM2
+from smollm2.chat import Conversations
+from smollm2.chat_loaders import conversation_batch, plan_rows
 from smollm2.chunked_loss import ChunkedLoss
-from smollm2.documents import documents, is_row_file, is_stream, resolve_files
+from smollm2.data import eval_data
 from smollm2.errors import UsageError
-from smollm2.chat_loaders import conversation_batch, plan_rows, stream_conversations
-from smollm2.loaders import DataLoaderLite, stream_documents
-from smollm2.train_data import layout
-from smollm2.token_cache import Conversations, tokenize_conversations, tokenize_corpus
-
-
-def load_corpus(spec, progress=False, column="text", max_tokens=1_000_000):
-    """(token ids, UTF-8 bytes of their text) of a data source exactly as train.py reads it: text
-    files (their sizes are their bytes), parquet/JSONL rows (the bytes of each row's column), or an
-    hf: stream (whole documents from its start until max_tokens; it may be endless)."""
-    if is_stream(spec):  # a reading error: one DataError line
-        tokens, _, n_bytes = stream_documents(spec, max_tokens, column)
-        return tokens, n_bytes
-    ids = tokenize_corpus(spec, progress=progress, text_column=column)
-    n_bytes = 0
-    for f in resolve_files(spec):
-        if is_row_file(f):
-            n_bytes += sum(len(text.encode()) for doc in documents(f, column) for _, text in doc)
-        else:
-            n_bytes += os.path.getsize(f)
-    return ids, n_bytes
+from smollm2.loaders import DataLoaderLite
 
 
 def windows(n_tokens, seq_len):
@@ -79,11 +60,10 @@ def evaluate(source, data_spec, seq_len=1024, batch_size=1, device="cpu", progre
     if seq_len > model.config.max_position_embeddings:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context window of "
                         f"{model.config.max_position_embeddings}")
-    if layout(data_spec, column) == "conversations":  # assistant tokens only, one conversation at a time
-        conv = (stream_conversations(data_spec, max_tokens, column)[0] if is_stream(data_spec)
-                else tokenize_conversations(data_spec, progress=progress))
-        return evaluate_conversations(model, conv, seq_len, device, progress, source)
-    ids, n_bytes = load_corpus(data_spec, progress, column, max_tokens)
+    data = eval_data(data_spec, column, max_tokens, progress)
+    if isinstance(data, Conversations):  # assistant tokens only, one conversation at a time
+        return evaluate_conversations(model, data, seq_len, device, progress, source)
+    ids, n_bytes = data
     if len(ids) < 2:
         raise UsageError(f"--data {data_spec}: {len(ids)} token(s); need at least 2 to predict one")
     nats, count = total_nats(model, ids, seq_len, batch_size, device, progress)

@@ -4,7 +4,8 @@ untouched). What sample.py and the Space share: the chat template's wrapping of 
 TextStream, which turns generated ids into text as they come."""
 import torch
 
-from smollm2.chat import IM_END, render
+from smollm2 import engine
+from smollm2.chat import IM_END, chat_template
 from smollm2.tokenizer import EOT_ID, load_tokenizer
 
 CHAT_END = IM_END  # ends every turn of the chat template
@@ -19,7 +20,7 @@ def sample_text(model, prompt, max_new_tokens, seed, temperature=0.8, top_k=50, 
     gen = torch.Generator(device).manual_seed(seed)  # leaves the global RNG alone
     training = model.training
     model.eval()
-    new = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    new = engine.generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
     model.train(training)
     return prompt + tok.decode(new)
 
@@ -29,12 +30,10 @@ def is_chat_model(tokenizer, eos_token_id):
     return tokenizer.token_to_id(CHAT_END) == eos_token_id
 
 
-def chat_wrap(tokenizer):
-    """(prefix ids, suffix ids) that make a prompt the user's turn of the chat template after its
-    default system prompt, ending where the assistant's answer begins: chat.render's template (the
-    only one in code) cut around the user's content."""
-    text, _ = render([("user", "\0")], add_generation_prompt=True)
-    before, after = text.split("\0")
+def chat_wrap(tokenizer, template=None):
+    """(prefix ids, suffix ids) that make a prompt the user's turn of the chat template (default
+    tokenizer/'s) after its default system prompt, ending where the assistant's answer begins."""
+    before, after = (template or chat_template()).around([], "user")
     return tokenizer.encode(before).ids, tokenizer.encode(after).ids
 
 

@@ -3,7 +3,8 @@ tokenizer piece by piece (never the whole corpus in RAM), giving exactly the ids
 on each whole document, into a uint16 token file cached beside the data. Its name holds a hash of the
 files' contents, of tokenizer.json and of the text column (fingerprint()), so a second run starts at
 once; its header holds a checksum, and a damaged cache is rebuilt. <|endoftext|> (id 0) goes between
-documents. loaders.py serves batches from the tokens.
+documents. Conversations (chat.py) are cached the same way: their ids, loss mask and starts, keyed also by
+the chat template. loaders.py and chat_loaders.py serve batches from them.
 """
 import contextlib
 import hashlib
@@ -13,8 +14,8 @@ import sys
 
 import numpy as np
 
-from smollm2.chat import check_messages, encode_conversations
-from smollm2.documents import CHUNK_BYTES, documents, file_layout, is_row_file, is_stream, message_rows, resolve_files
+from smollm2.chat import Conversations, chat_template, check_messages, encode_conversations
+from smollm2.documents import CHUNK_BYTES, documents, is_row_file, is_stream, message_rows, resolve_files
 from smollm2.errors import DataError
 from smollm2.tokenizer import EOT_ID, TOKENIZER_DIR, SegmentEncoder, load_tokenizer, tokenizer_file
 
@@ -183,76 +184,23 @@ CONV_HEADER = struct.Struct("<8sQQQ16s")
 CONV_BATCH = 1024  # conversations rendered and encoded at a time
 
 
-def data_layout(spec, column="text"):
-    """"conversations" when every file of spec holds `messages` rows, "text" when none does; a
-    one-line DataError for a mix (train on one kind at a time)."""
-    if is_stream(spec):
-        return "text"
-    files = resolve_files(spec)
-    kinds = {f: file_layout(f, column) for f in files}
-    if len(set(kinds.values())) > 1:
-        chat = [f for f, k in kinds.items() if k == "conversations"]
-        text = [f for f, k in kinds.items() if k == "text"]
-        raise DataError(f"{spec} mixes conversation files ({os.path.basename(chat[0])}: a 'messages' "
-                        f"column) with text files ({os.path.basename(text[0])}); train on one kind at a time")
-    return kinds[files[0]]
-
-
-class Conversations:
-    """Conversations as one run of token ids with the loss mask beside them: conversation i is
-    tokens[starts[i]:starts[i + 1]]; mask is 1 on the tokens that carry the loss (chat.py).
-    skipped: rows with no assistant turn, left out. len() is the token count."""
-
-    def __init__(self, tokens, mask, starts, skipped=0):
-        self.tokens, self.mask, self.starts, self.skipped = tokens, mask, np.asarray(starts, np.int64), skipped
-
-    def __len__(self):
-        return len(self.tokens)
-
-    @property
-    def count(self):
-        return len(self.starts) - 1
-
-    def loss_share(self):
-        return float(np.count_nonzero(self.mask)) / max(len(self.mask), 1)
-
-    def split(self, val_frac):
-        """(train, val): the last val_frac of the conversations (at least one when val_frac > 0) hold
-        out; val is None when val_frac is 0."""
-        if not 0 <= val_frac < 1:
-            raise DataError(f"val_frac must be in [0, 1), got {val_frac}")
-        n_val = max(1, int(self.count * val_frac)) if val_frac else 0
-        if n_val and n_val >= self.count:
-            raise DataError(f"{self.count} conversation(s): too few to hold out --val-frac {val_frac} "
-                            "for validation and train on the rest; give more, or --val-frac 0")
-        cut = self.count - n_val
-        a = int(self.starts[cut])
-        train = Conversations(self.tokens[:a], self.mask[:a], self.starts[:cut + 1], self.skipped)
-        val = Conversations(self.tokens[a:], self.mask[a:], self.starts[cut:] - a) if n_val else None
-        return train, val
-
-    def describe(self):
-        skipped = f", {self.skipped:,} without an assistant turn skipped" if self.skipped else ""
-        return (f"conversations {self.count:,} (a 'messages' column: chat template, loss on assistant "
-                f"tokens only){skipped}, tokens {len(self.tokens):,}, "
-                f"{100 * self.loss_share():.1f}% of them carry loss")
-
-
 def tokenize_conversations(spec, tokenizer_dir=TOKENIZER_DIR, cache_dir=None, progress=True):
-    """The Conversations of the files in spec, from the cache beside them, tokenising on a miss."""
+    """The Conversations of the files in spec, rendered with the chat template of tokenizer_dir, from
+    the cache beside them, tokenising on a miss. The cache's key covers the template too."""
     files = resolve_files(spec)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    cache = _cache_path(files, tokenizer_file(tokenizer_dir), cache_dir, "messages (conversations v1)")
+    tokenizer, template = load_tokenizer(tokenizer_dir), chat_template(tokenizer_dir)
+    key = "messages (conversations v1, template " + hashlib.blake2b(template.source.encode(), digest_size=8).hexdigest()
+    cache = _cache_path(files, tokenizer_file(tokenizer_dir), cache_dir, key + ")")
     cache = cache[: -len(".bin")] + ".conv.bin"  # still matches TOKEN_CACHE_NAME
     if not os.path.exists(cache) or not _conversations_whole(cache):
-        _conversations_to(cache, files, tokenizer, progress)
+        _conversations_to(cache, files, tokenizer, template, progress)
     elif progress:
         print(f"conversations from cache {cache}", file=sys.stderr)
     return _read_conversations(cache)
 
 
-def _layout(n_tokens, n_conv):
-    """Offsets in the cache file of its tokens, mask and starts."""
+def _conv_offsets(n_tokens, n_conv):
+    """Offsets in a conversation cache file of its tokens, mask and starts, and its size."""
     tok = CONV_HEADER.size
     mask = tok + 2 * n_tokens
     starts = mask + n_tokens + (-(mask + n_tokens)) % 8
@@ -262,7 +210,7 @@ def _layout(n_tokens, n_conv):
 def _read_conversations(cache):
     with open(cache, "rb") as f:
         _, n_tokens, n_conv, skipped, _ = CONV_HEADER.unpack(f.read(CONV_HEADER.size))
-    tok, mask, starts, _ = _layout(n_tokens, n_conv)
+    tok, mask, starts, _ = _conv_offsets(n_tokens, n_conv)
     return Conversations(np.memmap(cache, np.uint16, "r", tok, (n_tokens,)),
                          np.memmap(cache, np.uint8, "r", mask, (n_tokens,)),
                          np.array(np.memmap(cache, np.int64, "r", starts, (n_conv + 1,))), skipped)
@@ -277,7 +225,7 @@ def _conversations_whole(cache):
                 problem = "no valid header"
             else:
                 _, n_tokens, n_conv, _, digest = CONV_HEADER.unpack(head)
-                if os.fstat(f.fileno()).st_size != _layout(n_tokens, n_conv)[3]:
+                if os.fstat(f.fileno()).st_size != _conv_offsets(n_tokens, n_conv)[3]:
                     problem = "its size does not match its header"
                 else:
                     problem = None if rest_digest(f) == digest else "the checksum does not match"
@@ -286,19 +234,15 @@ def _conversations_whole(cache):
     return whole("conversation cache", cache, problem)
 
 
-def _conversations_to(cache, files, tokenizer, progress):
+def _conversations_to(cache, files, tokenizer, template, progress):
     """Render, encode and write every conversation (tokens, then mask, then starts) into the cache
     (_writing)."""
     from tqdm import tqdm
-    pieces, starts, skipped, n = [], [0], 0, 0
+    pieces, skipped = [], 0
     bar = tqdm(unit=" conversations", desc="tokenizing", disable=not progress, file=sys.stderr)
 
     def flush(batch):
-        nonlocal n
-        for ids, mask in encode_conversations(tokenizer, batch):
-            pieces.append((ids, mask))
-            n += len(ids)
-            starts.append(n)
+        pieces.extend(encode_conversations(tokenizer, batch, template))
         bar.update(len(batch))
     try:
         batch = []
@@ -313,19 +257,18 @@ def _conversations_to(cache, files, tokenizer, progress):
                     flush(batch)
                     batch = []
         flush(batch)
-        if len(starts) == 1:
+        if not pieces:
             raise DataError(f"no conversation in {', '.join(files)} has an assistant turn "
                             f"({skipped:,} skipped): nothing carries the loss")
-        tokens = np.concatenate([p[0] for p in pieces])
-        mask = np.concatenate([p[1] for p in pieces])
-        tok, mask_at, starts_at, size = _layout(len(tokens), len(starts) - 1)
+        conv = Conversations.join(pieces)
+        tok, mask_at, starts_at, size = _conv_offsets(len(conv), conv.count)
         body = bytearray(size - CONV_HEADER.size)
-        body[:2 * len(tokens)] = tokens.tobytes()
-        body[mask_at - tok:mask_at - tok + len(mask)] = mask.tobytes()
-        body[starts_at - tok:] = np.array(starts, np.int64).tobytes()
+        body[:2 * len(conv)] = conv.tokens.tobytes()
+        body[mask_at - tok:mask_at - tok + len(conv)] = conv.mask.tobytes()
+        body[starts_at - tok:] = conv.starts.tobytes()
         digest = hashlib.blake2b(bytes(body), digest_size=16).digest()
         with _writing(cache) as out:
-            out.write(CONV_HEADER.pack(CONV_MAGIC, len(tokens), len(starts) - 1, skipped, digest))
+            out.write(CONV_HEADER.pack(CONV_MAGIC, len(conv), conv.count, skipped, digest))
             out.write(body)
     finally:
         bar.close()

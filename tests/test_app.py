@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from model import PRESETS, SmolLM2
+from smollm2 import engine as engine_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE = os.path.join(ROOT, "hf_files")
@@ -367,7 +368,7 @@ def test_warmup_builds_the_compiled_decoder_in_the_background_and_requests_then_
 def test_warmup_that_cannot_compile_serves_eagerly_and_says_why(app, tokenizer, monkeypatch):
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
-    monkeypatch.setattr(SmolLM2, "compiled_decode_step", lambda self: no_compiler())
+    monkeypatch.setattr(engine_module, "compiled_decode_step", lambda model: no_compiler())
     engine = tiny_engine(app, tokenizer, decoder=app.Decoder(2, 60), compile=True)
     assert engine.warmup.done.wait(60)
     assert not engine.warmup.compiled() and "no C++ compiler found" in engine.warmup.markdown()
@@ -400,9 +401,9 @@ def test_streamed_call_grows_token_by_token_and_greedy_equals_model_py(client, t
         assert after.startswith(before) and len(after) > len(before)
     model = SmolLM2.from_pretrained(tiny_checkpoint).eval()
     ids = tokenizer.encode(prompt).ids
-    expected = model.generate(ids, GREEDY["max_new_tokens"], temperature=0.0,
-                              repetition_penalty=GREEDY["repetition_penalty"],
-                              eos_token_id=model.config.eos_token_id)
+    expected = engine_module.generate(model, ids, GREEDY["max_new_tokens"], temperature=0.0,
+                                      repetition_penalty=GREEDY["repetition_penalty"],
+                                      eos_token_id=model.config.eos_token_id)
     assert texts[-1] == tokenizer.decode(expected)
     status = job.outputs()[-1][1]
     assert re.search(r"\d+ tokens in [\d.]+ s · \*\*[\d.]+ tokens/s", status), status
@@ -510,8 +511,9 @@ def test_page_follows_the_warm_up_and_answers_then_come_from_the_compiled_decode
     text, status = generate(Client(tiny_app.url, verbose=False), prompt)
     assert status.endswith("· compiled decoder"), status
     model = SmolLM2.from_pretrained(tiny_checkpoint).eval()
-    expected = model.generate(tokenizer.encode(prompt).ids, GREEDY["max_new_tokens"],
-                              repetition_penalty=GREEDY["repetition_penalty"], eos_token_id=model.config.eos_token_id)
+    expected = engine_module.generate(model, tokenizer.encode(prompt).ids, GREEDY["max_new_tokens"],
+                                      repetition_penalty=GREEDY["repetition_penalty"],
+                                      eos_token_id=model.config.eos_token_id)
     assert text == tokenizer.decode(expected)
 
 

@@ -1,15 +1,18 @@
-"""smollm2/chat.py: conversations rendered with SmolLM2's chat template give exactly transformers'
-apply_chat_template ids (the repo's tokenizer folder, its chat_template.jinja), and the loss mask is
-transformers' assistant-token mask (the same template with {% generation %} around each assistant
-content and its <|im_end|>), checked again from the tokenizers' character offsets."""
+"""smollm2/chat.py: conversations rendered with the tokenizer folder's chat template (the repo's
+tokenizer/chat_template.jinja, or another one shipped beside a tokenizer) give exactly transformers'
+apply_chat_template ids, and the loss mask is transformers' assistant-token mask (the same template with
+{% generation %} around each assistant content and its <|im_end|>), checked again from the tokenizers'
+character offsets."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
 from conftest import ROOT
-from smollm2.chat import check_messages, encode_conversations, fit_history, prompt_ids, render
+from smollm2.chat import chat_template, check_messages, encode_conversations, fit_history, prompt_ids
 from smollm2.errors import DataError
 
 TOKENIZER = os.path.join(ROOT, "tokenizer")
@@ -116,7 +119,65 @@ def test_bad_messages_are_one_line_errors(messages, words):
 
 
 def test_render_spans_cover_each_assistant_content_and_its_end():
-    text, spans = render([("user", "q"), ("assistant", "answer")])
+    text, spans = chat_template().with_spans([("user", "q"), ("assistant", "answer")])
     assert [text[a:b] for a, b in spans] == ["answer<|im_end|>"]
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert np.all(np.array(spans) > 0)
+
+
+# ----------------------------------------------------------------------------- another template
+# A template of another shape (as Llama 3's): no default system prompt, a turn closed by <|im_end|> with no
+# newline after it, a raise_exception for two turns in a row of one role, and a generation prompt
+OTHER = ("{% for message in messages %}"
+         "{% if loop.index0 > 0 and message['role'] == messages[loop.index0 - 1]['role'] %}"
+         "{{ raise_exception('two turns in a row from ' + message['role']) }}{% endif %}"
+         "{{ '<|im_start|>' + message['role'] + ':\n\n' + message['content'] + '<|im_end|>' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|im_start|>assistant:\n\n' }}{% endif %}")
+OTHER_TURN = "{{ '<|im_start|>' + message['role'] + ':\n\n' + message['content'] + '<|im_end|>' }}"
+OTHER_GENERATION_TURN = ("{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant:\n\n' }}"
+                         "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+                         "{% else %}" + OTHER_TURN + "{% endif %}")
+
+
+def tokenizer_folder(folder, template=None, in_config=None):
+    """A copy of tokenizer/ whose chat template is `template` (a chat_template.jinja) or `in_config`
+    (tokenizer_config.json's chat_template, no .jinja file)."""
+    shutil.copytree(TOKENIZER, folder, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    if template is not None:
+        (folder / "chat_template.jinja").write_text(template)
+    if in_config is not None:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": in_config}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_another_template_shipped_with_the_tokenizer_is_the_one_rendered_as_transformers_does(
+        tmp_path, tokenizer, where):
+    from transformers import AutoTokenizer
+    folder = tokenizer_folder(tmp_path / "tok", *([OTHER] if where == "chat_template.jinja" else [None, OTHER]))
+    template = chat_template(folder)
+    hf = AutoTokenizer.from_pretrained(folder)
+    assert template.source == hf.chat_template == OTHER
+    for messages in CONVERSATIONS[:4]:
+        (ids, mask), = encode_conversations(tokenizer, [check_messages(messages, "test")], template)
+        out = hf.apply_chat_template(messages, chat_template=OTHER.replace(OTHER_TURN, OTHER_GENERATION_TURN),
+                                     tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert ids.tolist() == list(out["input_ids"]) and mask.tolist() == list(out["assistant_masks"])
+        assert ids.tolist() == list(hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        history = check_messages(messages[:-1], "test")
+        assert prompt_ids(tokenizer, history, template) == list(hf.apply_chat_template(
+            messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def test_what_the_template_refuses_or_lacks_is_a_one_line_data_error(tmp_path, tokenizer):
+    template = chat_template(tokenizer_folder(tmp_path / "other", OTHER))
+    with pytest.raises(DataError, match="refuses the conversation: two turns in a row from user$"):
+        encode_conversations(tokenizer, [[("user", "first"), ("user", "then")]], template)
+    with pytest.raises(DataError, match="no chat template in"):
+        chat_template(tokenizer_folder(tmp_path / "none"))
+    with open(os.path.join(TOKENIZER, "chat_template.jinja")) as f:
+        trimming = f.read().replace("message['content']", "message['content'] | trim")
+    trims = chat_template(tokenizer_folder(tmp_path / "trims", trimming))
+    with pytest.raises(DataError, match="changes the messages' contents"):
+        encode_conversations(tokenizer, [[("user", " q "), ("assistant", " a ")]], trims)

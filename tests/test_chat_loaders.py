@@ -1,4 +1,4 @@
-"""smollm2/chat_loaders.py and train_data.py's conversations: rows split at turn boundaries, packed
+"""smollm2/chat_loaders.py and data.py's conversations: rows split at turn boundaries, packed
 batches whose pieces attend only to themselves with every loss token once, exact resume, ranks as
 grad accumulation, hf: streams of conversations, train.py on them, and bad conversation data."""
 import os
@@ -221,10 +221,10 @@ def packed_in_order(conv, rows, seq_len, batch_size):
 @needs_rows
 def test_a_conversation_stream_gives_the_rows_and_loss_mask_that_the_same_conversations_give_as_a_file(chat_stream):
     from smollm2.chat_loaders import ConversationStreamLoader, plan_rows
-    from smollm2.train_data import layout
+    from smollm2.documents import data_kind
     from smollm2.token_cache import tokenize_conversations
     spec, jsonl = chat_stream
-    assert layout(spec) == layout(jsonl) == "conversations"
+    assert data_kind(spec) == data_kind(jsonl) == "conversations"
     conv = tokenize_conversations(jsonl, progress=False)
     rows, notes = plan_rows(conv, 48)
     assert notes["split"] > 0  # some conversations are longer than a row: split at turn boundaries

@@ -60,7 +60,8 @@ def test_greedy_generation_on_cuda_equals_transformers(real_model, hf_real_model
     try:
         ours, hf = real_model.to("cuda"), hf_real_model.to("cuda")
         prompt = text_ids[:, :12]
-        mine = ours.generate(prompt[0].tolist(), max_new_tokens=24)
+        from smollm2 import engine
+        mine = engine.generate(ours, prompt[0].tolist(), max_new_tokens=24)
         theirs = hf.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, 12:].tolist()
         assert mine == theirs
     finally:
@@ -72,11 +73,12 @@ def test_the_t4_attention_path_runs_without_the_math_kernel_on_a_gpu_that_has_fl
     """A T4 (compute capability 7.5) has no flash attention: K/V are repeated so that the
     memory-efficient kernel runs. With only that kernel allowed, an fp16 forward and backward at
     B=4, T=2048 must run (enable_gqa would need the math kernel: 'no available kernel')."""
-    import model as model_module
     from model import PRESETS, SmolLM2
+    from smollm2 import speedups
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    monkeypatch.setattr(model_module, "cuda_capability", lambda device: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
     model = SmolLM2(PRESETS["smollm2-135m"]).to("cuda")
+    speedups.install(model, "cuda")  # as train.py, eval.py and the Space do: K/V repeated on a T4
     ids = torch.randint(0, 49152, (4, 2048), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]), torch.autocast("cuda", torch.float16):

@@ -1,5 +1,5 @@
 """sample.py: text from any weights on the command line, with the Space's settings. Greedy output is
-model.py's generate decoded, a seed makes a sample repeatable, the real Instruct model answers a
+the engine's generate decoded, a seed makes a sample repeatable, the real Instruct model answers a
 question through its chat template, and bad input is one line with exit status 2."""
 import os
 import subprocess
@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT, TRAIN_ENV, assert_one_line_error, peaked_tiny_preset, run_cmd
 from model import SmolLM2
+from smollm2 import engine
 from smollm2.tokenizer import load_tokenizer
 
 SAMPLE_PY = os.path.join(ROOT, "sample.py")
@@ -33,10 +34,10 @@ def test_greedy_sample_is_the_prompt_and_model_generates_greedy_tokens_decoded(t
     proc = sample(tmp_path, tiny_checkpoint, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--temperature", 0,
                   "--repetition-penalty", 1.0, "--device", "cpu")
     model, tok = SmolLM2.from_pretrained(tiny_checkpoint).eval(), load_tokenizer()
-    new = model.generate(tok.encode("ROMEO:").ids, 40, temperature=0.0, eos_token_id=model.config.eos_token_id)
+    new = engine.generate(model, tok.encode("ROMEO:").ids, 40, temperature=0.0, eos_token_id=model.config.eos_token_id)
     assert len(new) > 10 and proc.stdout == "ROMEO:" + tok.decode(new) + "\n"
-    penalised = model.generate(tok.encode("ROMEO:").ids, 40, temperature=0.0, repetition_penalty=1.1,
-                               eos_token_id=model.config.eos_token_id)
+    penalised = engine.generate(model, tok.encode("ROMEO:").ids, 40, temperature=0.0, repetition_penalty=1.1,
+                                eos_token_id=model.config.eos_token_id)
     proc = sample(tmp_path, tiny_checkpoint, "--prompt", "ROMEO:", "--max-new-tokens", 40, "--temperature", 0)
     assert proc.stdout == "ROMEO:" + tok.decode(penalised) + "\n"  # the Space's default penalty, 1.1
 
@@ -117,8 +118,8 @@ def test_a_model_whose_vocabulary_is_not_the_tokenizers_is_one_line(tmp_path):
 @pytest.mark.parametrize("prompt", ["What is the capital of France?", " leading space, café 🤗\n", "<|im_end|> in it"])
 def test_the_chat_wrapping_is_the_chat_templates_prompt_as_transformers_renders_it(prompt):
     """sample.py's --chat prompt (sampling.chat_wrap around the prompt's ids) is what transformers'
-    apply_chat_template gives for one user turn with a generation prompt: one template in code
-    (chat.render), the repo's tokenizer/chat_template.jinja as the oracle."""
+    apply_chat_template gives for one user turn with a generation prompt: the repo's
+    tokenizer/chat_template.jinja rendered (chat.ChatTemplate), transformers as the oracle."""
     from transformers import AutoTokenizer
     from smollm2.sampling import chat_wrap
     tokenizer = load_tokenizer()

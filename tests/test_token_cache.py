@@ -185,3 +185,17 @@ def test_conversations_without_an_answer_are_skipped_and_counted_and_none_answer
     with pytest.raises(DataError, match=r"no conversation in .* has an assistant turn \(1 skipped\)"):
         tokenize_conversations(str(path), progress=False)
     assert os.listdir(tmp_path / "none") == ["chat.jsonl"]  # nothing half-written left behind
+
+
+def test_the_conversation_cache_key_covers_the_chat_template(tmp_path):
+    import json
+    from smollm2.token_cache import tokenize_conversations
+    from test_chat import OTHER, tokenizer_folder
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "2 + 2?"},
+                                             {"role": "assistant", "content": "4."}]}) + "\n")
+    repos = tokenize_conversations(str(path), progress=False)
+    other = tokenize_conversations(str(path), tokenizer_dir=tokenizer_folder(tmp_path / "tok", OTHER), progress=False)
+    assert len(list((tmp_path / "data").glob("chat.jsonl.tokens.*.conv.bin"))) == 2  # one cache per template
+    assert other.tokens.tolist() != repos.tokens.tolist() and other.mask.sum() == repos.mask.sum()
