@@ -21,7 +21,7 @@ import torch
 from model import SmolLM2
 from smollm2 import space
 from smollm2.cli import OneLineParser, main_guard
-from smollm2.errors import ExportError, UsageError
+from smollm2.errors import ExportError, UsageError, reason
 from smollm2.files import check_writable
 from smollm2.model_card import write_model_card
 from smollm2.sampling import is_chat_model
@@ -101,8 +101,7 @@ def push(api, out, repo_id):
         else:
             api.upload_file(repo_id=repo_id, path_or_fileobj=out, path_in_repo=os.path.basename(out))
     except Exception as e:
-        reason = str(e).strip().split("\n")[0][:160]
-        raise ExportError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {reason})") from None
+        raise ExportError(f"--push-to-hub {repo_id}: upload failed ({reason(e)})") from None
     print(f"pushed {out} to {url}")
 
 

@@ -1,4 +1,7 @@
 """Checkpoints: what a training run saves, where it goes, and how it survives crashes and full disks.
+This module is the one door to them, both layouts (the file, and under --fsdp the sharded folder):
+load_checkpoint, save_checkpoint (through Saver), find_latest and restore pick the layout. The folder's
+own layout is sharded_checkpoint.py's, which only weights.py also reads (to gather the weights).
 
 A checkpoint is one torch.save'd dict of tensors and plain Python values (it loads with
 weights_only=True): format_version, model, config, step, val_loss, optimizer, lr_horizon, data (the
@@ -6,17 +9,18 @@ loader's position), data_fingerprint (the token cache's key: which data that pos
 args, history (the loss curve so far), best (the step and validation loss of the best one) and scaler
 (the dtype trained in, the steps skipped for overflow, fp16's GradScaler state). Every file
 is written to a temporary file beside it, fsynced, then renamed over the old one, so a crash at any
-moment leaves the previous one whole.
+moment leaves the previous one whole. Under --fsdp the same entries less model and optimizer go in a
+sharded folder's train_state.pt, beside each rank's shards of those two.
 
 Beside --save DIR/NAME.pt go files named after the run (run_file), so that two runs in one folder
 never touch each other's: NAME_step_N.pt (every --ckpt-interval steps, the newest --keep-last kept),
-NAME_best.pt (the lowest validation loss so far, the same format), the loss curve NAME_loss.png and
-NAME_metrics.jsonl; the default run, checkpoint.pt, keeps the older names best.pt, loss.png and
-metrics.jsonl. A final save at the step best was just written at is a hard link to it, not a second
-copy. `--ckpt auto` resumes from the newest of the run's own checkpoints that loads. A save that
-fails (full disk, I/O error, permissions) is one line naming the file, the error and the last good
-checkpoint, never a traceback: training goes on and the next interval tries again; only a failed
-final save ends the run with an error.
+NAME_best.pt (the lowest validation loss so far, the same format), and loggers.py's loss curve
+NAME_loss.png and NAME_metrics.jsonl; the default run, checkpoint.pt, keeps the older names best.pt,
+loss.png and metrics.jsonl. A final save at the step best was just written at is a hard link to it,
+not a second copy. `--ckpt auto` resumes from the newest of the run's own checkpoints that loads. A
+save that fails (full disk, I/O error, permissions) is one line naming the file, the error and the
+last good checkpoint, never a traceback: training goes on and the next interval tries again; only a
+failed final save ends the run with an error.
 """
 import codecs
 import contextlib
@@ -31,10 +35,9 @@ import numpy as np
 import torch
 
 from model import SmolLM2Config
-from smollm2 import sharding
-from smollm2.errors import CheckpointError
+from smollm2 import sharded_checkpoint
+from smollm2.errors import CheckpointError, reason
 from smollm2.files import atomic_link, atomic_write, existing_folder
-from smollm2.loggers import plot_loss
 
 FORMAT_VERSION = 1  # bump when older code would misread a new checkpoint; version-less ones are 0
 CKPT_KEYS = ("model", "config", "step", "optimizer", "lr_horizon", "data", "rng", "args")
@@ -73,9 +76,9 @@ def resume_names(save):
 
 def load_checkpoint(path, flag="--ckpt"):
     """The checkpoint at path, checked to be a training checkpoint this code can resume. A sharded
-    one (a folder, sharding.py) gives its train state, with "sharded": path and no model or optimizer
-    (they load into the sharded model, in train.py)."""
-    if sharding.is_sharded(path):
+    one (a folder, sharded_checkpoint.py) gives its train state, with "sharded": path and no model or
+    optimizer (restore loads them into the sharded model)."""
+    if sharded_checkpoint.is_sharded(path):
         return load_sharded_state(path, flag)
     if os.path.isdir(path):
         raise CheckpointError(f"{flag} {path}: a folder, not a checkpoint file; to start a new run "
@@ -92,9 +95,8 @@ def load_checkpoint(path, flag="--ckpt"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().split("\n")[0][:120]
         raise CheckpointError(f"{flag} {path}: not a readable checkpoint, truncated or corrupt "
-                              f"({type(e).__name__}: {reason})") from None
+                              f"({reason(e)})") from None
     missing = [k for k in CKPT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(CKPT_KEYS)
     if missing:
         raise CheckpointError(f"{flag} {path}: not a training checkpoint (no {', '.join(missing)}); "
@@ -112,11 +114,10 @@ def load_checkpoint(path, flag="--ckpt"):
 
 def load_sharded_state(path, flag):
     try:
-        ckpt = sharding.load_train_state(path)
+        ckpt = sharded_checkpoint.load_train_state(path)
     except Exception as e:
-        reason = str(e).strip().split("\n")[0][:120]
-        raise CheckpointError(f"{flag} {path}: a sharded checkpoint without a readable {sharding.TRAIN_STATE} "
-                              f"({type(e).__name__}: {reason})") from None
+        raise CheckpointError(f"{flag} {path}: a sharded checkpoint without a readable "
+                              f"{sharded_checkpoint.TRAIN_STATE} ({reason(e)})") from None
     ckpt = {**ckpt, "model": None, "optimizer": None, "sharded": path}
     missing = [k for k in CKPT_KEYS if k not in ckpt]
     if missing:
@@ -185,10 +186,28 @@ def save_checkpoint(path, run, step, best=None):
              "data_fingerprint": getattr(run, "data_fingerprint", None), "rng": rng_state(),
              "args": vars(run.args), "history": run.history, "best": best, "scaler": run.precision.state_dict()}
     if run.sharded:
-        sharding.save_sharded(path, run.model, run.optimizer, state, run.proc)
+        sharded_checkpoint.save_sharded(path, run.model, run.optimizer, state, run.proc)
         return
     ckpt = {**state, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
     atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def restore(ckpt, model, optimizer):
+    """Load a loaded checkpoint's AdamW state into optimizer and, from a sharded one, its weights into
+    model, already fully_shard'ed (DCP reshards what another number of ranks wrote; collective). A
+    checkpoint file's weights, ckpt["model"], load before that: into the model as it is built."""
+    if ckpt.get("sharded"):
+        sharded_checkpoint.load_sharded(ckpt["sharded"], model, optimizer)
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+
+def remove(path):
+    """Delete a checkpoint, a file or a sharded folder."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 # ----------------------------------------------------------------------------- resuming
@@ -226,7 +245,7 @@ def _remove_stale_temps(folder, names, say, save):
     own = {os.path.basename(save)} | {os.path.basename(run_file(save, kind)) for kind in SIDE_FILES}
     stale = []
     for name in sorted(names):
-        m = re.fullmatch(r"\.(.+)\.(\d+)\.(tmp|old)", name)  # .{target}.{pid}.tmp: atomic_write's, sharding's
+        m = re.fullmatch(r"\.(.+)\.(\d+)\.(tmp|old)", name)  # .{target}.{pid}.tmp: atomic_write's, the folders'
         if m and (m[1] in own or periodic_steps(save, [m[1]])) and int(m[2]) != os.getpid():
             try:
                 os.kill(int(m[2]), 0)
@@ -241,7 +260,7 @@ def _remove_stale_temps(folder, names, say, save):
             if kind == "old" and not os.path.lexists(os.path.join(folder, target)):
                 os.rename(path, os.path.join(folder, target))
                 continue
-            sharding.remove(path)
+            remove(path)
             removed.append(name)
     if removed and say:
         print(f"train.py: --ckpt auto: removed {len(removed)} temporary file(s) of interrupted saves: "
@@ -294,7 +313,7 @@ def check_disk_space(save, model, optimizer):
     """Refuse to start when --save's folder cannot hold a checkpoint and its temporary copy (the
     previous checkpoint stays until the new one is whole). Returns the estimated checkpoint size."""
     sharded = hasattr(next(model.parameters()), "full_tensor")  # a DTensor: fully_shard'ed
-    size = (sharding.checkpoint_bytes if sharded else checkpoint_bytes)(model, optimizer)
+    size = (sharded_checkpoint.checkpoint_bytes if sharded else checkpoint_bytes)(model, optimizer)
     folder = existing_folder(save)
     held = min(os.path.getsize(save), size) if os.path.isfile(save) else 0  # already on the disk
     need, free = 2 * size - held, shutil.disk_usage(folder).free
@@ -321,21 +340,15 @@ class Saver:
         self.final_note = ""  # how final() saved, for the run's last line
 
     def _write(self, path, run, step):
-        """Save and redraw the loss curve; returns None, or the line saying why the save failed."""
+        """Save; returns None, or the line saying why the save failed."""
         try:
             save_checkpoint(path, run, step, self.best)
         except (OSError, RuntimeError) as e:  # a full disk in torch's zip writer is a RuntimeError
-            reason = str(e).strip().split("\n")[0][:160]
             free = shutil.disk_usage(existing_folder(path)).free / MB
             good = f"{self.last_good[0]} (step {self.last_good[1]})" if self.last_good else "none yet"
-            return (f"could not save {path} at step {step} ({type(e).__name__}: {reason}; {free:,.1f} MB "
+            return (f"could not save {path} at step {step} ({reason(e)}; {free:,.1f} MB "
                     f"free); the last good checkpoint is {good}")
         self.last_good = (path, step)
-        try:
-            if self.master:
-                plot_loss(run.history, self.args.plot)
-        except (OSError, RuntimeError) as e:
-            print(f"train.py: warning: could not draw the loss curve {self.args.plot} ({e})", file=sys.stderr)
         return None
 
     def periodic(self, run, step):
@@ -353,7 +366,7 @@ class Saver:
             older = sorted(n for n in found if n < step)  # later: an abandoned run
             for n in older[:max(0, len(older) - (keep - 1))]:
                 with contextlib.suppress(OSError):  # one left over is no reason to stop training
-                    sharding.remove(os.path.join(self.folder, found[n]))
+                    remove(os.path.join(self.folder, found[n]))
 
     def keep_best(self, run, step, val_loss):
         """best_path (best.pt, NAME_best.pt) when val_loss is the lowest so far."""

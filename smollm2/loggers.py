@@ -1,8 +1,9 @@
 """What a training run records at each logged step, on rank 0 only: the console's step line,
-metrics.jsonl (one JSON record a step), and the optional trackers, TensorBoard (--tensorboard DIR)
-and Weights & Biases (--wandb PROJECT). A record holds loss, lr, grad_norm, tok_s, val_loss, peak
-memory, whatever log_step puts in it. Neither tracker package is imported unless asked for; a
-missing one stops the run before training with what to pip install.
+metrics.jsonl (one JSON record a step), the loss curve (--plot, a PNG redrawn at every evaluation and
+when the run ends), and the optional trackers, TensorBoard (--tensorboard DIR) and Weights &
+Biases (--wandb PROJECT). A record holds loss, lr, grad_norm, tok_s, val_loss, peak memory, whatever
+log_step puts in it. Neither tracker package is imported unless asked for; a missing one stops the
+run before training with what to pip install.
 """
 import contextlib
 import json
@@ -74,14 +75,42 @@ class MetricsFile:
                 self.file.close()
 
 
+class LossCurve:
+    """The --plot PNG, redrawn from the run's history (the checkpoint's curves) when log gets an
+    evaluation (a new validation or --eval-tasks point) or the run's last step, and by close() when
+    steps were logged since (a run stopped early), so that it always ends at the last logged step. A
+    drawing that fails is a warning: training goes on."""
+
+    def __init__(self, path, last_step):
+        self.path, self.last_step, self.history, self.drawn = path, last_step, None, True
+
+    def log(self, record, history):
+        self.history, self.drawn = history, False
+        if record["step"] >= self.last_step or any(k == "val_loss" or k.startswith("acc_") for k in record):
+            self.draw()
+
+    def draw(self):
+        self.drawn = True
+        try:
+            plot_loss(self.history, self.path)
+        except (OSError, RuntimeError) as e:
+            print(f"train.py: warning: could not draw the loss curve {self.path} ({e})", file=sys.stderr)
+
+    def close(self):
+        if not self.drawn:
+            self.draw()
+
+
 class Loggers:
-    """metrics.jsonl and the trackers of one run: log(record) after every logged step, close() at the end."""
+    """metrics.jsonl, the loss curve and the trackers of one run: log(record, history) after every
+    logged step, close() at the end."""
 
     def __init__(self, args, resume_step=0, master=True):
-        self.writers, self.wandb_run, self.metrics = [], None, None
+        self.writers, self.wandb_run, self.metrics, self.curve = [], None, None, None
         if not master:
             return
         self.metrics = MetricsFile(args.metrics, resume_step)
+        self.curve = LossCurve(args.plot, args.steps)
         if args.tensorboard:
             tensorboard = _require("torch.utils.tensorboard", "--tensorboard", "tensorboard")
             # on resume, drop events past the checkpoint's step: they belong to a run never resumed
@@ -95,8 +124,11 @@ class Loggers:
                                         name=os.path.splitext(os.path.basename(args.save))[0]
                                         + (f"-from-{resume_step}" if resume_step else ""))
 
-    def log(self, record):
+    def log(self, record, history=None):
+        """history: the run's curves so far (run.history), for the loss curve; without it none is drawn."""
         self.metrics.write(record)
+        if history is not None:
+            self.curve.log(record, history)
         step = record["step"]
         scalars = {TAGS.get(k, f"{'eval' if k.startswith('acc_') else 'train'}/{k}"): float(v) for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -111,11 +143,13 @@ class Loggers:
     def close(self):
         if self.metrics is not None:
             self.metrics.close()
+        if self.curve is not None:
+            self.curve.close()
         for writer in self.writers:
             writer.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
-        self.writers, self.wandb_run, self.metrics = [], None, None
+        self.writers, self.wandb_run, self.metrics, self.curve = [], None, None, None
 
 
 class Clock:
@@ -146,8 +180,8 @@ def eta_text(seconds):
 
 def log_step(run, step, loss, norm, lr, val, clock, accuracies=None):
     """Log one step: its record to metrics.jsonl and the trackers, its line to stdout, its losses to
-    run.history (the checkpoint's loss curve). accuracies: {task: accuracy} of --eval-tasks at an
-    evaluation step, logged as acc_<task>. Returns the loss as a float."""
+    run.history (the checkpoint's curves, the --plot drawn from them). accuracies: {task: accuracy}
+    of --eval-tasks at an evaluation step, logged as acc_<task>. Returns the loss as a float."""
     loss, norm = loss.item(), float(norm)  # .item() waits for the device: the timing below is real
     per_step = clock.seconds_per_step(step)
     tok_s, eta = run.tokens_per_step / max(per_step, 1e-9), (run.args.steps - step) * per_step
@@ -171,7 +205,7 @@ def log_step(run, step, loss, norm, lr, val, clock, accuracies=None):
         run.history["val_loss"].append(val)
     record.update({f"acc_{name}": accuracy for name, accuracy in (accuracies or {}).items()})
     record_tasks(run.history, step, accuracies)
-    run.trackers.log(record)
+    run.trackers.log(record, run.history)  # after the history: the loss curve may be redrawn from it
     width = len(str(run.args.steps))
     print(f"step {step:>{width}}/{run.args.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {norm:.3f} | "
           f"{tok_s:,.0f} tok/s{extra} | ETA {eta_text(eta)}"

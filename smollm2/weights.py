@@ -12,9 +12,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from smollm2 import sharding
+from smollm2 import sharded_checkpoint
 from smollm2.chat import IM_END
-from smollm2.errors import ExportError, ModelLoadError
+from smollm2.errors import ExportError, ModelLoadError, reason
 from smollm2.files import public_name
 from smollm2.tokenizer import TOKENIZER_DIR, load_tokenizer
 
@@ -146,7 +146,7 @@ def load_weights(source):
         if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith((".", "/")):
             return _load_hub(source)
         raise ModelLoadError(f"{source}: no such file or directory; {EXPECTED}")
-    if sharding.is_sharded(source):  # train.py --fsdp's checkpoint folder: gathered here, on CPU
+    if sharded_checkpoint.is_sharded(source):  # train.py --fsdp's checkpoint folder: gathered here, on CPU
         return _load_sharded(source)
     if os.path.isdir(source):
         path = os.path.join(source, "model.safetensors")
@@ -170,7 +170,7 @@ def _load_hub(repo_id):
         folder = snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:
         raise ModelLoadError(f"{repo_id}: could not download from the Hugging Face hub "
-                             f"({type(e).__name__}: {e}); {EXPECTED}") from None
+                             f"({reason(e)}); {EXPECTED}") from None
     return load_weights(folder)
 
 
@@ -196,7 +196,7 @@ def _load_checkpoint(path):
         config, state = dict(ckpt["config"]), ckpt["model"]
     except Exception as e:
         raise ModelLoadError(f"{path}: not a readable training checkpoint with 'model' and 'config' "
-                             f"({type(e).__name__}: {e}); {EXPECTED}") from None
+                             f"({reason(e)}); {EXPECTED}") from None
     info = {"source": path, "format": "checkpoint", "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss"),
             "conversations": trained_on_conversations(ckpt.get("data"))}
     return config, state, info
@@ -204,11 +204,10 @@ def _load_checkpoint(path):
 
 def _load_sharded(path):
     try:
-        train_state = sharding.load_train_state(path)
-        config, state = dict(train_state["config"]), sharding.gather_weights(path)
+        train_state = sharded_checkpoint.load_train_state(path)
+        config, state = dict(train_state["config"]), sharded_checkpoint.gather_weights(path)
     except Exception as e:
-        raise ModelLoadError(f"{path}: not a readable sharded checkpoint ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0][:160]}); {EXPECTED}") from None
+        raise ModelLoadError(f"{path}: not a readable sharded checkpoint ({reason(e)}); {EXPECTED}") from None
     info = {"source": path, "format": "sharded checkpoint", "step": train_state.get("step"),
             "val_loss": train_state.get("val_loss"),
             "conversations": trained_on_conversations(train_state.get("data"))}
@@ -234,7 +233,7 @@ def _load_gguf(path):
             bos_token_id=int(reader.fields["tokenizer.ggml.bos_token_id"].contents()),
             eos_token_id=int(reader.fields["tokenizer.ggml.eos_token_id"].contents()))
     except Exception as e:
-        raise ModelLoadError(f"{path}: unreadable GGUF file or not a Llama model ({type(e).__name__}: {e})") from None
+        raise ModelLoadError(f"{path}: unreadable GGUF file or not a Llama model ({reason(e)})") from None
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "attn_q": "self_attn.q_proj",
              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",

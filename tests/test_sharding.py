@@ -1,7 +1,7 @@
-"""FSDP2 and sharded checkpoints (smollm2/sharding.py), on CPU ranks with gloo: torchrun with 2
-processes and --fsdp trains as one process with --grad-accum 2, its sharded checkpoints resume exactly
-under 2 ranks and under 1 (DCP reshards), a kill during a save keeps the previous checkpoint, and
-eval.py and export.py gather a sharded checkpoint into a model transformers reads."""
+"""FSDP2 (smollm2/sharding.py) and sharded checkpoints (smollm2/checkpoint.py), on CPU ranks with gloo:
+torchrun with 2 processes and --fsdp trains as one process with --grad-accum 2, its sharded checkpoints
+resume exactly under 2 ranks and under 1 (DCP reshards), a kill during a save keeps the previous
+checkpoint, and eval.py and export.py gather a sharded checkpoint into a model transformers reads."""
 import os
 import sys
 
