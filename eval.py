@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from smollm2 import devices, zero_shot
+from smollm2 import devices, speedups, zero_shot
 from smollm2.cli import POS_INT, OneLineParser, main_guard
 from smollm2.devices import available_devices, pick_device
 from smollm2.errors import UsageError
@@ -66,16 +66,17 @@ def main(argv=None):
     if tasks:  # checked before the model loads: a bad task file is one line, at once
         loaded = [zero_shot.load_task(name, args.delimiter if name not in zero_shot.TASKS else None, rows)
                   for name, rows in tasks]
+    model = load_model(args.source, device)
     if args.data:
         result = evaluate(args.source, args.data, args.seq_len, args.batch_size, device,
-                          sys.stderr.isatty(), args.text_column, args.max_tokens)
+                          sys.stderr.isatty(), args.text_column, args.max_tokens, model)
         what = (f"{result['tokens']:,} assistant tokens of {result['conversations']:,} conversations, "
                 f"{result['bytes']:,} bytes of their contents" if result.get("assistant_tokens_only")
                 else f"{result['tokens']:,} tokens, {result['bytes']:,} bytes")
         print(f"{result['source']} on {args.data}: loss {result['loss']:.4f} | perplexity "
               f"{result['perplexity']:.2f} | bits per byte {result['bits_per_byte']:.4f} | {what}")
     if tasks:
-        result.update(score(args, loaded, device))
+        result.update(score(args, loaded, device, model))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -83,12 +84,19 @@ def main(argv=None):
     return 0
 
 
-def score(args, tasks, device):
-    """The zero-shot tasks' table, printed; their record for --json."""
+def load_model(source, device):
+    """The weights to evaluate, with this device's speed-ups (smollm2/speedups.py: on a GPU, the
+    attention kernel that fits it; nothing on a CPU)."""
     from model import SmolLM2
+    model = SmolLM2.from_pretrained(source, device=device).eval()
+    speedups.install(model, device)
+    return model
+
+
+def score(args, tasks, device, model):
+    """The zero-shot tasks' table, printed; their record for --json."""
     dtype = "bf16" if args.dtype == "bf16" or (args.dtype == "auto" and devices.pick_dtype(
         devices.device_facts(device))[0] == "bf16") else "fp32"
-    model = SmolLM2.from_pretrained(args.source, device=device)
     tokenizer, start, scores = load_tokenizer(), time.perf_counter(), {}
     for task in tasks:
         began = time.perf_counter()

@@ -37,6 +37,8 @@ from smollm2.errors import DataError, ModelLoadError  # noqa: E402
 from smollm2.chat import check_messages, fit_history  # noqa: E402
 from smollm2.weights import export_record  # noqa: E402
 from smollm2.sampling import CHAT_END, TextStream, is_chat_model  # noqa: E402
+from smollm2 import speedups  # noqa: E402
+from smollm2.engine import generate_stream  # noqa: E402
 from smollm2.serving import Decoder, Warmup, cache_size, cpu_budget  # noqa: E402
 from smollm2.tokenizer import load_tokenizer  # noqa: E402
 
@@ -366,8 +368,8 @@ class Engine:
         cache_len = cache_size(len(ids) + max_new_tokens, self.context) if compiled else None
         decoder = "compiled decoder" if compiled else "eager decoder" + (
             " (warming up)" if not self.warmup.done.is_set() else "")
-        tokens = self.model.generate_stream(ids, max_new_tokens, temperature, top_k or None, top_p,
-                                            repetition_penalty, self.eos, generator, compiled, cache_len)
+        tokens = generate_stream(self.model, ids, max_new_tokens, temperature, top_k or None, top_p,
+                                 repetition_penalty, self.eos, generator, compiled, cache_len)
         if self.decoder:
             tokens = self.decoder.stream(tokens)
         try:  # the Stop button closes this generator at a yield: close the model's one too
@@ -408,6 +410,18 @@ def message_text(content):
 
 
 # --------------------------------------------------------------------------------- page
+def sampling_settings():
+    """The side column's controls: max new tokens, temperature, top-k, top-p, repetition penalty, seed."""
+    return [gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, precision=0, label="Max new tokens",
+                      elem_id="max_new_tokens"),
+            gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature",
+                      info="0 = greedy (always the most likely token)"),
+            gr.Slider(0, 200, value=50, step=1, precision=0, label="Top-k", info="0 = off", elem_id="top_k"),
+            gr.Slider(0.01, 1.0, value=0.95, step=0.01, label="Top-p", elem_id="top_p"),
+            gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty", elem_id="repetition_penalty"),
+            gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed", elem_id="seed")]
+
+
 def build_ui(engine):
     with gr.Blocks(title="SmolLM2 chat" if engine.chat else "SmolLM2") as ui:
         gr.Markdown(engine.header(), elem_id="header")
@@ -440,17 +454,7 @@ def build_ui(engine):
                         gr.Examples(EXAMPLES, inputs=[prompt], label="Examples")
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=1):
-                max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, precision=0,
-                                           label="Max new tokens", elem_id="max_new_tokens")
-                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", elem_id="temperature",
-                                        info="0 = greedy (always the most likely token)")
-                top_k = gr.Slider(0, 200, value=50, step=1, precision=0, label="Top-k", info="0 = off",
-                                  elem_id="top_k")
-                top_p = gr.Slider(0.01, 1.0, value=0.95, step=0.01, label="Top-p", elem_id="top_p")
-                repetition_penalty = gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty",
-                                               elem_id="repetition_penalty")
-                seed = gr.Number(value=0, precision=0, minimum=0, maximum=2**31 - 1, label="Seed", elem_id="seed")
-        settings = [max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed]
+                settings = sampling_settings()
         event = run.click(on_gpu(engine.generate), inputs=[prompt, *settings], outputs=[output, status],
                           api_name="generate",
                           preprocess=False)  # raw values: Engine.generate checks them, with clear messages
@@ -490,6 +494,8 @@ def main():
     device, dtype = choose_device(*cuda_facts(), cpu_bf16=CPU_BF16 and devices.cpu_bf16())
     model = model.to(device=device, dtype=dtype)
     print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    for line in speedups.install(model, device):  # the compiled CPU decoder's kernels: Warmup's build
+        print(f"app.py: speed-up: {line}", file=sys.stderr)
     cpu = device == "cpu"  # one thread decodes every request, with all the cores (Decoder)
     engine = Engine(model, load_tokenizer(),
                     Decoder(cpu_budget(), HOLD_LIMIT_S) if cpu else None, compile=cpu and COMPILE)

@@ -52,11 +52,12 @@ def total_nats(model, ids, seq_len, batch_size=1, device="cpu", progress=False):
 
 
 def evaluate(source, data_spec, seq_len=1024, batch_size=1, device="cpu", progress=False, column="text",
-             max_tokens=1_000_000):
+             max_tokens=1_000_000, model=None):
     """eval.py's JSON record: loss, perplexity, bits_per_byte, tokens, bytes, source. On conversations
     (a 'messages' column: files, or an hf: stream's first max_tokens tokens of whole conversations),
-    evaluate_conversations' record: the loss over the assistant tokens only."""
-    model = SmolLM2.from_pretrained(source, device=device).eval()
+    evaluate_conversations' record: the loss over the assistant tokens only. model: source's
+    weights already loaded (eval.py's, with its speed-ups), else loaded here."""
+    model = model or SmolLM2.from_pretrained(source, device=device).eval()
     if seq_len > model.config.max_position_embeddings:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context window of "
                         f"{model.config.max_position_embeddings}")

@@ -1,5 +1,12 @@
 """What train.py prints at start-up and at exit: the model, the data, the batch, precision, compile,
-speed-ups and the LR schedule; how to resume after a stop."""
+speed-ups and the LR schedule; what a new run will cost; how to resume after a stop."""
+import os
+import shlex
+import signal
+
+from model import flops_per_token
+from smollm2 import devices
+from smollm2.checkpoint import resume_names
 
 
 def param_breakdown(model):
@@ -14,3 +21,106 @@ def param_breakdown(model):
         counts[label] += p.numel()
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
+
+
+def describe(run, data):
+    """The start-up log: the model, the data, the batch, precision, compile, speed-ups and the LR schedule."""
+    model, args, cfg, proc = run.model, run.args, run.model.config, run.proc
+    counts = param_breakdown(model)
+    print(f"model: {args.init or args.model} | {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, mlp {cfg.intermediate_size}, "
+          f"vocab {cfg.vocab_size}")
+    for label, n in counts.items():
+        print(f"  {label:32s} {n:>13,d}")
+    print(f"training FLOPs per token at T={args.seq_len}: {run.flops_per_token / 1e9:.3f} GFLOP")
+    print(data.describe())
+    print(f"batch: {args.batch_size} x {args.seq_len} tokens x {args.grad_accum} micro-steps x "
+          f"{proc.world} processes = {run.tokens_per_step:,} tokens per step | device {proc.device}, "
+          f"{run.precision.dtype}{', compiled' if run.loss.compiled else ''}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+          f"{', deterministic' if args.deterministic else ''}")
+    if advice := devices.batch_advice(proc.type, run.tokens_per_step):
+        print(f"batch advice: {advice}")
+    describe_how(run)
+    print(lr_schedule(args, run.horizon, run.step))
+
+
+def describe_how(run):
+    """The precision, compile, speed-up, task and FSDP lines of the start-up log."""
+    args, proc = run.args, run.proc
+    how = ("; training steps on a bf16 copy of the weights, fp32 masters (smollm2/speedups.py)"
+           if run.loss.weight_copy else "")
+    if args.fsdp and run.precision.dtype == "bf16":
+        how = "; under --fsdp as FSDP's mixed precision: bf16 weights gathered, gradients reduced in fp32"
+    notice = f"; {run.precision.notice}" if run.precision.notice else ""
+    print(f"precision: {run.precision.reason}{how}{notice}")
+    print(f"compile: {run.loss.compile_reason}")
+    if run.speedups:
+        print(f"speed-ups (smollm2/speedups.py): {'; '.join(run.speedups)}")
+    if run.tasks:
+        print("eval tasks: " + ", ".join(f"{t.name} ({len(t.rows):,} rows, chance {t.chance:.2f})" for t in run.tasks)
+              + f", zero-shot at every evaluation step (--eval-interval {args.eval_interval})")
+    if args.fsdp:
+        print(f"fsdp: {len(run.model.model.layers)} decoder layers and the root (embedding = lm_head, final norm) "
+              f"sharded over {proc.world} processes; checkpoints are folders of shards; no samples "
+              "(sample.py reads the checkpoints)")
+
+
+def lr_schedule(args, horizon, step):
+    """The LR line of the start-up log, and the one that says which steps are past the horizon."""
+    short = (f" (warning: the warmup is longer than the run's {horizon} steps: the LR never reaches its "
+             f"peak {args.lr:g}; lower --warmup)" if args.warmup > horizon else "")
+    line = (f"LR: warmup {args.warmup} steps to {args.lr:g}, cosine to {args.min_lr:g} at step {horizon} "
+            f"(the horizon set by this run's first launch), {args.min_lr:g} after it{short}")
+    if args.steps > horizon:
+        line += (f"\nsteps {max(step, horizon) + 1}..{args.steps} are past the horizon: LR stays at "
+                 f"{args.min_lr:g}")
+    return line
+
+
+def new_run_notice(args, proc, model):
+    """--ckpt auto found nothing: where it looked, what the new run trains, and about how long that
+    takes here (rough: a quick matmul measurement or the GPU's peak; the step lines' ETA is measured)."""
+    facts = devices.device_facts(proc.device)
+    dtype = devices.pick_dtype(facts, args.dtype)[0]
+    peak = args.peak_flops or (devices.peak_flops(facts.name) if proc.type == "cuda" else None)
+    measured = None if peak else devices.matmul_flops(proc.device, model.config.hidden_size,
+                                                      min(args.batch_size * args.seq_len, 256))
+    gpus = proc.world if proc.type == "cuda" else 1  # CPU processes share this machine's cores
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * proc.world
+    took = devices.time_estimate(args.steps * tokens_per_step, flops_per_token(model.config, args.seq_len, n_params),
+                                 devices.training_flops_per_s(dtype, measured, peak) * gpus)
+    where = ("this GPU" if gpus == 1 else f"these {gpus} GPUs") if proc.type == "cuda" else \
+        "this Mac's GPU" if proc.type == "mps" else "this CPU"
+    return (f"--ckpt auto: no checkpoint ({', '.join(resume_names(args.save))}) in "
+            f"{os.path.abspath(os.path.dirname(args.save))}: starting a new run of "
+            f"{f'--init {args.init}' if args.init else args.model} ({n_params / 1e6:,.1f}M parameters), "
+            f"{args.steps:,} steps of {tokens_per_step:,} tokens: {took} on {where}, roughly")
+
+
+def saved_so_far(saver, args, proc):
+    """What a second Ctrl-C, which stops at once, leaves: the checkpoints so far and the command
+    that resumes from the newest."""
+    if not saver.last_good:
+        return "nothing was saved yet"
+    path, step = saver.last_good
+    best = (saver.best and os.path.exists(saver.best_path)
+            and os.path.abspath(saver.best_path) != os.path.abspath(path))
+    return (f"the last checkpoint is {path} at step {step}"
+            + (f", the best {saver.best_path} at step {saver.best['step']}" if best else "")
+            + f"; resume with: {resume_command(args, proc, path)}")
+
+
+def finished(args, proc, step, saver, status):
+    """The run's last lines: what was saved, and how to resume a run that a signal stopped."""
+    lines = f"saved {args.save} at step {step}{saver.final_note}; loss curve {args.plot}"
+    if status:
+        lines += (f"\nstopped by {signal.Signals(status - 128).name}; resume with:\n  "
+                  f"{resume_command(args, proc, args.save)}")
+    return lines
+
+
+def resume_command(args, proc, path):
+    launcher = f"torchrun --nproc_per_node={proc.world}" if proc.world > 1 else "python"
+    return f"{launcher} train.py --steps {args.steps} --ckpt {shlex.quote(path)}"

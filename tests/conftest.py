@@ -152,6 +152,10 @@ def run_train(cwd, *args, status=0, timeout=600):
     return run_cmd(cwd, *train_cmd(*args), status=status, timeout=timeout)
 
 
+def run_export(cwd, *args, status=0, timeout=600):
+    return run_cmd(cwd, sys.executable, os.path.join(ROOT, "export.py"), *args, status=status, timeout=timeout)
+
+
 def read_metrics(path):
     with open(path) as f:
         return [json.loads(line) for line in f]

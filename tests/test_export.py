@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, TRAIN_ENV, assert_one_line_error, run_cmd, run_train, train_cmd
+from conftest import ROOT, TRAIN_ENV, assert_one_line_error, run_cmd, run_export, run_train
 from model import SmolLM2
 
 
@@ -34,7 +34,7 @@ def hf_logits(folder, ids):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_export_gives_transformers_the_same_logits(tmp_path, checkpoint, dtype):
     out = tmp_path / "exported"
-    proc = run_train(tmp_path, "--export", checkpoint, out, "--dtype", dtype)
+    proc = run_export(tmp_path, checkpoint, out, "--dtype", dtype)
     assert "exported" in proc.stdout and "step 2" in proc.stdout
     names = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
@@ -52,7 +52,7 @@ def test_export_gives_transformers_the_same_logits(tmp_path, checkpoint, dtype):
 
 
 def test_an_exported_directory_loads_back_into_our_model_unchanged(tmp_path, checkpoint):
-    run_train(tmp_path, "--export", checkpoint, tmp_path / "out", "--dtype", "fp32")
+    run_export(tmp_path, checkpoint, tmp_path / "out", "--dtype", "fp32")
     back, original = SmolLM2.from_pretrained(tmp_path / "out"), SmolLM2.from_pretrained(checkpoint)
     assert back.config == original.config
     for (name, a), (_, b) in zip(back.state_dict().items(), original.state_dict().items()):
@@ -60,8 +60,8 @@ def test_an_exported_directory_loads_back_into_our_model_unchanged(tmp_path, che
 
 
 def test_export_of_a_missing_source_is_one_line_and_exit_2(tmp_path):
-    proc = run_train(tmp_path, "--export", "nope.pt", tmp_path / "out", status=2)
-    assert proc.stderr.startswith("train.py: error: nope.pt") and len(proc.stderr.splitlines()) == 1
+    proc = run_export(tmp_path, "nope.pt", tmp_path / "out", status=2)
+    assert proc.stderr.startswith("export.py: error: nope.pt") and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -86,9 +86,9 @@ def test_a_bad_export_dtype_is_one_line_and_exit_2_naming_each_tools_own_flags(t
                    "--dtype", "int4", status=2)
     assert proc.stderr.startswith("export.py: error: --dtype int4 is not an export dtype; use auto, fp32")
     assert len(proc.stderr.splitlines()) == 1 and "--export" not in proc.stderr  # a train.py flag
-    (tmp_path / "dir.gguf").mkdir()  # train.py's messages name its flag (its --dtype refuses int4 itself)
-    proc = run_train(tmp_path, "--export", checkpoint, tmp_path / "dir.gguf", status=2)
-    assert proc.stderr.startswith(f"train.py: error: --export: {tmp_path / 'dir.gguf'} is a directory")
+    (tmp_path / "dir.gguf").mkdir()
+    proc = run_export(tmp_path, checkpoint, tmp_path / "dir.gguf", status=2)
+    assert proc.stderr.startswith(f"export.py: error: {tmp_path / 'dir.gguf'} is a directory")
     proc = run_cmd(tmp_path, "python", os.path.join(ROOT, "export.py"), checkpoint, tmp_path / "hf",
                    "--dtype", "q8_0", status=2)
     assert "GGUF only" in proc.stderr and not (tmp_path / "hf").exists() and not (tmp_path / "x.gguf").exists()
@@ -108,7 +108,6 @@ def test_export_py_space_with_out_and_no_out_nor_space_are_one_line_and_exit_2(t
 
 
 @pytest.mark.parametrize("tool, args, out", [
-    ("train.py", ["--export", "{ckpt}", "{ro}/out"], "{ro}/out"),
     ("export.py", ["{ckpt}", "{ro}/out2"], "{ro}/out2"),
     ("export.py", ["{ckpt}", "{ro}/t.gguf"], "{ro}/t.gguf"),
     ("export.py", ["{ckpt}", "--space", "{ro}/space"], "{ro}/space"),
@@ -138,14 +137,15 @@ def test_export_py_help_describes_the_tool_in_whole_sentences(tmp_path):
 
 # ----------------------------------------------------------------------------- --push-to-hub
 def push(tmp_path, checkpoint, env):
-    return subprocess.run(train_cmd("--export", checkpoint, tmp_path / "out", "--push-to-hub", "me/model"),
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), checkpoint, tmp_path / "out",
+                           "--push-to-hub", "me/model"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_push_to_hub_offline_is_one_line_exit_2_and_exports_nothing(tmp_path, checkpoint):
     proc = push(tmp_path, checkpoint, {**TRAIN_ENV, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
-    assert proc.stderr.startswith("train.py: error: --push-to-hub: HF_HUB_OFFLINE is set")
+    assert proc.stderr.startswith("export.py: error: --push-to-hub: HF_HUB_OFFLINE is set")
     assert not (tmp_path / "out").exists()
 
 
@@ -154,14 +154,15 @@ def test_push_to_hub_without_a_login_is_one_line_and_exit_2(tmp_path, checkpoint
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="0")  # no stored token, no HF_TOKEN
     proc = push(tmp_path, checkpoint, env)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
-    assert proc.stderr.startswith("train.py: error: --push-to-hub: not logged in") and "hf auth login" in proc.stderr
+    assert proc.stderr.startswith("export.py: error: --push-to-hub: not logged in") and "hf auth login" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_push_to_hub_needs_export(tmp_path):
-    proc = subprocess.run(train_cmd("--push-to-hub", "me/model"), cwd=tmp_path, env=TRAIN_ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "give --export SRC OUT" in proc.stderr
+@pytest.mark.parametrize("flags", [["--export", "c.pt", "out"], ["--push-to-hub", "me/model"]])
+def test_train_pys_old_export_flags_answer_with_export_pys_command_in_one_line(tmp_path, flags):
+    proc = run_train(tmp_path, *flags, status=2)
+    assert proc.stderr == ("train.py: error: exporting moved to export.py: "
+                           "python export.py CKPT OUT [--push-to-hub REPO_ID]\n")
 
 
 # ----------------------------------------------------------------------------- the chat template

@@ -124,3 +124,70 @@ def test_the_circle_check_sees_a_circle(tmp_path, monkeypatch):
 def test_readme_is_at_most_250_lines():
     with open(os.path.join(ROOT, "README.md")) as f:
         assert len(f.read().splitlines()) <= 250
+
+
+# ----------------------------------------------------------------------------- the reference and the engine
+def read(rel):
+    with open(os.path.join(ROOT, rel)) as f:
+        return f.read()
+
+
+def function_lengths(path):
+    """{qualified name: lines} of every function and method in the file at path."""
+    tree = ast.parse(read(path))
+    lengths = {}
+
+    def visit(node, prefix=""):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    lengths[name] = child.end_lineno - child.lineno + 1
+                visit(child, name + ".")
+    visit(tree)
+    return lengths
+
+
+def test_model_py_is_the_model_no_device_branch_no_compiler_no_cli_at_most_330_lines():
+    source = read("model.py")
+    assert len(source.splitlines()) <= 330
+    for engine_code in (".device.type", "is_cuda", "torch.cuda", "torch.compiler", "torch._dynamo", "__main__",
+                        "argparse", "is_compiling"):
+        assert engine_code not in source, f"model.py holds engine code: {engine_code}"
+
+
+def test_train_py_reads_top_to_bottom_at_most_300_lines_no_function_over_50():
+    assert len(read("train.py").splitlines()) <= 300
+    long = {name: n for name, n in function_lengths("train.py").items() if n > 50}
+    assert not long, long
+
+
+def test_no_function_over_60_lines_in_model_py_the_entry_points_or_the_package():
+    modules = repo_modules()
+    checked = [rel for name, rel in modules.items()
+               if name == "model" or name in ENTRY_POINTS or name.startswith("smollm2")]
+    assert len(checked) > 20
+    long = {f"{os.path.relpath(path, ROOT)}:{name}": n for path in checked
+            for name, n in function_lengths(path).items() if n > 60}
+    assert not long, long
+
+
+def class_rewrites(source):
+    """Line numbers where source assigns an object's __class__."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        found += [node.lineno for t in targets if isinstance(t, ast.Attribute) and t.attr == "__class__"]
+    return found
+
+
+def test_no_module_rewrites_an_objects_class():
+    for name, path in repo_modules().items():
+        assert not class_rewrites(read(path)), f"{name} assigns __class__"
+
+
+def test_the_checks_above_see_a_long_function_and_a_class_rewrite(tmp_path):
+    path = tmp_path / "long.py"
+    path.write_text("class A:\n    def f(self):\n" + "        x = 1\n" * 70 + "\n\ndef g():\n    a.__class__ = B\n")
+    assert function_lengths(str(path)) == {"A.f": 71, "g": 2}
+    assert class_rewrites(path.read_text()) == [76]

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import load_ckpt, run_train
+from conftest import load_ckpt, run_export, run_train
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def read_card(folder):
 
 
 def test_exported_directory_has_a_model_card_with_metadata_and_the_training_summary(tmp_path, checkpoint):
-    run_train(tmp_path, "--export", checkpoint, tmp_path / "out")
+    run_export(tmp_path, checkpoint, tmp_path / "out")
     card, ckpt = read_card(tmp_path / "out"), load_ckpt(checkpoint)
     assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
     assert card.data.pipeline_tag == "text-generation" and "smollm2" in card.data.tags
@@ -50,7 +50,7 @@ def test_exported_directory_has_a_model_card_with_metadata_and_the_training_summ
 
 def test_a_card_names_the_base_model_of_a_fine_tuned_run_and_draws_a_missing_plot(tmp_path, checkpoint):
     os.remove(checkpoint.parent / "loss.png")  # args.plot is gone: the curve is drawn from history
-    run_train(tmp_path, "--export", checkpoint.parent / "from_hub.pt", tmp_path / "out", "--dtype", "fp32")
+    run_export(tmp_path, checkpoint.parent / "from_hub.pt", tmp_path / "out", "--dtype", "fp32")
     card = read_card(tmp_path / "out")
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M"
     assert "`HuggingFaceTB/SmolLM2-135M`" in card.text
@@ -61,11 +61,11 @@ def test_an_existing_readme_such_as_the_spaces_is_kept_and_the_card_goes_beside_
     out = tmp_path / "space"
     out.mkdir()
     (out / "README.md").write_text("---\nsdk: gradio\n---\nThe Space\n")
-    run_train(tmp_path, "--export", checkpoint, out)
+    run_export(tmp_path, checkpoint, out)
     assert (out / "README.md").read_text() == "---\nsdk: gradio\n---\nThe Space\n"
     assert read_card_file(out / "MODEL_CARD.md").data.library_name == "transformers"
-    run_train(tmp_path, "--export", checkpoint, tmp_path / "out")
-    run_train(tmp_path, "--export", checkpoint, tmp_path / "out")  # our own card is rewritten in place
+    run_export(tmp_path, checkpoint, tmp_path / "out")
+    run_export(tmp_path, checkpoint, tmp_path / "out")  # our own card is rewritten in place
     assert not (tmp_path / "out" / "MODEL_CARD.md").exists() and read_card(tmp_path / "out").data.license
 
 
@@ -77,7 +77,7 @@ def test_card_and_training_info_name_files_not_the_exporting_machines_folders(tm
     ckpt["args"]["init"] = str(tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     assert os.path.isabs(ckpt["args"]["data"])  # the corpus fixture's file
     torch.save(ckpt, tmp_path / "from_gguf.pt")
-    run_train(tmp_path, "--export", tmp_path / "from_gguf.pt", tmp_path / "out")
+    run_export(tmp_path, tmp_path / "from_gguf.pt", tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     info = (tmp_path / "out" / "training_info.json").read_text()
     for text in (card, info):
@@ -85,14 +85,14 @@ def test_card_and_training_info_name_files_not_the_exporting_machines_folders(tm
     assert "`SmolLM2-135M-Instruct.Q4_1.gguf`" in card and "`shakespeare.txt`" in card
     assert "--init SmolLM2-135M-Instruct.Q4_1.gguf" in card and "--data shakespeare.txt" in card
     assert json.loads(info)["source"] == "from_gguf.pt"
-    run_train(tmp_path, "--export", tmp_path / "out", tmp_path / "again")  # a weights-only source
+    run_export(tmp_path, tmp_path / "out", tmp_path / "again")  # a weights-only source
     assert str(tmp_path) not in (tmp_path / "again" / "README.md").read_text() + \
         (tmp_path / "again" / "training_info.json").read_text()
 
 
 def test_a_card_of_a_weights_only_source_says_where_it_came_from(tmp_path, checkpoint):
-    run_train(tmp_path, "--export", checkpoint, tmp_path / "first", "--dtype", "fp32")
-    run_train(tmp_path, "--export", tmp_path / "first", tmp_path / "second", "--dtype", "fp32")
+    run_export(tmp_path, checkpoint, tmp_path / "first", "--dtype", "fp32")
+    run_export(tmp_path, tmp_path / "first", tmp_path / "second", "--dtype", "fp32")
     card = read_card(tmp_path / "second")
     assert card.data.library_name == "transformers" and "no training run recorded" in card.text
 

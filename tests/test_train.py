@@ -227,7 +227,7 @@ def test_a_second_sigint_stops_at_once_saying_what_was_saved_and_how_to_resume(t
 
 
 def test_with_nothing_saved_a_second_signal_says_so_and_under_torchrun_the_command_is_torchruns(tmp_path):
-    from train import saved_so_far
+    from smollm2.report import saved_so_far
     args = type("Args", (), {"steps": 700})()
     saver = type("Saver", (), {"last_good": None, "best": None, "best_path": str(tmp_path / "best.pt")})()
     assert saved_so_far(saver, args, type("Proc", (), {"world": 1})()) == "nothing was saved yet"
