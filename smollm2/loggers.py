@@ -213,6 +213,20 @@ def log_step(run, step, loss, norm, lr, val, clock, accuracies=None):
     return loss
 
 
+def record_start(history, val, accuracies, master):
+    """Step 0's validation loss and --eval-tasks accuracies (None where not evaluated): where the curves
+    start, in history and, on rank 0 (master), on the console."""
+    if val is not None:
+        history["val_step"].append(0)
+        history["val_loss"].append(val)
+        if master:
+            print(f"step 0 | val loss {val:.4f}", flush=True)
+    if accuracies:
+        record_tasks(history, 0, accuracies)
+        if master:
+            print("step 0" + tasks_text(accuracies), flush=True)
+
+
 def record_tasks(history, step, accuracies):
     """--eval-tasks' accuracies at step into history["tasks"] (the checkpoint's curves, the plot's panel)."""
     tasks = history.setdefault("tasks", {})

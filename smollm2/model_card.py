@@ -31,7 +31,7 @@ def write_model_card(out_dir, source, info, repo_id=None):
                          tags=["smollm2", "llama", "text-generation", "pytorch"], base_model=base_model)
     name = repo_id or os.path.basename(os.path.normpath(out_dir))  # what from_pretrained is given
     lines = [f"# {name}", "", "A SmolLM2-architecture Llama model (tied embeddings, GQA, RoPE) exported "
-             "by this repo's `train.py --export`. It loads with `transformers`:", "",
+             "by this repo's `export.py`. It loads with `transformers`:", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
              f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]

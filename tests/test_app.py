@@ -267,7 +267,7 @@ def test_weights_order_ckpt_then_shipped_then_pretrained_then_random(app, tmp_pa
 def test_exported_hf_directory_loads_by_smol_ckpt_or_shipped_with_its_training_step(app, tmp_path):
     torch.manual_seed(0)
     SmolLM2(PRESETS["tiny"]).save_pretrained(tmp_path / "export")
-    (tmp_path / "export" / "training_info.json").write_text('{"step": 7, "val_loss": 3.2}')  # as train.py --export
+    (tmp_path / "export" / "training_info.json").write_text('{"step": 7, "val_loss": 3.2}')  # as export.py writes it
     for env, folder, why in (({"SMOL_CKPT": str(tmp_path / "export")}, str(tmp_path), "chosen by SMOL_CKPT"),
                              ({"HF_HUB_OFFLINE": "1"}, str(tmp_path / "export"), "shipped with the app")):
         model, _ = app.load_model(env, folder)

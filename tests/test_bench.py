@@ -82,3 +82,11 @@ def test_bench_chat_batching_gives_packed_and_padded_conversations_the_same_loss
     shares = [float(m) for m in re.findall(r"([\d.]+)% of positions carry loss", out)]
     assert len(shares) == 2 and shares[1] > shares[0], out  # packing fills the rows
     assert re.search(r"packed / padded: [\d.]+x", out), out
+
+
+def test_bench_accelerations_times_each_speed_up_on_against_off():
+    proc = run_cmd(ROOT, sys.executable, "-m", "bench.accelerations", "--model", "tiny", "--only", "copy,malloc")
+    ratios = re.findall(r"^(.*): on ([\d.]+), off ([\d.]+), on/off ([\d.]+)$", proc.stdout, re.M)
+    assert [r[0].split(",")[0] for r in ratios] == ["bf16 weight copy", "glibc keeps freed memory"], proc.stdout
+    for _, on, off, ratio in ratios:
+        assert float(on) > 0 and float(off) > 0 and float(ratio) == pytest.approx(float(on) / float(off), abs=2e-3)

@@ -1,4 +1,4 @@
-"""smollm2/weights.py. Writing GGUF (export.py via train.py --export SRC OUT.gguf): transformers' GGUF
+"""smollm2/weights.py. Writing GGUF (export.py SRC OUT.gguf): transformers' GGUF
 loader, the independent oracle, reads the real SmolLM2 weights back to the same logits and the same
 tokenizer; our loader reads them back unchanged; F16, BF16 and Q8_0 files of a trained tiny
 checkpoint give the logits of the weights rounded to that type. Reading: the real GGUF's config, a
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cmd, run_train, ROOT
+from conftest import run_export, run_train, ROOT
 from conftest import TINY_CONFIG as TINY, tiny_model
 from model import SmolLM2
 from smollm2.weights import ModelLoadError, hf_config_dict, llama_cpp_qk
@@ -29,7 +29,7 @@ TRICKY = ["<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n",
 def real_export(tmp_path_factory, gguf_path):
     """The real SmolLM2-135M-Instruct weights written back out as an F32 GGUF (once per module)."""
     folder = tmp_path_factory.mktemp("real_gguf")
-    run_train(folder, "--export", gguf_path, folder / "real-f32.gguf", "--dtype", "fp32")
+    run_export(folder, gguf_path, folder / "real-f32.gguf", "--dtype", "fp32")
     return folder / "real-f32.gguf"
 
 
@@ -130,10 +130,7 @@ def test_tiny_checkpoint_exports_in_that_dtype_and_reloads_within_its_rounding(t
     import gguf
     from transformers import AutoModelForCausalLM
     out = tmp_path / f"tiny-{dtype}.gguf"
-    if dtype == "bf16":  # through train.py's CLI; the others through export.py's (q8_0 is not a train dtype)
-        proc = run_train(tmp_path, "--export", tiny_checkpoint, out, "--dtype", dtype)
-    else:
-        proc = run_cmd(tmp_path, "python", os.path.join(ROOT, "export.py"), tiny_checkpoint, out, "--dtype", dtype)
+    proc = run_export(tmp_path, tiny_checkpoint, out, "--dtype", dtype)
     assert f"GGUF {ggml_type}" in proc.stdout and "step 3" in proc.stdout
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert types["blk.1.ffn_down.weight"] == ggml_type and types["output_norm.weight"] == "F32"
