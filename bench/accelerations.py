@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from model import PRESETS, ScaledDotProductAttention, SmolLM2  # noqa: E402
+from model import PRESETS, SmolLM2  # noqa: E402
 from smollm2 import engine, speedups  # noqa: E402
 from smollm2.chunked_loss import ChunkedLoss  # noqa: E402
 
@@ -50,15 +50,14 @@ def step_seconds(dtype, compiled, install, weight_copy=False, steps=4):
     return statistics.median(times[2:])
 
 
-def decode_tokens_per_s(linear, attention, n=96):
-    """Tokens/s of compiled greedy decoding with the engine's CPU decode kernels (the streaming linear
-    layers, the one-query attention) or without them (model.py's modules compiled as they are)."""
+def decode_tokens_per_s(kernels, n=96):
+    """Tokens/s of compiled greedy decoding with the engine's CPU decode kernel (the streaming linear
+    layers) or without it (model.py's modules compiled as they are)."""
     torch.manual_seed(0)
     model = SmolLM2(PRESETS[MODEL]).eval()
-    kinds = [(torch.nn.Linear, speedups.linear_as(engine.StreamingLinear))] * linear + \
-        [(ScaledDotProductAttention, lambda old: engine.DecodeAttention())] * attention
     install = engine.install_decode_kernels
-    engine.install_decode_kernels = lambda model: sum(speedups.swap_modules(model, *kind) for kind in kinds)
+    if not kernels:
+        engine.install_decode_kernels = lambda model: 0
     try:
         ids = list(range(1, 33))
         engine.generate(model, ids, 8, compile=True)  # the one-off compilation
@@ -80,10 +79,8 @@ PAIRS = {  # name: (what, on, off); the figure is seconds a step (lower is bette
                   lambda: step_seconds("bf16", True, True), lambda: step_seconds("bf16", True, False)),
     "malloc": ("glibc keeps freed memory, eager fp32 step (s)", lambda: malloc_step(True),
                lambda: malloc_step(False)),
-    "decode": ("streaming linear layers, compiled fp32 decoding (tokens/s)", lambda: decode_tokens_per_s(True, True),
-               lambda: decode_tokens_per_s(False, True)),
-    "decode_attention": ("one-query attention, compiled fp32 decoding (tokens/s)",
-                         lambda: decode_tokens_per_s(True, True), lambda: decode_tokens_per_s(True, False)),
+    "decode": ("streaming linear layers, compiled fp32 decoding (tokens/s)", lambda: decode_tokens_per_s(True),
+               lambda: decode_tokens_per_s(False)),
 }
 
 

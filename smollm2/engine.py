@@ -1,6 +1,6 @@
 """Generation with a KV cache: what sample.py, train.py's samples and the Space call. model.py keeps
 the model and a plain reference `generate`; here are the KV cache, HF's sampling controls, streaming
-with stop tokens, and the compiled decode step with its CPU decode kernels.
+with stop tokens, and the compiled decode step with its CPU decode kernel.
 
     from smollm2 import engine
     for token in engine.generate_stream(model, ids, 64, temperature=0.8, top_k=50, compile=True): ...
@@ -9,7 +9,6 @@ The cache holds a batch of sequences, each at its own length, so that several re
 one decode step; generate_stream decodes one sequence.
 """
 import functools
-import math
 import warnings
 import weakref
 
@@ -17,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ScaledDotProductAttention
 from smollm2.speedups import linear_as, swap_modules
 
 
@@ -188,23 +186,8 @@ class StreamingLinear(nn.Linear):
         return F.linear(x, self.weight)
 
 
-class DecodeAttention(ScaledDotProductAttention):
-    """Compiled attention of one query per sequence as products and sums that Inductor fuses into a
-    few loops (the CPU flash-attention kernel costs more in set-up than the work itself at T=1)."""
-
-    def forward(self, q, k, v, mask=None):
-        if not (torch.compiler.is_compiling() and q.size(2) == 1 and mask is not None):
-            return super().forward(q, k, v, mask)
-        B, nh, _, hs = q.shape  # q: (B, nh, 1, hs); k, v: (B, nkv, S, hs); mask: (B, 1, 1, S)
-        q = q.view(B, k.size(1), nh // k.size(1), 1, hs)  # (B, nkv, group, 1, hs): query heads of one K/V head
-        scores = (q * k.unsqueeze(2)).sum(-1, dtype=torch.float32) / math.sqrt(hs)  # (B, nkv, group, S)
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        y = (probs.unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (B, nkv, group, hs), fp32
-        return y.view(B, nh, 1, hs).to(v.dtype)
-
-
 def install_decode_kernels(model):
-    """Give model's linear layers and attention the compiled CPU decode kernels above (the same
-    weights; eager forward passes unchanged). Returns how many modules it swapped."""
-    return (swap_modules(model, nn.Linear, linear_as(StreamingLinear))
-            + swap_modules(model, ScaledDotProductAttention, lambda old: DecodeAttention()))
+    """Give model's linear layers the compiled CPU decode kernel above (the same weights; eager
+    forward passes unchanged). Returns how many modules it swapped. (Attention keeps model.py's SDPA:
+    a fused one-query attention measured no faster, docs/performance.md.)"""
+    return swap_modules(model, nn.Linear, linear_as(StreamingLinear))
