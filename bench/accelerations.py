@@ -50,14 +50,17 @@ def step_seconds(dtype, compiled, install, weight_copy=False, steps=4):
     return statistics.median(times[2:])
 
 
-def decode_tokens_per_s(kernels, n=96):
+def decode_tokens_per_s(kernels=True, options=True, n=96):
     """Tokens/s of compiled greedy decoding with the engine's CPU decode kernel (the streaming linear
-    layers) or without it (model.py's modules compiled as they are)."""
+    layers) or without it (model.py's modules compiled as they are), with its Inductor options and
+    Dynamo's dict tags or without them."""
     torch.manual_seed(0)
     model = SmolLM2(PRESETS[MODEL]).eval()
-    install = engine.install_decode_kernels
+    install, cpu_options, dict_tags = engine.install_decode_kernels, engine.CPU_OPTIONS, engine.DICT_TAGS
     if not kernels:
         engine.install_decode_kernels = lambda model: 0
+    if not options:
+        engine.CPU_OPTIONS, engine.DICT_TAGS = {}, False
     try:
         ids = list(range(1, 33))
         engine.generate(model, ids, 8, compile=True)  # the one-off compilation
@@ -67,7 +70,7 @@ def decode_tokens_per_s(kernels, n=96):
             engine.generate(model, ids, n, compile=True)
             times.append(n / (time.perf_counter() - t0))
     finally:
-        engine.install_decode_kernels = install
+        engine.install_decode_kernels, engine.CPU_OPTIONS, engine.DICT_TAGS = install, cpu_options, dict_tags
     return statistics.median(times)
 
 
@@ -79,8 +82,10 @@ PAIRS = {  # name: (what, on, off); the figure is seconds a step (lower is bette
                   lambda: step_seconds("bf16", True, True), lambda: step_seconds("bf16", True, False)),
     "malloc": ("glibc keeps freed memory, eager fp32 step (s)", lambda: malloc_step(True),
                lambda: malloc_step(False)),
-    "decode": ("streaming linear layers, compiled fp32 decoding (tokens/s)", lambda: decode_tokens_per_s(True),
-               lambda: decode_tokens_per_s(False)),
+    "decode": ("streaming linear layers, compiled fp32 decoding (tokens/s)", lambda: decode_tokens_per_s(),
+               lambda: decode_tokens_per_s(kernels=False)),
+    "options": ("Inductor options and dict tags, compiled fp32 decoding (tokens/s)", lambda: decode_tokens_per_s(),
+                lambda: decode_tokens_per_s(options=False)),
 }
 
 

@@ -145,11 +145,13 @@ def generate(model, prompt, max_new_tokens=128, **kwargs):
 
 # ----------------------------------------------------------------------------- compiled decoding
 COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled decode step, or None once it failed
+CPU_OPTIONS = {"realize_opcount_threshold": 4, "size_asserts": False}  # Inductor's, on CPU (below)
+DICT_TAGS = True  # Dynamo's recursive dict tags for the step's guards (below)
 
 
 def compiled_decode_step(model):
     """decode_step through torch.compile, built once per model; None once compiling has failed.
-    On CPU, with the decode kernels below, and two Inductor options: each RMSNorm is computed once,
+    On CPU, with the decode kernel below, and two Inductor options: each RMSNorm is computed once,
     not again in every weight row's loop (realize_opcount_threshold), and the wrapper skips input
     shape checks that Dynamo's guards already make (size_asserts). Dynamo's recursive dict tags skip
     re-checking the modules' unchanged attribute dicts before each token; weights changed later (new
@@ -158,9 +160,9 @@ def compiled_decode_step(model):
         cpu = model.lm_head.weight.device.type == "cpu"
         if cpu:
             install_decode_kernels(model)
-        options = {"realize_opcount_threshold": 4, "size_asserts": False} if cpu else None
+        options = dict(CPU_OPTIONS) if cpu else None
         step = torch.compile(functools.partial(decode_step, model), dynamic=False, fullgraph=True, options=options)
-        if hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):  # not in older torch
+        if DICT_TAGS and hasattr(torch._dynamo.config, "use_recursive_dict_tags_for_guards"):  # not in older torch
             step = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)(step)
         COMPILED[model] = step
     return COMPILED[model]
