@@ -53,10 +53,10 @@ def settings(args, proc):
     """(Settings, the checkpoint to resume or None, the settings changed from it, whether --ckpt auto
     starts a new run) from the parsed command line; Settings None when --ckpt auto finds the run
     finished. Every impossible request is one line here, before anything heavy."""
-    new_run = False
     if args.export is not None or args.push_to_hub is not None:
         raise UsageError("exporting moved to export.py: python export.py CKPT OUT [--push-to-hub REPO_ID]")
-    if args.ckpt == "auto":  # the newest checkpoint beside --save, or a new run
+    auto = args.ckpt == "auto"
+    if auto:  # the newest checkpoint beside --save, or a new run
         args.ckpt, ckpt = find_latest(args.save or DEFAULTS["save"], say=proc.master)
         if ckpt and proc.master:
             print(f"--ckpt auto: resuming from {args.ckpt} at step {ckpt['step']}", flush=True)
@@ -65,12 +65,11 @@ def settings(args, proc):
                   "nothing to train")
             return None, None, None, False
         args.init = None if ckpt else args.init  # the checkpoint holds the weights --init started from
-        new_run = ckpt is None
     else:
         ckpt = load_checkpoint(args.ckpt) if args.ckpt else None
-        if ckpt and proc.master:
-            print(f"resuming from {args.ckpt} at step {ckpt['step']}", flush=True)
     check_args(args, ckpt)
+    if ckpt and not auto and proc.master:  # --ckpt auto said so when it found it
+        print(f"resuming from {args.ckpt} at step {ckpt['step']}", flush=True)
     if args.fsdp:
         sharding.check_fsdp(proc, args.dtype)
         saved_world = ckpt["args"].get("world_size", 1) if ckpt else proc.world
@@ -78,10 +77,7 @@ def settings(args, proc):
             print(f"{args.ckpt} was sharded over {saved_world} processes, this run has {proc.world}: "
                   "DCP reshards it as it loads", flush=True)
     args, changed = resolve_args(args, ckpt["args"] if ckpt else None, proc.world)
-    if new_run and proc.master and not args.init:  # --ckpt auto found nothing: say what starts
-        with torch.device("meta"):  # a preset's size, known before anything is built: no memory, no time
-            print(report.new_run_notice(args, proc, SmolLM2(PRESETS[args.model])), flush=True)
-    return args, ckpt, changed, new_run
+    return args, ckpt, changed, auto and ckpt is None
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -255,7 +251,11 @@ def main(argv=None):
              if args.eval_tasks else [])  # a bad task name or file: one line, before anything heavy
     lock = RunLock(args.save) if proc.master else None  # a second run on this --save stops here
     trackers = None
+    new_run = new_run and proc.master  # --ckpt auto found nothing: rank 0 says what starts
     try:
+        if new_run and not args.init:  # a preset's size is known before anything is built
+            with torch.device("meta"):  # no memory, no time
+                print(report.new_run_notice(args, proc, SmolLM2(PRESETS[args.model])), flush=True)
         # a missing tracker package stops the run here (MissingPackage), before anything heavy
         trackers = loggers.Loggers(args, ckpt["step"] if ckpt else 0, proc.master)
         proc.start()
@@ -263,7 +263,7 @@ def main(argv=None):
         if ckpt and (notice := data.change_since(ckpt)) and proc.master:
             print(notice, file=sys.stderr, flush=True)
         run = Run(args, ckpt, proc, data, tasks)
-        if new_run and args.init and proc.master:  # its size is known once loaded
+        if new_run and args.init:  # the --init source's size is known once it is loaded
             print(report.new_run_notice(args, proc, run.model), flush=True)
         run.trackers = trackers
         saver = Saver(args, args.ckpt, ckpt, master=proc.master)
