@@ -121,8 +121,8 @@ class Run:
         self.model = build_model(args, ckpt, proc)  # the SmolLM2 itself: what checkpoints save
         n_params = sum(p.numel() for p in self.model.parameters())
         self.step, self.horizon, self.val_loss = 0, ckpt["lr_horizon"] if ckpt else args.steps, None
-        compiled = devices.pick_compile(proc.type, args.compile, n_params, self.horizon)[0]
-        self.speedups = speedups.install(self.model, proc.device, self.precision.dtype, compiled,
+        compile_choice = devices.pick_compile(proc.type, args.compile, n_params, self.horizon)  # (on?, why)
+        self.speedups = speedups.install(self.model, proc.device, self.precision.dtype, compile_choice[0],
                                          training=True, sharded=args.fsdp)  # before DDP or FSDP wrap it
         self.sharded = None  # --fsdp: the sharded root, the chunked loss around the model (sharding.py)
         if args.fsdp:
@@ -132,10 +132,10 @@ class Run:
         if ckpt:
             self.restore(ckpt)
         # what a micro-step calls: the chunked loss, compiled or not, under DDP, FSDP or neither
-        self.loss = TrainingLoss(self.model, proc, self.precision, args.compile, self.horizon,
+        self.loss = TrainingLoss(self.model, proc, self.precision, args.compile, compile_choice,
                                  args.gradient_checkpointing, args.batch_size * args.seq_len, self.sharded,
                                  args.grad_accum, self.optimizer)
-        self.loss.probe(args.batch_size, args.seq_len, self.optimizer)
+        self.loss.probe(args.batch_size, args.seq_len)
         self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * proc.world
         self.flops_per_token = flops_per_token(self.model.config, args.seq_len, n_params)
         self.peak_flops = args.peak_flops or (devices.peak_flops(facts.name) if proc.type == "cuda" else None)

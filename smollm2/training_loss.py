@@ -24,17 +24,19 @@ class TrainingLoss:
     fn: what a micro-step calls (chunked, compiled, in DDP, or on weight_copy);
     weight_copy: the bf16 copy of the weights (speedups.LowPrecisionWeights) or None."""
 
-    def __init__(self, model, proc, precision, compile_request, horizon, gradient_checkpointing,
+    def __init__(self, model, proc, precision, compile_request, compile_choice, gradient_checkpointing,
                  tokens_per_micro_step=0, sharded=None, grad_accum=1, optimizer=None):
-        """sharded: under --fsdp, the ChunkedLoss that sharding.shard made the FSDP root (no DDP then).
-        grad_accum: micro-steps per optimizer step (DDP and FSDP reduce gradients in the last one's
-        backward); optimizer: the one whose steps refresh the bf16 weight copy."""
+        """compile_choice: devices.pick_compile's (compile or not, why) for this run (train.py makes
+        it once, before speedups.install); sharded: under --fsdp, the ChunkedLoss that sharding.shard
+        made the FSDP root (no DDP then); grad_accum: micro-steps per optimizer step (DDP and FSDP
+        reduce gradients in the last one's backward); optimizer: the one whose steps refresh the bf16
+        weight copy and whose gradients the probe drops."""
         self.proc, self.precision, self.compile_request = proc, precision, compile_request
         self.gradient_checkpointing, self.sharded = gradient_checkpointing, sharded
         self.grad_accum, self.optimizer, self.micro_steps = grad_accum, optimizer, 0
         self.chunked = sharded or ChunkedLoss(model)  # model(x, y)'s loss, without its logits
-        n_params = sum(p.numel() for p in model.parameters())
-        self.compiled, self.compile_reason = devices.pick_compile(proc.type, compile_request, n_params, horizon)
+        self.compiled, self.compile_reason = compile_choice
+        self.weight_copy = None
         self.mode = devices.compile_mode(proc.type, tokens_per_micro_step, proc.world, gradient_checkpointing)
         if self.compiled and self.mode:
             self.compile_reason += f", mode {self.mode} (CUDA graphs: small steps launch as one)"
@@ -52,7 +54,7 @@ class TrainingLoss:
         if self.compiled:
             self.fn = torch.compile(self.fn, mode=self.mode)
         # bf16 on CPU, eager: a bf16 copy of the weights instead of autocast's casts at every use
-        if getattr(self, "weight_copy", None) is not None:
+        if self.weight_copy is not None:
             self.weight_copy.remove()  # a second wrap (compiling failed): one copy, one set of hooks
         self.weight_copy = None
         if self.sharded is None and speedups.use_weight_copy(proc.type, self.precision.dtype, self.compiled,
@@ -83,7 +85,7 @@ class TrainingLoss:
         elif self.sharded is not None:
             self.sharded.set_requires_gradient_sync(sync)
 
-    def probe(self, batch_size, seq_len, optimizer):
+    def probe(self, batch_size, seq_len):
         """Compile now, on a forward and backward of a batch of zeros (no step, no data read, the
         gradients dropped and not all-reduced), so that a machine that cannot compile (no C++
         compiler, say) says so before training: --compile auto then trains eagerly, --compile on stops
@@ -115,7 +117,7 @@ class TrainingLoss:
             except Exception as e:  # Inductor's errors have no common base class
                 failure = reason(e)
             finally:
-                optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
                 self.micro_steps = 0  # the run's first micro-step comes next
             failed = self.proc.any_rank(failure is not None)
         if not failed:
