@@ -12,6 +12,7 @@ often evaluate, log and save. A checkpoint (smollm2/checkpoint.py) holds everyth
 (the model, optimizer, step, LR horizon, the loader's position, every RNG state, the settings and the
 precision's state), written atomically; exporting a checkpoint is export.py's.
 """
+import contextlib
 import math
 import signal
 import sys
@@ -177,17 +178,13 @@ class Run:
         return (self.val_loss if self.val is not None else None), (self.score_tasks() if self.tasks else None)
 
     def score_tasks(self):
-        """{task: accuracy} of --eval-tasks, on every rank (under --fsdp every forward pass is every
-        rank's), in the run's precision; the training's random state and mode untouched."""
-        if self.sharded is not None:
-            self.sharded.unshard()  # the root's weights (embedding = lm_head, final norm), whole
-        try:
-            dtype = self.precision.dtype if self.sharded is None else "fp32"  # FSDP: bf16 weights already
-            score = lambda task: zero_shot.score_task(self.model, self.tokenizer, task, self.proc.device, dtype)
-            return {task.name: score(task)["accuracy"] for task in self.tasks}
-        finally:
-            if self.sharded is not None:
-                self.sharded.reshard()
+        """{task: accuracy} of --eval-tasks in the run's precision, each rank scoring its share of the
+        rows (FSDP: with every weight gathered); the training's random state and mode untouched."""
+        dtype = self.precision.dtype if self.sharded is None else "fp32"  # FSDP: bf16 weights already
+        gathered = sharding.gathered(self.sharded, self.model) if self.sharded is not None else contextlib.nullcontext()
+        with gathered:
+            return {task.name: zero_shot.score_task(self.model, self.tokenizer, task, self.proc.device, dtype,
+                                                    self.proc)["accuracy"] for task in self.tasks}
 
     def sample(self):
         text = sample_text(self.model, self.args.sample_prompt, self.args.sample_tokens, self.args.seed)

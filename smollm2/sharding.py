@@ -7,6 +7,7 @@ and freed after), then the root: the ChunkedLoss around the model, holding what 
 embedding / lm_head (one matrix, one unit), the final norm. In bf16 where it is native, the gathered
 weights are bf16 and the gradients are reduced in fp32 (MixedPrecisionPolicy); fp32 elsewhere.
 """
+import contextlib
 import os
 
 import torch
@@ -47,6 +48,31 @@ def shard(loss_module, model, proc, dtype):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(loss_module, mesh=mesh, mp_policy=policy)
     return loss_module
+
+
+@contextlib.contextmanager
+def gathered(root, model):
+    """Inside: every weight of the sharded model whole on every rank, so that its forward passes run
+    no collective and ranks may run different numbers of them (train.py scores --eval-tasks rows
+    split over the ranks); sharded again after. FSDP2 takes the first module to run forward as its
+    root: a one-token forward of the root first makes sure that is the root, not a decoder layer
+    called directly (a new run whose first forward this is would fail at its next one otherwise)."""
+    device = model.model.embed_tokens.weight.device
+    with torch.no_grad():
+        one = torch.zeros(1, 1, dtype=torch.long, device=device)
+        root(one, one)
+    layers = list(model.model.layers)
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    for unit in (root, *layers):
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in (root, *layers):
+            unit.reshard()
+        for layer in layers:
+            layer.set_reshard_after_forward(True, recurse=False)
 
 
 def full_norm(norm):

@@ -13,8 +13,10 @@ that layout, the layout told by each row's keys:
   tokens are those after the tokens of (context.strip() + delimiter).strip(), which must be a token
   prefix; correct when greedy argmax predicts every scored token.
 Zero-shot, no BOS token (SmolLM2's tokenizer adds none). A row's texts go through the model with
-other rows' (TOKENS_PER_BATCH tokens a pass); the leading tokens that a multiple choice row's texts
-share run once, not once per choice; only the scored positions meet the LM head.
+other rows' (tokens_per_pass: 4,096 on a CPU, more on a GPU); the leading tokens that a multiple
+choice row's texts share run once, not once per choice; only the scored positions meet the LM head;
+a pass waits for the device once, for its predictions. Under DDP and FSDP each rank scores every
+world-th row (train.py's --eval-tasks) and the ranks add up their correct rows.
 """
 import json
 import os
@@ -36,7 +38,14 @@ TASKS = {"arc_easy": ("arc_easy.jsonl", "\nAnswer: ", 0.25),
 SUITES = {"core": list(TASKS)}
 LAYOUTS = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
            "language_modeling": ("context", "continuation")}
-TOKENS_PER_BATCH = 4096  # tokens of one forward pass (rows are never split between passes)
+TOKENS_PER_PASS = {"cpu": 4096, "cuda": 32768}  # tokens of one forward pass (rows are never split between passes)
+
+
+def tokens_per_pass(device_type):
+    """Tokens of one scoring pass on this kind of device: a CPU's caches favour small passes; a GPU
+    needs large ones to be busy (about 1.2 GB of activations at 32,768 tokens for the 135M model, in
+    inference, logits only at the scored positions); MPS takes the CPU's size."""
+    return TOKENS_PER_PASS.get(device_type, TOKENS_PER_PASS["cpu"])
 
 
 @dataclass
@@ -167,10 +176,14 @@ def row_texts(task, row, encode):
     return [(whole, len(head), len(whole))]
 
 
-def score_task(model, tokenizer, task, device, dtype="fp32"):
-    """Score every row of task with model (a SmolLM2) in `dtype` ("fp32" or "bf16" autocast);
-    task.results gets each row's prediction (a choice index, or True/False). Returns
-    {"accuracy", "rows", "chance"}. Leaves the model's mode and every random state as they were."""
+def score_task(model, tokenizer, task, device, dtype="fp32", proc=None):
+    """Score the rows of task with model (a SmolLM2) in `dtype` ("fp32" or "bf16" autocast);
+    task.results gets each row's prediction (a choice index, or True/False; None for the rows another
+    rank scored). Returns {"accuracy", "rows", "chance"}, the accuracy over every row. proc (a
+    distributed.Process of several ranks): this rank scores rows rank, rank + world, ... of the rows
+    sorted by length, and the ranks add up their counts (a collective: every rank calls this). The
+    model must then run without collectives (DDP's does; FSDP's: sharding.gathered). Leaves the
+    model's mode and every random state as they were."""
     encode = lambda text: tokenizer.encode(text).ids  # noqa: E731
     window = model.config.max_position_embeddings
     # a text longer than the window keeps its last tokens (as core_eval crops); the first token is
@@ -178,7 +191,9 @@ def score_task(model, tokenizer, task, device, dtype="fp32"):
     rows = [[(s[-window:], max(1, a - max(0, len(s) - window)), min(b, window)) for s, a, b in row_texts(task, r, encode)]
             for r in task.rows]
     order = sorted(range(len(rows)), key=lambda i: max(len(s) for s, _, _ in rows[i]))  # rows of like
-    results, batch = [None] * len(rows), []  # lengths share a pass: little padding
+    rank, world = (proc.rank, proc.world) if proc is not None else (0, 1)  # lengths share a pass: little padding
+    order = order[rank::world]
+    results, batch, budget = [None] * len(rows), [], tokens_per_pass(torch.device(device).type)
     was_training = model.training
     model.eval()
     try:
@@ -186,14 +201,17 @@ def score_task(model, tokenizer, task, device, dtype="fp32"):
             for n, i in enumerate(order):
                 batch.append(i)
                 width = max(len(s) for s, _, _ in rows[i])  # the longest so far: rows come shortest first
-                if width * sum(len(rows[j]) for j in batch) >= TOKENS_PER_BATCH or n == len(order) - 1:
+                if width * sum(len(rows[j]) for j in batch) >= budget or n == len(order) - 1:
                     for j, result in zip(batch, score_batch(model, [rows[j] for j in batch], task.layout, device)):
                         results[j] = result
                     batch = []
     finally:
         model.train(was_training)
     task.results = results
-    correct = sum(r is True or (r is not False and r == row["gold"]) for r, row in zip(task.results, task.rows))
+    correct = sum(r is True or (r is not False and r is not None and r == row["gold"])
+                  for r, row in zip(task.results, task.rows))
+    if world > 1:
+        correct = round(proc.all_sum(torch.tensor(float(correct), device=device)).item())
     return {"accuracy": correct / len(task.rows), "rows": len(task.rows), "chance": task.chance}
 
 
@@ -209,7 +227,7 @@ def score_batch(model, batch, layout, device):
         idx = torch.zeros(len(texts), width, dtype=torch.long)
         for j, (s, _, _) in enumerate(texts):
             idx[j, :len(s)] = torch.tensor(s)  # right-padded: causal attention never reads the padding
-        hidden = model.hidden_states(idx.to(device)).flatten(0, 1)
+        hidden = model.hidden_states(to_device(idx, device)).flatten(0, 1)
         where = [[j * width + i for i in range(start - 1, end - 1)] for j, (_, start, end) in enumerate(texts)]
     losses, greedy = score_positions(model, hidden, where, texts)
     out, k = [], 0
@@ -269,9 +287,11 @@ def shared_pass(model, batch, device):
     rows = torch.tensor(owner)
     tail_mask = torch.cat([real[rows][:, None, :].expand(-1, S, -1), causal[P:, P:].expand(len(texts), -1, -1)], 2)
     cache = SharedPrefix()
-    first = model.trunk(head.to(device), torch.arange(P, device=device), head_mask[:, None].to(device), cache)
-    cache.rows = rows.to(device)
-    second = model.trunk(tail.to(device), torch.arange(P, P + S, device=device), tail_mask[:, None].to(device), cache)
+    first = model.trunk(to_device(head, device), torch.arange(P, device=device), to_device(head_mask[:, None], device),
+                        cache)
+    cache.rows = to_device(rows, device)
+    second = model.trunk(to_device(tail, device), torch.arange(P, P + S, device=device),
+                         to_device(tail_mask[:, None], device), cache)
     hidden = torch.cat([first.flatten(0, 1), second.flatten(0, 1)])
     where = [[r * P + P - shared[r] + i if i < shared[r] else len(batch) * P + j * S + i - shared[r]
               for i in range(start - 1, end - 1)] for j, ((_, start, end), r) in enumerate(zip(texts, owner))]
@@ -281,16 +301,29 @@ def shared_pass(model, batch, device):
 def score_positions(model, hidden, where, texts):
     """Each text's mean cross-entropy over its scored tokens and whether greedy argmax predicts them
     all, from the rows of hidden (M, C) listed in where[j]: every scored position meets the LM head
-    in one (N, C) x (C, V) product."""
+    in one (N, C) x (C, V) product. One wait for the device: the two results come back together."""
+    device = hidden.device
     text_of = torch.cat([torch.full((len(w),), j) for j, w in enumerate(where)])
-    targets = torch.tensor([t for s, start, end in texts for t in s[start:end]], device=hidden.device)
-    logits = model.lm_head(hidden[torch.tensor([i for w in where for i in w], device=hidden.device)]).float()
-    token_loss = F.cross_entropy(logits, targets, reduction="none").cpu()
-    missed = (logits.argmax(-1) != targets).cpu()
+    targets = torch.tensor([t for s, start, end in texts for t in s[start:end]])
+    picked = torch.tensor([i for w in where for i in w])
     counts = torch.bincount(text_of, minlength=len(texts))
-    losses = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, text_of, token_loss.double()) / counts
-    greedy = torch.zeros(len(texts), dtype=torch.long).index_add_(0, text_of, missed.long()) == 0
-    return losses.tolist(), greedy.tolist()
+    targets, picked, text_of = (to_device(t, device) for t in (targets, picked, text_of))
+    logits = model.lm_head(hidden[picked]).float()
+    token_loss = F.cross_entropy(logits, targets, reduction="none").double()
+    missed = (logits.argmax(-1) != targets).double()
+    sums = torch.zeros(2, len(texts), dtype=torch.float64, device=device)
+    sums[0].index_add_(0, text_of, token_loss)
+    sums[1].index_add_(0, text_of, missed)
+    sums = sums.cpu()  # the pass's one host sync
+    losses = sums[0] / counts
+    return losses.tolist(), (sums[1] == 0).tolist()
+
+
+def to_device(t, device):
+    """A CPU tensor on device without waiting for it: pinned, then an asynchronous copy on a GPU."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- reporting

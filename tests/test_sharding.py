@@ -43,6 +43,19 @@ def test_two_sharded_ranks_match_one_process_with_grad_accum_2_step_by_step(runs
         False, True, False, True]  # --eval-tasks under FSDP: every rank scores, in step
 
 
+def test_eval_tasks_split_over_sharded_ranks_on_a_new_run_without_validation_score_as_one_process(tmp_path, corpus):
+    """FSDP2 takes the first module to run forward as its root: scored tasks that ran first (no
+    validation set, a new run) once made a decoder layer the root, and the next forward failed."""
+    args = [*TINY, "--data", corpus, "--val-frac", "0", "--eval-tasks", "arc_easy:24", "--steps", "2",
+            "--compile", "off"]
+    sharded = run_cmd(tmp_path, *torchrun(2, TRAIN_PY, *args, "--fsdp", "--save", "fsdp/c.pt"), timeout=300)
+    one = run_train(tmp_path, *args, "--grad-accum", 2, "--save", "one/c.pt")
+    start = [next(line for line in proc.stdout.splitlines() if line.startswith("step 0 | arc_easy "))
+             for proc in (sharded, one)]
+    assert start[0] == start[1]  # the same initial weights: the same answers to the 24 rows
+    assert [r["step"] for r in read_metrics(tmp_path / "fsdp/c_metrics.jsonl") if "acc_arc_easy" in r] == [2]
+
+
 def test_a_sharded_checkpoint_is_a_folder_of_shards_and_the_train_state_and_old_ones_are_pruned(runs):
     folder = runs[0] / "fsdp"
     assert sorted(os.listdir(folder / "c.pt")) == [".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.pt"]

@@ -131,6 +131,37 @@ def test_scoring_leaves_the_mode_and_the_random_state_as_they_were():
     assert model.training and torch.equal(torch.get_rng_state(), state)
 
 
+class Rank:
+    """A distributed.Process's rank of a world whose other ranks' counts all_sum adds here."""
+    def __init__(self, rank, world, others=0.0):
+        self.rank, self.world, self.others = rank, world, others
+
+    def all_sum(self, t):
+        return t + self.others
+
+
+def test_ranks_score_every_world_th_row_by_length_and_add_up_to_the_one_process_accuracy():
+    model, task = tiny_model().eval(), zero_shot.load_task("arc_easy", limit=9)
+    tokenizer = type("Tok", (), {"encode": lambda self, t: type("E", (), {"ids": [ord(c) % 500 for c in t]})()})()
+    alone = zero_shot.score_task(model, tokenizer, task, "cpu")
+    whole = list(task.results)
+    correct = lambda results: sum(r == row["gold"] for r, row in zip(results, task.rows) if r is not None)
+    parts = []
+    for rank in (0, 1, 2):
+        zero_shot.score_task(model, tokenizer, task, "cpu", proc=Rank(rank, 3))
+        parts.append(list(task.results))
+    assert all(sum(p[i] is not None for p in parts) == 1 for i in range(9))  # each row on one rank
+    assert [sum(r is not None for r in p) for p in parts] == [3, 3, 3]
+    assert [next(r for r in column if r is not None) for column in zip(*parts)] == whole  # as scored alone
+    others = correct(parts[1]) + correct(parts[2])
+    assert zero_shot.score_task(model, tokenizer, task, "cpu", proc=Rank(0, 3, others))["accuracy"] == alone["accuracy"]
+
+
+def test_passes_are_sized_for_the_device():
+    assert zero_shot.tokens_per_pass("cpu") == zero_shot.tokens_per_pass("mps") == 4096
+    assert zero_shot.tokens_per_pass("cuda") >= 8 * zero_shot.tokens_per_pass("cpu")
+
+
 def test_shared_tokens_run_once_and_give_each_text_the_losses_it_has_alone():
     model = tiny_model().eval()  # rows of unequal shared lengths (left padding), a choice that is all
     rows = [[([5, 6, 7, 8], 3, 4), ([5, 6, 7, 9, 10], 3, 5), ([5, 6, 7], 2, 3)],  # prefix, one text
