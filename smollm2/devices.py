@@ -131,13 +131,16 @@ def pick_compile(device_type, requested, n_params, steps):
 CUDA_GRAPH_MAX_TOKENS = 8192  # micro-steps of up to this many tokens launch as one CUDA graph
 
 
-def compile_mode(device_type, tokens_per_micro_step, world, gradient_checkpointing):
+def compile_mode(device_type, tokens_per_micro_step, world, gradient_checkpointing, grad_accum=1, sharded=False):
     """torch.compile's mode for a compiled training step: "reduce-overhead" (CUDA graphs) for small
     micro-steps on one GPU, whose thousands of short kernels otherwise each wait on a launch from
     Python; None (the default mode) elsewhere: large steps keep the GPU busy without graphs, DDP's
     graphs split at gradient buckets, recomputation (gradient checkpointing) reruns parts of the
-    graph, and a CPU has no launches to save. Not measured on a GPU yet (docs/gpu.md)."""
-    if (device_type == "cuda" and world == 1 and not gradient_checkpointing
+    graph, a CPU has no launches to save, FSDP (even on one rank) allocates the gathered weights anew
+    every step, and with grad_accum > 1 a second backward would add into gradients that live in the
+    graph's memory pool, overwritten by the next replay ("accessing tensor output of CUDAGraphs that
+    has been overwritten"). Not measured on a GPU yet (docs/gpu.md)."""
+    if (device_type == "cuda" and world == 1 and not gradient_checkpointing and grad_accum == 1 and not sharded
             and 0 < tokens_per_micro_step <= CUDA_GRAPH_MAX_TOKENS):
         return "reduce-overhead"
     return None

@@ -149,15 +149,19 @@ def test_device_cuda_n_in_one_process_calls_set_device(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- GPU decisions, fake facts
-@pytest.mark.parametrize("device, tokens, world, checkpointing, mode", [
-    ("cuda", 1024, 1, False, "reduce-overhead"),  # train.py's defaults on one GPU: launches dominate
-    ("cuda", 8192, 1, False, "reduce-overhead"),
-    ("cuda", 8193, 1, False, None),  # large enough to keep the GPU busy
-    ("cuda", 1024, 2, False, None),  # DDP: graphs split at gradient buckets
-    ("cuda", 1024, 1, True, None),  # recomputation
-    ("cpu", 1024, 1, False, None), ("mps", 1024, 1, False, None)])
-def test_compile_mode_uses_cuda_graphs_for_small_steps_on_one_gpu_only(device, tokens, world, checkpointing, mode):
-    assert devices.compile_mode(device, tokens, world, checkpointing) == mode
+@pytest.mark.parametrize("device, tokens, world, checkpointing, accum, sharded, mode", [
+    ("cuda", 1024, 1, False, 1, False, "reduce-overhead"),  # train.py's defaults on one GPU: launches dominate
+    ("cuda", 8192, 1, False, 1, False, "reduce-overhead"),  # docs/gpu.md's T4 command with --compile on
+    ("cuda", 8193, 1, False, 1, False, None),  # large enough to keep the GPU busy
+    ("cuda", 1024, 2, False, 1, False, None),  # DDP: graphs split at gradient buckets
+    ("cuda", 1024, 1, True, 1, False, None),  # recomputation
+    ("cuda", 1024, 1, False, 2, False, None),  # a second backward adds into gradients a replay overwrites
+    ("cuda", 8192, 1, False, 8, False, None),
+    ("cuda", 1024, 1, False, 1, True, None),  # FSDP on one rank: gathered weights allocated every step
+    ("cpu", 1024, 1, False, 1, False, None), ("mps", 1024, 1, False, 1, False, None)])
+def test_compile_mode_uses_cuda_graphs_for_small_single_micro_steps_on_one_unsharded_gpu_only(
+        device, tokens, world, checkpointing, accum, sharded, mode):
+    assert devices.compile_mode(device, tokens, world, checkpointing, accum, sharded) == mode
 
 
 def test_batch_advice_is_given_on_a_gpu_for_small_steps_only():
