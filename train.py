@@ -223,13 +223,15 @@ def train(run, saver, stop):
                     raise SystemExit(f"loss is {loss} at step {step}: training diverged; lower --lr or raise --warmup")
             clock = loggers.Clock(step, run.proc.device)
         saves = master or run.sharded is not None  # under --fsdp every rank writes its shards
-        with clock.pause():
-            if master and args.sample_interval and step % args.sample_interval == 0 and not hurry and not args.fsdp:
-                run.sample()
-            if saves and val is not None:
-                saver.keep_best(run, step, val)
-            if saves and periodic:
-                saver.periodic(run, step)
+        sampling = master and args.sample_interval and step % args.sample_interval == 0 and not hurry and not args.fsdp
+        if sampling or (saves and (val is not None or periodic)):  # a GPU's clock waits for the device
+            with clock.pause():  # only here: other steps queue work while the host prepares the next
+                if sampling:
+                    run.sample()
+                if saves and val is not None:
+                    saver.keep_best(run, step, val)
+                if saves and periodic:
+                    saver.periodic(run, step)
         if stopping and not last:
             return 128 + (stop.received or signal.SIGTERM)  # another rank's signal: SIGTERM here
     return 0

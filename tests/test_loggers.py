@@ -7,6 +7,8 @@ import glob
 import json
 import os
 
+import sys
+
 import pytest
 
 from conftest import TINY, TRAIN_ENV, read_metrics, run_cmd, train_cmd
@@ -138,3 +140,20 @@ def test_the_clock_waits_for_an_asynchronous_device_before_and_after_a_pause(mon
     with clock.pause():
         waited.append("paused work")
     assert waited == ["cuda:0", "paused work", "cuda:0"]  # the steps before it count as training
+
+
+def test_the_clock_stops_for_the_device_only_at_steps_that_evaluate_sample_or_save(tmp_path, corpus):
+    """A GPU's clock pause waits for the device (devices.synchronize): a pause at every step would
+    keep the host from preparing the next step while the GPU runs this one."""
+    from conftest import patched_train
+    script = patched_train(tmp_path, """
+from smollm2 import devices
+devices.synchronize = lambda device: print("device sync", flush=True)
+""")
+    proc = run_cmd(tmp_path, sys.executable, script, *TINY, "--data", corpus, "--steps", 9, "--log-interval", 1,
+                   "--eval-interval", 6, "--sample-interval", 0, "--ckpt-interval", 0)
+    lines = proc.stdout.splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith("step ")]
+    during = [line for line in lines[at[0]:] if line == "device sync"]
+    # step 6 evaluates and keeps the best checkpoint, step 9 too (the last): two pauses each
+    assert len(during) == 8, proc.stdout
