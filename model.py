@@ -207,13 +207,18 @@ class SmolLM2(nn.Module):
         if cache is not None:  # a query at position p reads the cache's slots <= p
             positions = cache.lengths[:, None] + positions  # (B, T)
             mask = (torch.arange(cache.size, device=idx.device) <= positions[..., None])[:, None]  # (B, 1, T, S)
-        if doc is not None:  # block-diagonal causal: (B, 1, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-            mask = (doc[:, None, :, None] == doc[:, None, None, :]) & causal
+        if doc is not None:  # block-diagonal causal, as a bias that every layer reads: see document_bias
+            mask = document_bias(doc, self.compute_dtype(idx.device))
         x = self.trunk(idx, positions, mask, cache)
         if cache is not None:
             cache.lengths += T
         return x
+
+    def compute_dtype(self, device):
+        """The dtype the layers compute in: autocast's where it is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.model.embed_tokens.weight.dtype
 
     def trunk(self, idx, positions, mask=None, cache=None):
         """Embedding, layers and final norm for tokens idx (B, T) at positions (T,) or (B, T)."""
@@ -271,6 +276,18 @@ class SmolLM2(nn.Module):
         from smollm2 import weights
         tokenizer_dir = weights.TOKENIZER_DIR if tokenizer_dir == "default" else tokenizer_dir
         weights.save_pretrained(self, out_dir, dtype, tokenizer_dir)
+
+
+def document_bias(doc, dtype):
+    """doc (B, T) numbers the sequences packed in each row -> the additive attention bias (B, 1, T, T):
+    0 where a token may attend (itself and the earlier tokens of its own sequence), -inf elsewhere.
+    Built once per forward in the dtype attention computes in, so that every layer reads this one
+    tensor: given a boolean mask, SDPA would build such a bias in every layer and keep each for
+    backward (30 of them: about 4 GB at B=16, T=2048 in bf16)."""
+    T = doc.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    allowed = (doc[:, None, :, None] == doc[:, None, None, :]) & causal
+    return torch.zeros(allowed.shape, dtype=dtype, device=doc.device).masked_fill_(~allowed, float("-inf"))
 
 
 def flops_per_token(config, seq_len, n_params):

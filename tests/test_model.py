@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import ROOT, TRAIN_PY, losses, run_cmd, run_train
@@ -280,3 +281,32 @@ def test_packed_sequences_give_what_each_gives_alone_and_their_gradients(checkpo
     reference.backward()
     torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, model.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+    ChunkedLoss(model)(idx, targets, doc).backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x, y)[1].backward()
+    for (name, p), g in zip(model.named_parameters(), packed_grads):  # every weight's gradient
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_under_bf16_autocast_attention_gets_bf16_q_k_v_and_one_bf16_document_bias_for_every_layer(monkeypatch):
+    """Grouped K/V reach a GPU's flash kernel only as 16-bit q, k, v (speedups.flash_reads_groups);
+    and a packed batch's bias is built once, in the dtype SDPA computes in (a boolean mask would be
+    made into a bias by every layer, each kept for backward)."""
+    import model as model_module
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None, **kw: seen.append((q, k, v, attn_mask)) or sdpa(q, k, v, attn_mask, **kw))
+    model = tiny_model().train()
+    idx = torch.randint(0, TINY.vocab_size, (2, 16))
+    doc = torch.cat([torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 10, dtype=torch.long)], 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ChunkedLoss(model)(idx, idx, doc).backward()
+        model(idx)
+    packed, plain = seen[:TINY.num_hidden_layers], seen[TINY.num_hidden_layers:]
+    assert len(plain) == TINY.num_hidden_layers
+    assert all(t.dtype == torch.bfloat16 for call in seen for t in call[:3])
+    assert all(call[3] is packed[0][3] for call in packed) and packed[0][3].dtype == torch.bfloat16
+    assert packed[0][3].shape == (2, 1, 16, 16) and all(call[3] is None for call in plain)
