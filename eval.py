@@ -19,12 +19,14 @@ import os
 import sys
 import time
 
+import torch
+
 from smollm2 import devices, speedups, zero_shot
 from smollm2.cli import POS_INT, OneLineParser, main_guard
 from smollm2.devices import available_devices, pick_device
 from smollm2.errors import UsageError
 from smollm2.files import check_writable
-from smollm2.loss_eval import evaluate
+from smollm2.loss_eval import eval_batch_size, evaluate
 from smollm2.tokenizer import load_tokenizer
 
 
@@ -47,8 +49,8 @@ def main(argv=None):
                    "documents from the start up to this many tokens (default %(default)s)")
     p.add_argument("--seq-len", type=POS_INT, default=1024,
                    help="tokens predicted per window (default %(default)s)")
-    p.add_argument("--batch-size", type=POS_INT, default=1,
-                   help="windows per forward pass (default %(default)s)")
+    p.add_argument("--batch-size", type=POS_INT, default=None,
+                   help="windows per forward pass (default 1 on a CPU or Mac, 16 on a GPU)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:N or mps (default %(default)s: cuda, then mps, then cpu)")
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON to this file (default none: "
@@ -68,7 +70,8 @@ def main(argv=None):
                   for name, rows in tasks]
     model = load_model(args.source, device)
     if args.data:
-        result = evaluate(args.source, args.data, args.seq_len, args.batch_size, device,
+        batch_size = args.batch_size or eval_batch_size(torch.device(device).type)
+        result = evaluate(args.source, args.data, args.seq_len, batch_size, device,
                           sys.stderr.isatty(), args.text_column, args.max_tokens, model)
         what = (f"{result['tokens']:,} assistant tokens of {result['conversations']:,} conversations, "
                 f"{result['bytes']:,} bytes of their contents" if result.get("assistant_tokens_only")
@@ -89,6 +92,8 @@ def load_model(source, device):
     attention kernel that fits it; nothing on a CPU)."""
     from model import SmolLM2
     model = SmolLM2.from_pretrained(source, device=device).eval()
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 products, as train.py's evaluation
     for line in speedups.install(model, device):
         print(f"eval.py: speed-up: {line}", file=sys.stderr)
     return model

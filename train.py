@@ -159,7 +159,7 @@ class Run:
         args, precision = self.args, self.precision
         loss_sum = torch.zeros((), device=self.proc.device)
         for _ in range(args.grad_accum):
-            batch = [t.to(self.proc.device, non_blocking=True) for t in self.loader.next_batch()]  # x, y[, doc]
+            batch = [devices.to_device(t, self.proc.device) for t in self.loader.next_batch()]  # x, y[, doc]
             loss = self.loss(*batch) / args.grad_accum  # the sum over micro-steps is the mean over the batch
             loss_sum += loss.detach()
             precision.backward(loss)

@@ -270,6 +270,14 @@ def synchronize(device):
         torch.cuda.synchronize(device) if device.type == "cuda" else torch.mps.synchronize()
 
 
+def to_device(t, device):
+    """CPU tensor t on device, the host not waiting for the copy: on a GPU pinned, then copied
+    asynchronously (from pageable memory the copy would wait for the GPU's queued work to drain)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def training_flops_per_s(dtype, measured=None, peak=None):
     """The FLOP/s training steps in dtype are expected to reach: a share of the peak where there is
     one (a GPU in the table, --peak-flops), else a multiple of the measured fp32 matmul rate."""

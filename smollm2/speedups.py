@@ -203,15 +203,23 @@ def flash_reads_groups(dtype, masked, head_dim, capability):
 
 class RepeatedKVAttention(ScaledDotProductAttention):
     """model.py's attention with K/V repeated to every query head where flash_reads_groups says no
-    kernel reads grouped heads (capability None: MPS, where enable_gqa crashed in torch <= 2.6)."""
+    kernel reads grouped heads (capability None: MPS, where enable_gqa crashed in torch <= 2.6). A
+    decode step's one query per head needs no repeat: the query heads of a group become that K/V
+    head's rows of queries (the mask (B, 1, 1, S) reads alike for each), so the whole KV cache is not
+    copied three times in every layer at every token."""
 
     def __init__(self, capability=None):
         super().__init__()
         self.capability = capability
 
     def forward(self, q, k, v, mask=None):
-        if k.size(1) != q.size(1) and not flash_reads_groups(q.dtype, mask is not None, q.size(-1), self.capability):
-            k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))  # (B, nh, S, hs)
+        B, nh, T, hs = q.shape
+        groups = nh // k.size(1)
+        if groups > 1 and T == 1:  # one query (decoding): a group's heads as the rows of one K/V head's
+            y = super().forward(q.view(B, k.size(1), groups, hs), k, v, mask)  # queries, no copy of the cache
+            return y.view(B, nh, 1, hs)
+        if groups > 1 and not flash_reads_groups(q.dtype, mask is not None, hs, self.capability):
+            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))  # (B, nh, S, hs)
         return super().forward(q, k, v, mask)
 
 

@@ -227,7 +227,7 @@ def score_batch(model, batch, layout, device):
         idx = torch.zeros(len(texts), width, dtype=torch.long)
         for j, (s, _, _) in enumerate(texts):
             idx[j, :len(s)] = torch.tensor(s)  # right-padded: causal attention never reads the padding
-        hidden = model.hidden_states(to_device(idx, device)).flatten(0, 1)
+        hidden = model.hidden_states(devices.to_device(idx, device)).flatten(0, 1)
         where = [[j * width + i for i in range(start - 1, end - 1)] for j, (_, start, end) in enumerate(texts)]
     losses, greedy = score_positions(model, hidden, where, texts)
     out, k = [], 0
@@ -287,11 +287,11 @@ def shared_pass(model, batch, device):
     rows = torch.tensor(owner)
     tail_mask = torch.cat([real[rows][:, None, :].expand(-1, S, -1), causal[P:, P:].expand(len(texts), -1, -1)], 2)
     cache = SharedPrefix()
-    first = model.trunk(to_device(head, device), torch.arange(P, device=device), to_device(head_mask[:, None], device),
+    first = model.trunk(devices.to_device(head, device), torch.arange(P, device=device), devices.to_device(head_mask[:, None], device),
                         cache)
-    cache.rows = to_device(rows, device)
-    second = model.trunk(to_device(tail, device), torch.arange(P, P + S, device=device),
-                         to_device(tail_mask[:, None], device), cache)
+    cache.rows = devices.to_device(rows, device)
+    second = model.trunk(devices.to_device(tail, device), torch.arange(P, P + S, device=device),
+                         devices.to_device(tail_mask[:, None], device), cache)
     hidden = torch.cat([first.flatten(0, 1), second.flatten(0, 1)])
     where = [[r * P + P - shared[r] + i if i < shared[r] else len(batch) * P + j * S + i - shared[r]
               for i in range(start - 1, end - 1)] for j, ((_, start, end), r) in enumerate(zip(texts, owner))]
@@ -307,7 +307,7 @@ def score_positions(model, hidden, where, texts):
     targets = torch.tensor([t for s, start, end in texts for t in s[start:end]])
     picked = torch.tensor([i for w in where for i in w])
     counts = torch.bincount(text_of, minlength=len(texts))
-    targets, picked, text_of = (to_device(t, device) for t in (targets, picked, text_of))
+    targets, picked, text_of = (devices.to_device(t, device) for t in (targets, picked, text_of))
     logits = model.lm_head(hidden[picked]).float()
     token_loss = F.cross_entropy(logits, targets, reduction="none").double()
     missed = (logits.argmax(-1) != targets).double()
@@ -317,13 +317,6 @@ def score_positions(model, hidden, where, texts):
     sums = sums.cpu()  # the pass's one host sync
     losses = sums[0] / counts
     return losses.tolist(), (sums[1] == 0).tolist()
-
-
-def to_device(t, device):
-    """A CPU tensor on device without waiting for it: pinned, then an asynchronous copy on a GPU."""
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- reporting

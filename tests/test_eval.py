@@ -94,8 +94,14 @@ def test_a_json_output_in_a_read_only_folder_is_refused_before_evaluating(tmp_pa
 
 def test_eval_help_shows_every_default(tmp_path):
     text = " ".join(run_cmd(tmp_path, sys.executable, EVAL_PY, "--help").stdout.split())
-    for default in ("(default text)", "(default 1000000)", "(default 1024)", "(default 1)", "(default auto:"):
+    for default in ("(default text)", "(default 1000000)", "(default 1024)", "(default 1 on a CPU or Mac, 16 on a GPU)",
+                    "(default auto:"):
         assert default in text, default
+
+
+def test_eval_batches_windows_on_a_gpu_and_reads_one_at_a_time_elsewhere():
+    from smollm2.loss_eval import eval_batch_size
+    assert eval_batch_size("cpu") == eval_batch_size("mps") == 1 and eval_batch_size("cuda") == 16
 
 
 def test_parquet_jsonl_and_hf_stream_evaluate_like_the_same_text_files(tmp_path, tiny_dir):

@@ -264,3 +264,29 @@ def test_the_repeated_kv_path_gives_the_grouped_paths_logits_and_gradients():
     (a, ga), (b, gb) = results
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+def test_a_decode_step_on_the_repeated_kv_path_reads_the_cache_without_copying_it(monkeypatch):
+    """One query per head (a KV-cache decode step, rows at different lengths): each group's query
+    heads read their K/V head as rows of queries; the tokens equal model.py's grouped path's, and no
+    repeat of the cache is made."""
+    from smollm2 import engine
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    outputs = []
+    for repeat in (False, True):
+        m = tiny_model().eval()
+        if repeat:
+            speedups.swap_modules(m, ScaledDotProductAttention, lambda old: RepeatedKVAttention((7, 5)))
+        cache = engine.KVCache(TINY, 2, 16, "cpu", torch.float32)
+        with torch.no_grad():
+            for row, prompt in enumerate(prompts):  # each row's prompt, then one decode step for both
+                one = engine.KVCache(TINY, 1, 16, "cpu", torch.float32)
+                m.hidden_states(torch.tensor([prompt]), cache=one)
+                for layer in range(TINY.num_hidden_layers):
+                    cache.k[layer][row], cache.v[layer][row] = one.k[layer][0], one.v[layer][0]
+                cache.lengths[row] = len(prompt)
+            if repeat:
+                monkeypatch.setattr(torch.Tensor, "repeat_interleave", lambda *a, **k: pytest.fail("a copy of K/V"))
+            positions = cache.lengths[:, None].clone()
+            outputs.append(engine.decode_step(m, torch.tensor([[11], [12]]), positions, cache))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
