@@ -20,7 +20,7 @@ import sys
 import torch
 
 from model import SmolLM2
-from smollm2 import engine
+from smollm2 import batching, engine
 from smollm2.cli import NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, OneLineParser, main_guard
 from smollm2.devices import available_devices, pick_device
 from smollm2.errors import ModelLoadError, UsageError
@@ -43,7 +43,9 @@ def build_parser():
     p = OneLineParser(description=intro, epilog="examples:\n" + examples,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="checkpoint, best.pt, HF directory, .gguf, .safetensors or hub id")
-    p.add_argument("--prompt", required=True, help="the text to continue; an Instruct model's question")
+    p.add_argument("--prompt", required=True, action="append", help="the text to continue; an Instruct "
+                   "model's question. Repeat it for several prompts: generated together (continuous "
+                   "batching), each answer printed when all are done")
     p.add_argument("--max-new-tokens", type=POS_INT, default=128,
                    help="tokens generated per sample at most (default %(default)s)")
     p.add_argument("--temperature", type=NONNEG_FLOAT, default=0.7,
@@ -70,8 +72,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not args.prompt:
+    if not all(args.prompt):
         raise UsageError("--prompt is empty: give some text for the model to continue")
+    if len(args.prompt) > 1 and args.num_samples > 1:
+        raise UsageError("--num-samples draws several samples of one --prompt; with several prompts give one each")
     if args.seed >= 2**64:
         raise UsageError(f"--seed: must be below 2**64, got {args.seed}")
     device = pick_device(args.device, available_devices())
@@ -80,12 +84,15 @@ def main(argv=None):
     chat = (args.chat or is_chat_model(tokenizer, model.config.eos_token_id)
             or bool(model.source_info.get("conversations")))
     prefix, suffix = chat_wrap(tokenizer) if chat else ([], [])
-    ids = prefix + tokenizer.encode(args.prompt).ids + suffix
-    if max(ids) >= model.config.vocab_size:
+    prompts = [prefix + tokenizer.encode(prompt).ids + suffix for prompt in args.prompt]
+    if max(max(ids) for ids in prompts) >= model.config.vocab_size:
         raise ModelLoadError(f"{args.source}: its vocabulary has {model.config.vocab_size} tokens, the "
                              f"tokenizer {tokenizer.get_vocab_size()}: it was not trained with tokenizer/")
     try:
-        write_samples(model, tokenizer, ids, chat, args, sys.stdout)
+        if len(prompts) > 1:
+            write_batch(model, tokenizer, prompts, chat, args, sys.stdout)
+        else:
+            write_samples(model, tokenizer, prompts[0], chat, args, sys.stdout)
     except BrokenPipeError:  # the reader (head, a pager) has had enough: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit's final flush
     return 0
@@ -99,7 +106,7 @@ def write_samples(model, tokenizer, ids, chat, args, out):
     # one stream of draws for every sample, on the model's device as torch.multinomial needs
     generator = torch.Generator(model.lm_head.weight.device).manual_seed(args.seed)
     for n in range(args.num_samples):
-        out.write(f"{SEPARATOR}\n" * (n > 0) + ("" if chat else args.prompt))
+        out.write(f"{SEPARATOR}\n" * (n > 0) + ("" if chat else args.prompt[0]))
         stream = TextStream(tokenizer)
         tokens = engine.generate_stream(model, ids, args.max_new_tokens, args.temperature, args.top_k or None,
                                         args.top_p, args.repetition_penalty, eos, generator, args.compile)
@@ -111,6 +118,20 @@ def write_samples(model, tokenizer, ids, chat, args, out):
         tokens.close()
         out.write(stream.flush() + "\n")
         out.flush()
+
+
+def write_batch(model, tokenizer, prompts, chat, args, out):
+    """One answer to each prompt, generated together (smollm2/batching.py), each drawn with --seed as
+    it would be alone, written one after another once all are done."""
+    eos = model.config.eos_token_id
+    stops = {eos, tokenizer.token_to_id(CHAT_END)} if chat else {eos}
+    answers = batching.generate_batch(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k or None, top_p=args.top_p,
+                                      repetition_penalty=args.repetition_penalty, seed=args.seed, stop_ids=stops)
+    for n, (prompt, tokens) in enumerate(zip(args.prompt, answers)):
+        text = tokenizer.decode([t for t in tokens if t not in stops])
+        out.write(f"{SEPARATOR}\n" * (n > 0) + ("" if chat else prompt) + text + "\n")
+    out.flush()
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ def test_the_same_seed_gives_the_same_samples_and_another_seed_others(tmp_path, 
     assert one.startswith("ROMEO:") and two.startswith("ROMEO:") and one != two  # each sample draws anew
 
 
+def test_several_prompts_are_generated_together_each_as_it_would_be_alone(tmp_path, tiny_checkpoint):
+    args = ["--max-new-tokens", 20, "--seed", 3, "--temperature", 1.0]
+    together = sample(tmp_path, tiny_checkpoint, "--prompt", "ROMEO:", "--prompt", "JULIET: O Romeo", *args).stdout
+    alone = [sample(tmp_path, tiny_checkpoint, "--prompt", p, *args).stdout for p in ("ROMEO:", "JULIET: O Romeo")]
+    assert together.split("\n---------------\n") == [a.rstrip("\n") for a in alone[:1]] + alone[1:]
+
+
 def test_train_pys_sample_settings_draw_train_pys_samples(tmp_path, tiny_checkpoint):
     """docs/training.md says these flags give the samples train.py prints (sample_text)."""
     from smollm2.sampling import sample_text
@@ -89,6 +96,8 @@ def test_the_real_instruct_model_answers_through_its_chat_template(tmp_path, ggu
     (["{ckpt}", "--prompt", "hi", "--repetition-penalty", "nan"], "--repetition-penalty: must be > 0"),
     (["{ckpt}", "--prompt", "hi", "--seed", str(2**64)], "--seed: must be below 2**64"),
     (["{ckpt}", "--prompt", "hi", "--device", "tpu"], "--device tpu: not available here"),
+    (["{ckpt}", "--prompt", "hi", "--prompt", "ho", "--num-samples", "2"], "with several prompts give one each"),
+    (["{ckpt}", "--prompt", "hi", "--prompt", ""], "--prompt is empty"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_checkpoint, args, message):
     args = [a.format(ckpt=tiny_checkpoint) for a in args]

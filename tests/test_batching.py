@@ -1,0 +1,138 @@
+"""Continuous batching (smollm2/batching.py): requests decoded together give what each gives alone
+(greedy on the real weights; sampled, by seed, on the tiny model), join and leave the batch at token
+boundaries, read long prompts in chunks between decode steps, stop on their own terms, and leave their
+slot the step after their reader goes away."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from smollm2 import batching, engine
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model().eval()
+
+
+def prompt(seed, n):
+    return torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def drain(request):
+    out = []
+    while (token := request.out.get_nowait() if not request.out.empty() else "empty") not in ("empty", None):
+        out.append(token)
+    return out
+
+
+def test_eight_real_conversations_batched_give_each_ones_greedy_answer_alone(real_model):
+    """Eight different two-turn conversations of the real SmolLM2-135M-Instruct at temperature 0,
+    prompts of unequal lengths read in chunks: the tokens each gets alone (engine.generate). Batching
+    may change the order of sums; a token may differ only where the top two logits were within 1e-4."""
+    from smollm2.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    questions = ["What is the capital of France?", "Name three colours.", "How do birds fly?",
+                 "Write a haiku about rain.", "What is 2 plus 2?", "Why is the sky blue?", "Tell me a joke.",
+                 "What is Python, the programming language, used for? Answer briefly."]
+    prompts = [tok.encode("<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello! How can I help?"
+                          f"<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n").ids
+               for q in questions]
+    batched = batching.generate_batch(real_model, prompts, 24)
+    for p, got in zip(prompts, batched):
+        alone = engine.generate(real_model, p, 24)
+        if got != alone:  # where they part, the alone run's top two logits must have been near ties
+            i = next(j for j, (a, b) in enumerate(zip(got, alone)) if a != b)
+            top2 = torch.topk(real_model(torch.tensor([p + alone[:i]]))[0][0, -1], 2).values
+            assert (top2[0] - top2[1]).item() < 1e-4, (i, got, alone)
+
+
+def test_sampled_answers_follow_each_requests_own_seed_alone_or_batched(model):
+    prompts = [prompt(1, 7), prompt(2, 40), prompt(3, 3)]
+    alone = [engine.generate(model, p, 20, temperature=0.9, top_k=50, top_p=0.9,
+                             generator=torch.Generator().manual_seed(s)) for p, s in zip(prompts, (5, 6, 7))]
+    batcher = batching.Batcher(model, slots=3, context=128)
+    requests = [batcher.submit(p, 20, temperature=0.9, top_k=50, top_p=0.9, seed=s) for p, s in zip(prompts, (5, 6, 7))]
+    while batcher.step():
+        pass
+    assert [drain(r) for r in requests] == alone
+    assert len({tuple(a) for a in alone}) == 3
+
+
+def test_a_long_prompt_is_read_in_chunks_while_the_others_keep_decoding(model):
+    batcher = batching.Batcher(model, slots=2, context=128, chunk=32)
+    busy = batcher.submit(prompt(1, 5), 50)
+    batcher.step()  # its prompt read: its first token, and a decode step its second
+    assert len(drain(busy)) == 2
+    long = batcher.submit(prompt(2, 100), 5)
+    for _ in range(3):  # 100 tokens in chunks of 32: four steps, each with a decode step for the other
+        assert batcher.step() and len(drain(busy)) == 1 and long.out.empty()
+    assert batcher.step() and len(drain(long)) == 2 and len(drain(busy)) == 1  # read: its first two tokens
+
+
+def test_a_request_whose_reader_leaves_frees_its_slot_at_the_next_step_for_the_next_in_line(model):
+    batcher = batching.Batcher(model, slots=1, context=64)
+    first, second = batcher.submit(prompt(1, 4), 40), batcher.submit(prompt(2, 4), 3)
+    tokens = first.tokens()
+    batcher.step()
+    assert next(tokens) is not None and batcher.position(second) == 0 and second.slot is None
+    tokens.close()  # the client went away
+    batcher.step()
+    assert second.slot == 0 and first.slot is None and len(drain(second)) == 2
+
+
+def test_requests_stop_at_their_own_stop_tokens_limits_and_the_full_context(model):
+    batcher = batching.Batcher(model, slots=3, context=20)
+    plain = batcher.submit(prompt(1, 4), 6)
+    sampled = engine.generate(model, prompt(2, 4), 6, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    j = next(i for i, t in enumerate(sampled) if i > 0 and t not in sampled[:i])  # a token new at j
+    stopped = batcher.submit(prompt(2, 4), 6, temperature=1.0, seed=0, stop_ids={sampled[j]})
+    full = batcher.submit(prompt(3, 15), 100)
+    while batcher.step():
+        pass
+    assert len(drain(plain)) == 6 and drain(stopped) == sampled[:j + 1]
+    assert len(drain(full)) == 20 - 15 + 1  # the last token sampled needs no slot of its own
+    assert batcher.running == {} and batcher.cache.lengths.tolist() == [0, 0, 0]
+
+
+def test_waiting_requests_know_their_place_in_the_queue(model):
+    batcher = batching.Batcher(model, slots=1, context=64)
+    requests = [batcher.submit(prompt(i, 3), 5) for i in range(3)]
+    batcher.step()
+    assert [batcher.position(r) for r in requests] == [0, 0, 1] and requests[0].slot == 0
+
+
+def test_a_model_error_ends_the_batchs_requests_with_it_and_the_batcher_goes_on(model):
+    batcher = batching.Batcher(model, slots=2, context=64)
+    failing = batcher.submit(prompt(1, 4), 5)
+    batcher.step()
+    batcher.step_fn = lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    batcher.step()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(failing.tokens())
+    batcher.step_fn = lambda idx, positions, cache: engine.decode_step(model, idx, positions, cache)
+    later = batcher.submit(prompt(2, 4), 3)
+    while batcher.step():
+        pass
+    assert len(drain(later)) == 3
+
+
+def test_a_prompt_that_leaves_no_room_is_refused_and_the_kv_cache_size_is_stated(model):
+    batcher = batching.Batcher(model, slots=8, context=64)
+    for ids in ([], prompt(1, 64)):
+        with pytest.raises(ValueError, match="1 to 63"):
+            batcher.submit(ids, 5)
+    config = model.config
+    assert batching.kv_cache_bytes(config, 8, 64, torch.float32) == sum(
+        t.numel() * 4 for t in batcher.cache.k + batcher.cache.v)
+
+
+def test_padded_batch_sizes_keep_a_compiled_steps_shapes_few(model):
+    batcher = batching.Batcher(model, slots=8, context=64, sizes=(1, 2, 4, 8))
+    assert [batcher.rows(n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    seen = []
+    step = lambda idx, positions, cache: seen.append(idx.size(0)) or engine.decode_step(model, idx, positions, cache)
+    batcher.step_fn = step
+    requests = [batcher.submit(prompt(i, 3), 4) for i in range(3)]
+    while batcher.step():
+        pass
+    assert set(seen) <= {1, 2, 4} and 4 in seen and all(len(drain(r)) == 4 for r in requests)
