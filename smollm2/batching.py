@@ -19,6 +19,7 @@ requests reads them once, where eight steps for one request each read them eight
 import collections
 import queue
 import threading
+import time
 
 import torch
 
@@ -39,11 +40,13 @@ def kv_cache_bytes(config, slots, context, dtype):
     return 2 * config.num_hidden_layers * slots * config.num_key_value_heads * context * config.head_dim * element
 
 
-def rows_of(cache, start, stop):
-    """A KVCache over rows start..stop-1 of cache: views, so what a pass writes lands in cache."""
+def rows_of(cache, start, stop, size=None):
+    """A KVCache over rows start..stop-1 of cache and its first `size` slots (default all): views, so
+    what a pass writes lands in cache, and attention reads only the slots in use."""
+    size = size or cache.size
     view = object.__new__(KVCache)
-    view.k, view.v = [k[start:stop] for k in cache.k], [v[start:stop] for v in cache.v]
-    view.lengths, view.size = cache.lengths[start:stop], cache.size
+    view.k, view.v = [k[start:stop, :, :size] for k in cache.k], [v[start:stop, :, :size] for v in cache.v]
+    view.lengths, view.size = cache.lengths[start:stop], size
     return view
 
 
@@ -60,6 +63,8 @@ class Request:
         self.seen[torch.tensor(self.ids, device=device)] = True
         self.out, self.closed, self.slot, self.read, self.made = queue.SimpleQueue(), False, None, 0, 0
         self.length = 0  # tokens of it in the cache
+        self.deadline = float("inf")
+        self.paths = collections.Counter()  # decode steps it took by path: compiled, eager, batched eager
         self.next_token = None  # sampled, not yet in the cache
         self.waiting_ahead = lambda: 0  # the batcher's: requests ahead of this one in the queue
 
@@ -89,21 +94,29 @@ class Request:
 class Batcher:
     """The running batch: `slots` KV cache rows of `context` tokens, the requests in them and those
     waiting for one. step() does one round (admit, read one prompt chunk, one decode step for all);
-    start() runs rounds on a thread of its own, with `threads` torch threads, until the process ends."""
+    start() runs rounds on a thread of its own until the process ends."""
 
-    def __init__(self, model, slots=8, context=None, chunk=None, step_fn=None, sizes=None):
-        """step_fn(idx, positions, cache): a decode step (default engine.decode_step, eager); sizes:
-        the batch sizes it is built for (a decode step of n rows then pads to the next)."""
+    def __init__(self, model, slots=8, context=None, chunk=None, sizes=None, cache_sizes=None, time_limit=None):
+        """sizes: the batch sizes a decode step pads to (a compiled step's graphs; None: no padding);
+        cache_sizes: the cache lengths a pass reads, the first that holds every row's tokens (None:
+        the whole context); time_limit: seconds after which a request ends even if nobody reads it."""
         weight = model.lm_head.weight
         self.model, self.slots, self.device = model, slots, weight.device
         self.context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
-        self.chunk = chunk or prefill_chunk(self.device.type)
+        self.chunk, self.time_limit = chunk or prefill_chunk(self.device.type), time_limit
         self.cache = KVCache(model.config, slots, self.context, self.device, weight.dtype)
-        self.step_fn = step_fn or (lambda idx, positions, cache: decode_step(model, idx, positions, cache))
+        self.step_fn = lambda idx, positions, cache: decode_step(model, idx, positions, cache)
+        self.compiled = None  # set_compiled: a compiled one-row step and the cache sizes it is built for
         self.sizes = sorted(sizes) if sizes else None
+        self.cache_sizes = sorted(cache_sizes or ()) + [self.context]
         self.waiting, self.running = collections.deque(), {}  # slot -> Request
         self.inbox, self.wake = queue.SimpleQueue(), threading.Event()
         self.steps = 0
+
+    def set_compiled(self, step, cache_sizes):
+        """From now on a decode step of one row whose tokens fit one of cache_sizes runs step (a
+        compiled decode step built for rows of this cache at those sizes); any other runs eagerly."""
+        self.compiled = (step, set(cache_sizes))
 
     # ------------------------------------------------------------------ from any thread
     def submit(self, ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0,
@@ -114,6 +127,8 @@ class Batcher:
         request = Request(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_ids,
                           self.device, self.model.config.vocab_size)
         request.waiting_ahead = lambda: self.position(request)
+        if self.time_limit is not None:
+            request.deadline = time.monotonic() + self.time_limit
         self.inbox.put(request)
         self.wake.set()
         return request
@@ -130,9 +145,9 @@ class Batcher:
             if threads:
                 torch.set_num_threads(threads)
             while True:
+                self.wake.clear()
                 if not self.step():
                     self.wake.wait(0.5)  # idle until a request comes
-                    self.wake.clear()
         threading.Thread(target=run, name="batcher", daemon=True).start()
         return self
 
@@ -153,6 +168,10 @@ class Batcher:
         """New requests join the queue; requests closed by their readers leave; free slots fill."""
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get())
+        now = time.monotonic()
+        for request in list(self.waiting) + list(self.running.values()):
+            if now > request.deadline:  # nobody has read it for too long: a client gone without closing
+                request.closed = True
         for slot, request in list(self.running.items()):
             if request.closed:
                 self.finish(slot)
@@ -170,7 +189,7 @@ class Batcher:
         if request is None:
             return
         part = request.ids[request.read:request.read + self.chunk]
-        row = rows_of(self.cache, request.slot, request.slot + 1)
+        row = rows_of(self.cache, request.slot, request.slot + 1, self.cache_size(request.read + len(part)))
         hidden = self.model.hidden_states(torch.tensor([part], device=self.device), row)
         request.read += len(part)
         request.length = request.read
@@ -185,16 +204,25 @@ class Batcher:
         if not ready:
             return
         n = self.rows(max(ready) + 1)
+        size = self.cache_size(max(r.length for r in ready.values()) + 1)
         tokens = [0] * n
         for slot, request in ready.items():
             tokens[slot] = request.next_token
         idx = torch.tensor(tokens, device=self.device)[:, None]
-        logits = self.step_fn(idx, self.cache.lengths[:n, None].clone(), rows_of(self.cache, 0, n))
+        step, path = self.step_fn, "eager" if n == 1 else "batched eager"
+        if self.compiled and n == 1 and size in self.compiled[1]:
+            step, path = self.compiled[0], "compiled"
+        logits = step(idx, self.cache.lengths[:n, None].clone(), rows_of(self.cache, 0, n, size))
         self.steps += 1
         for slot, request in ready.items():
             self.cache.lengths[slot] += 1
             request.length += 1
+            request.paths[path] += 1
             self.emit(request, logits[slot])
+
+    def cache_size(self, tokens):
+        """The cache slots a pass reads: the first of cache_sizes that holds `tokens`."""
+        return next(size for size in self.cache_sizes if size >= tokens)
 
     def rows(self, n):
         """Rows of a decode step that must reach row n - 1: n, or the next of `sizes` (a compiled step

@@ -136,3 +136,35 @@ def test_padded_batch_sizes_keep_a_compiled_steps_shapes_few(model):
     while batcher.step():
         pass
     assert set(seen) <= {1, 2, 4} and 4 in seen and all(len(drain(r)) == 4 for r in requests)
+
+
+def test_a_lone_request_decodes_through_the_compiled_step_and_passes_read_only_the_slots_in_use(model):
+    """set_compiled: a compiled one-row step for some cache sizes; a step of several rows, or of a
+    size it was not built for, runs eagerly. Every pass reads the first cache size that holds its
+    tokens, and each request counts the steps it took by path (the Space's status line says it)."""
+    batcher = batching.Batcher(model, slots=2, context=128, cache_sizes=(16, 64))
+    calls = []
+    compiled = lambda idx, positions, cache: calls.append((idx.size(0), cache.size)) or engine.decode_step(
+        model, idx, positions, cache)
+    batcher.set_compiled(compiled, {16})
+    eager = batcher.step_fn
+    batcher.step_fn = lambda idx, positions, cache: calls.append(("eager", idx.size(0), cache.size)) or eager(
+        idx, positions, cache)
+    alone = batcher.submit(prompt(1, 5), 20)
+    while batcher.step():
+        pass
+    assert drain(alone) == engine.generate(model, prompt(1, 5), 20)
+    assert calls[:11] == [(1, 16)] * 11 and calls[11] == ("eager", 1, 64)  # 5 + 11 tokens fill 16 slots
+    assert alone.paths == {"compiled": 11, "eager": 8}
+    calls.clear()
+    pair = [batcher.submit(prompt(2, 5), 3), batcher.submit(prompt(3, 5), 3)]
+    while batcher.step():
+        pass
+    assert ("eager", 2, 16) in calls and all(len(drain(r)) == 3 for r in pair)
+
+
+def test_a_request_nobody_reads_ends_at_the_time_limit(model):
+    batcher = batching.Batcher(model, slots=1, context=64, time_limit=0.0)
+    request = batcher.submit(prompt(1, 4), 50)
+    batcher.step()
+    assert request.closed and request.slot is None and batcher.running == {}
