@@ -38,8 +38,8 @@ from smollm2.chat import check_messages, fit_history  # noqa: E402
 from smollm2.weights import export_record  # noqa: E402
 from smollm2.sampling import CHAT_END, TextStream, is_chat_model  # noqa: E402
 from smollm2 import speedups  # noqa: E402
-from smollm2.engine import generate_stream  # noqa: E402
-from smollm2.serving import Decoder, Warmup, cache_size, cpu_budget  # noqa: E402
+from smollm2.batching import Batcher, kv_cache_bytes  # noqa: E402
+from smollm2.serving import Warmup, cache_sizes, cpu_budget  # noqa: E402
 from smollm2.tokenizer import load_tokenizer  # noqa: E402
 
 try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
@@ -53,8 +53,9 @@ SHIPPED_FILES = ("model.safetensors", "checkpoint.pt")  # looked for in this fol
 MAX_NEW_TOKENS = 1024  # per request, so that no request holds a worker for long
 MAX_CONTEXT = int(os.environ.get("SMOL_MAX_CONTEXT", 2048))  # prompt + answer, in tokens (CPU-sized)
 TIME_LIMIT_S = float(os.environ.get("SMOL_TIME_LIMIT", 300))  # per request, a second safety net
-HOLD_LIMIT_S = TIME_LIMIT_S + 10  # the longest a request holds the decoder or the warm-up, even if never closed
-CONCURRENCY = int(os.environ.get("SMOL_CONCURRENCY", 2))  # requests generating at once; others queue
+HOLD_LIMIT_S = TIME_LIMIT_S + 10  # the longest a request holds a slot or the warm-up, even if never closed
+SLOTS = int(os.environ.get("SMOL_CONCURRENCY", 8))  # requests generating at once (batched); others queue
+QUEUE_SIZE = 128  # requests waiting beyond the slots; more are refused with a message
 COMPILE = os.environ.get("SMOL_COMPILE", "1") != "0"  # on CPU: build the compiled decoder at start-up
 CPU_BF16 = os.environ.get("SMOL_CPU_BF16", "1") != "0"  # bf16 weights on CPUs with native bf16 dot products
 EXAMPLES = ["Once upon a time, in a small village by the sea,", "ROMEO:\nBut soft, what light",
@@ -214,10 +215,10 @@ def as_number(name, value, low, high, integer=False, notes=None):
 class Engine:
     """The model, the tokenizer and the generate endpoint."""
 
-    def __init__(self, model, tokenizer, decoder=None, compile=False):
-        """decoder: a Decoder on CPU (None on a GPU: each request decodes on its own thread);
-        compile: build the compiled decoder (Warmup)."""
-        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
+    def __init__(self, model, tokenizer, slots=SLOTS, threads=None, compile=False):
+        """slots: requests decoded together (smollm2/batching.py's Batcher, on a thread of its own with
+        `threads` torch threads); compile: build the compiled decoder for a lone request (Warmup)."""
+        self.model, self.tokenizer = model, tokenizer
         self.eos = model.config.eos_token_id
         # a chat model: an Instruct one (it ends its turns, so its text, with <|im_end|>) or weights
         # trained on conversations (their checkpoint says so); its page chats, in its chat template
@@ -225,7 +226,12 @@ class Engine:
         self.chat = is_chat_model(tokenizer, self.eos) or bool(model.source_info.get("conversations"))
         self.prefix, self.suffix = [], []  # completion: the text as it is, for every model
         self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
-        self.warmup = Warmup(model, self.context, compile, decoder.cores if decoder else 1, HOLD_LIMIT_S)
+        self.batcher = Batcher(model, slots, self.context, cache_sizes=cache_sizes(self.context),
+                               time_limit=HOLD_LIMIT_S).start(threads)
+        self.warmup = Warmup(model, self.context, compile, threads or 1, HOLD_LIMIT_S,
+                             on_ready=self.batcher.set_compiled)
+        self.kv_cache = (f"KV cache: {slots} slots x {self.context:,} tokens, "
+                         f"{kv_cache_bytes(model.config, slots, self.context, model.lm_head.weight.dtype) / 2**20:,.0f} MiB")
         self.weights_markdown = describe_weights(model.source_info, model)
         if self.chat:
             why = ("an Instruct model" if is_chat_model(tokenizer, self.eos) else "trained on conversations")
@@ -359,21 +365,20 @@ class Engine:
                                    notice, stop or {self.eos: "end of text"})
 
     def decode(self, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notice, stop):
-        # on the model's device: torch.multinomial samples on the device of its probabilities
-        generator = torch.Generator(self.model.lm_head.weight.device).manual_seed(seed)
+        request = self.batcher.submit(ids, max_new_tokens, temperature, top_k or None, top_p, repetition_penalty,
+                                      seed, stop_ids=set(stop))
         stream, text, n, reason = TextStream(self.tokenizer), "", 0, "max new tokens reached"
         start = time.perf_counter()
         first = None
-        compiled = self.warmup.compiled()
-        cache_len = cache_size(len(ids) + max_new_tokens, self.context) if compiled else None
-        decoder = "compiled decoder" if compiled else "eager decoder" + (
-            " (warming up)" if not self.warmup.done.is_set() else "")
-        tokens = generate_stream(self.model, ids, max_new_tokens, temperature, top_k or None, top_p,
-                                 repetition_penalty, self.eos, generator, compiled, cache_len)
-        if self.decoder:
-            tokens = self.decoder.stream(tokens)
-        try:  # the Stop button closes this generator at a yield: close the model's one too
+        tokens = request.tokens(poll=0.5)
+        try:  # the Stop button closes this generator at a yield: the request then leaves its slot
             for token in tokens:
+                if token is None:  # no token for half a second: say where the request is
+                    if first is None:
+                        ahead = self.batcher.position(request)
+                        yield text, notice + (f"Waiting for a free slot: {ahead} request(s) ahead…" if ahead
+                                              else "Reading the prompt…")
+                    continue
                 n += 1
                 first = first or time.perf_counter() - start
                 if token in stop:
@@ -392,10 +397,17 @@ class Engine:
         finally:
             tokens.close()
             seconds = time.perf_counter() - start
-            print(f"app.py: {n} tokens in {seconds:.1f} s, {reason}", file=sys.stderr, flush=True)
+            decoder = self.decoder_name(request)
+            print(f"app.py: {n} tokens in {seconds:.1f} s, {reason}, {decoder}", file=sys.stderr, flush=True)
         text += stream.flush()
         yield text, (f"{notice}{n} tokens in {seconds:.1f} s · **{n / seconds:.1f} tokens/s** · "
                      f"first token after {first or 0:.2f} s · stopped: {reason} · {decoder}")
+
+    def decoder_name(self, request):
+        """The path that decoded most of the request's tokens: compiled (alone, once built), eager, or
+        batched eager (with other requests)."""
+        path = request.paths.most_common(1)[0][0] if request.paths else "eager"
+        return f"{path} decoder" + (" (warming up)" if path != "compiled" and not self.warmup.done.is_set() else "")
 
 
 def message_text(content):
@@ -484,7 +496,7 @@ def build_ui(engine):
 
 
 def main():
-    torch.set_num_threads(1)  # this thread only loads: a team of 2 here would slow the Decoder's
+    torch.set_num_threads(1)  # this thread only loads: a team of 2 here would slow the Batcher's
     try:
         model, notes = load_model()
     except WeightsError as e:
@@ -496,12 +508,13 @@ def main():
     print(f"app.py: serving on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
     for line in speedups.install(model, device):  # the compiled CPU decoder's kernels: Warmup's build
         print(f"app.py: speed-up: {line}", file=sys.stderr)
-    cpu = device == "cpu"  # one thread decodes every request, with all the cores (Decoder)
-    engine = Engine(model, load_tokenizer(),
-                    Decoder(cpu_budget(), HOLD_LIMIT_S) if cpu else None, compile=cpu and COMPILE)
+    cpu = device == "cpu"  # one thread decodes every request, with all the cores (Batcher)
+    engine = Engine(model, load_tokenizer(), SLOTS, cpu_budget() if cpu else None, compile=cpu and COMPILE)
     print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
+    print(f"app.py: {SLOTS} requests decode together, {QUEUE_SIZE} more wait in the queue; {engine.kv_cache}",
+          file=sys.stderr, flush=True)
     ui = build_ui(engine)
-    ui.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
+    ui.queue(default_concurrency_limit=SLOTS, max_size=QUEUE_SIZE)
     ui.launch(share=False, ssr_mode=False)
 
 

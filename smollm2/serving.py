@@ -1,72 +1,30 @@
-"""CPU serving for the Space (hf_files/app.py): one decoder thread that decodes every request with
-all the cores, the KV cache sizes requests get, the compiled decoder's build in the background at
-start-up (it yields to requests), and how many CPUs this process may use. On a GPU none of it runs:
-each request decodes on its own thread."""
+"""Serving for the Space (hf_files/app.py), around smollm2/batching.py's Batcher, which decodes every
+request on one thread with all the cores: the KV cache sizes a pass reads, the compiled one-row
+decoder's build in the background at start-up (it yields to requests), and how many CPUs this process
+may use.
+
+Why one thread: libgomp, torch's OpenMP on Linux, cuts its spin-waits short once more threads are in
+its teams than there are cores, and each thread that runs torch ops gets a team of its own. Decoding on
+Gradio's worker threads did that: 19 tokens/s for one user where the same compiled decoder gives 35
+alone (2-core Xeon). The main thread must then run no ops at 2 threads either (app.py's main() sets
+it to 1)."""
 import contextlib
 import os
-import queue
 import sys
 import threading
 import time
-import types
 
 import torch
 
 from smollm2 import engine
+from smollm2.batching import rows_of
 from smollm2.errors import reason
 
-CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a request gets on CPU
-
-
-class Decoder:
-    """Decodes every request on one thread that has all the cores: each request's next token in
-    turn. A lone request gets every core; n at once get a token each in turn, so 1/n of the speed
-    each (a new request's prompt is read in one turn). Why one thread: libgomp, torch's OpenMP on
-    Linux, cuts its spin-waits short once more threads are in its teams than there are cores, and
-    each thread that runs torch ops gets a team of its own. Decoding on Gradio's worker threads did
-    that: 19 tokens/s for one user where the same compiled decoder gives 35 alone (2-core Xeon).
-    The main thread must then run no ops at 2 threads either (app.py's main() sets it to 1). A job ends
-    after time_limit seconds even if nobody reads it (a client gone without closing its stream)."""
-
-    def __init__(self, cores, time_limit):
-        self.cores, self.time_limit, self.inbox = cores, time_limit, queue.SimpleQueue()
-        threading.Thread(target=self.serve, name="decoder", daemon=True).start()
-
-    def serve(self):
-        torch.set_num_threads(self.cores)
-        jobs = []
-        while True:
-            if not jobs:
-                jobs.append(self.inbox.get())  # idle: wait for a request
-            while not self.inbox.empty():
-                jobs.append(self.inbox.get())
-            for job in list(jobs):
-                try:
-                    if job.closed or time.monotonic() > job.deadline:
-                        raise StopIteration
-                    job.out.put(next(job.tokens))
-                except Exception as e:  # StopIteration at the end, or the model's error: pass it on
-                    job.tokens.close()
-                    job.out.put(e)
-                    jobs.remove(job)
-
-    def stream(self, tokens):
-        """Yield what the generator `tokens` yields, computed on the decoder thread; closing this
-        generator (Stop, or the caller is done) ends `tokens` there, at its next turn."""
-        job = types.SimpleNamespace(tokens=tokens, out=queue.SimpleQueue(), closed=False,
-                                    deadline=time.monotonic() + self.time_limit)
-        self.inbox.put(job)
-        try:
-            while not isinstance(item := job.out.get(), Exception):
-                yield item
-            if not isinstance(item, StopIteration):
-                raise item
-        finally:
-            job.closed = True
+CACHE_SIZES = (256, 512, 1024, 2048)  # KV cache slots a pass reads: the first that holds its tokens
 
 
 def cache_sizes(context):
-    """The KV cache sizes requests use (CACHE_SIZES below the context, then the context): one
+    """The KV cache sizes a pass reads (CACHE_SIZES below the context, then the context): one
     compiled graph each."""
     return tuple(s for s in CACHE_SIZES if s < context) + (context,)
 
@@ -78,8 +36,10 @@ def cache_size(tokens, context):
 
 class Warmup:
     """Builds the model's compiled decode step in a background thread at start-up, one graph per
-    cache size, so no request waits for torch.compile (15 s to 2 min per graph on 2 cores): until
-    every size is built, requests decode eagerly (about 0.75x the speed) and the page says so.
+    cache size, for one row of a Batcher's cache, so no request waits for torch.compile (15 s to 2 min
+    per graph on 2 cores); then hands it to the Batcher (on_ready), which decodes a lone request
+    through it. Until then, and whenever several requests share a step, they decode eagerly, the
+    page says so.
 
     The build yields to requests. Tracing and compiling is Python that holds the GIL for its whole
     switch interval (5 ms) each time the decoder thread lets it go, and eager decoding lets it go
@@ -88,10 +48,11 @@ class Warmup:
     on its thread only) until none does. (A lower CPU priority, nice 19, was tried and dropped: on a
     machine shared with other busy processes it starved the build for over ten minutes.)"""
 
-    def __init__(self, model, context, enabled, threads, request_limit):
-        self.model, self.sizes = model, cache_sizes(context)
+    def __init__(self, model, context, enabled, threads, request_limit, on_ready=None):
+        self.model, self.context, self.sizes = model, context, cache_sizes(context)
         self.threads = threads  # the decoder's: Inductor builds its kernels for that many
         self.request_limit = request_limit  # seconds a request may hold the build back
+        self.on_ready = on_ready  # on_ready(step, sizes) once every size is built
         self.enabled, self.ready, self.error, self.seconds = enabled, [], None, None
         self.done, self.idle, self.lock = threading.Event(), threading.Event(), threading.Lock()
         self.idle.set()
@@ -131,11 +92,14 @@ class Warmup:
             sys.setprofile(self.yield_to_requests)  # this thread only
             torch.set_num_threads(self.threads)  # the decoder's: Inductor's kernels are built for it
             step, weight = engine.compiled_decode_step(self.model), self.model.lm_head.weight
-            with torch.inference_mode():  # as generate_stream runs it: the same guards
+            # a cache of one row shaped as a row of the Batcher's: the same strides, the same graphs
+            cache = engine.KVCache(self.model.config, 1, self.context, weight.device, weight.dtype)
+            with torch.inference_mode():  # as the Batcher runs it: the same guards
                 for size in self.sizes:
-                    cache = engine.KVCache(self.model.config, 1, size, weight.device, weight.dtype)
-                    step(torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, 1), dtype=torch.long), cache)
+                    zeros = torch.zeros((1, 1), dtype=torch.long, device=weight.device)
+                    step(zeros, zeros, rows_of(cache, 0, 1, size))
                     self.ready.append(size)
+            del cache
         except Exception as e:  # no C++ compiler, say: serve eagerly, correct and slower
             self.error = reason(e)
             engine.decode_eagerly(self.model)
@@ -143,6 +107,8 @@ class Warmup:
                   file=sys.stderr, flush=True)
         else:
             self.seconds = time.perf_counter() - start
+            if self.on_ready:
+                self.on_ready(step, self.sizes)
             print(f"app.py: compiled decoder ready for caches of {', '.join(map(str, self.sizes))} tokens "
                   f"in {self.seconds:.0f} s", file=sys.stderr, flush=True)
         finally:
@@ -150,8 +116,8 @@ class Warmup:
             self.done.set()
 
     def compiled(self):
-        """Whether requests decode through the compiled step: once every size is built (no request
-        then triggers a compilation, and none runs while one is under way)."""
+        """Whether a lone request decodes through the compiled step: once every size is built (no
+        request then triggers a compilation, and none runs while one is under way)."""
         return self.enabled and self.done.is_set() and self.error is None
 
     def markdown(self):
@@ -164,7 +130,8 @@ class Warmup:
                     f"pauses while you are answered: answers use the eager decoder until then.")
         if self.error:
             return f"Decoding eagerly: torch.compile is not available here ({self.error})."
-        return f"⚡ Fast CPU decoder ready (torch.compile, built in {self.seconds:.0f} s at start-up)."
+        return (f"⚡ Fast CPU decoder ready (torch.compile, built in {self.seconds:.0f} s at start-up) for a lone "
+                "request; requests that arrive together share eager batched steps.")
 
 
 def cpu_budget(cpu_max="/sys/fs/cgroup/cpu.max"):

@@ -354,7 +354,7 @@ def test_warmup_builds_the_compiled_decoder_in_the_background_and_requests_then_
     assert eager.warmup.markdown() == "" and not eager.warmup.compiled()
     reference, status = final(eager.generate("To be, or not to be", **GREEDY))
     assert status.endswith("· eager decoder")
-    engine = tiny_engine(app, tokenizer, decoder=app.Decoder(2, 60), compile=True)
+    engine = tiny_engine(app, tokenizer, threads=2, compile=True)
     assert "Warming up" in engine.warmup.markdown()  # compiling takes seconds: the page says so
     text, status = final(engine.generate("To be, or not to be", **GREEDY))  # served meanwhile, eagerly
     assert text == reference and "eager decoder (warming up)" in status
@@ -369,7 +369,7 @@ def test_warmup_that_cannot_compile_serves_eagerly_and_says_why(app, tokenizer, 
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
     monkeypatch.setattr(engine_module, "compiled_decode_step", lambda model: no_compiler())
-    engine = tiny_engine(app, tokenizer, decoder=app.Decoder(2, 60), compile=True)
+    engine = tiny_engine(app, tokenizer, threads=2, compile=True)
     assert engine.warmup.done.wait(60)
     assert not engine.warmup.compiled() and "no C++ compiler found" in engine.warmup.markdown()
     text, status = final(engine.generate("Hello", max_new_tokens=3))

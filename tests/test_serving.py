@@ -1,65 +1,32 @@
-"""The Space's CPU serving (smollm2/serving.py): one decoder thread for every request, the cache sizes,
+"""The Space's serving (smollm2/serving.py): one Batcher thread for every request, the cache sizes,
 the compiled decoder's build that yields to requests, and the CPUs a container grants. The app that
-uses them is tested in test_app.py."""
+uses them is tested in test_app.py, the batching itself in test_batching.py."""
 import os
 import threading
 import time
 
-import pytest
 import torch
 
-from smollm2.serving import Decoder, Warmup, cache_size, cache_sizes, cpu_budget
+from smollm2.serving import Warmup, cache_size, cache_sizes, cpu_budget
 
 
-def test_decoder_runs_every_request_on_one_thread_with_all_the_cores_in_turns():
-    decoder, seen = Decoder(2, 60), []
-
-    def tokens(name, n):  # what the decoder thread sees while it computes each "token"
-        for i in range(n):
-            seen.append(name)
-            time.sleep(0.005)  # a token's work: the second request arrives while the first runs
-            yield name, i, threading.current_thread().name, torch.get_num_threads()
-
-    assert list(decoder.stream(tokens("alone", 3))) == [("alone", i, "decoder", 2) for i in range(3)]
-    a, b = decoder.stream(tokens("a", 40)), decoder.stream(tokens("b", 40))
-    first_a, first_b = next(a), next(b)  # both in the decoder's hands now, a with 39 tokens to go
-    rest_a, rest_b = list(a), list(b)
-    assert [first_a] + rest_a == [("a", i, "decoder", 2) for i in range(40)]
-    assert [first_b] + rest_b == [("b", i, "decoder", 2) for i in range(40)]
-    both = seen[seen.index("b"):]
-    assert both[:20].count("a") >= 8 and both[:20].count("b") >= 8  # in turns, not one after the other
-
-
-def test_decoder_passes_errors_on_and_closing_ends_the_job_on_its_thread():
-    decoder, ended = Decoder(1, 60), threading.Event()
-
-    def broken():
-        yield 1
-        raise ValueError("the model failed")
-
-    stream = decoder.stream(broken())
-    assert next(stream) == 1
-    with pytest.raises(ValueError, match="the model failed"):
-        next(stream)
-
-    def endless():
-        try:
-            while True:
-                yield 0
-        finally:
-            ended.set()
-
-    stream = decoder.stream(endless())
-    next(stream)
-    stream.close()  # what Stop does to the request's generator
-    assert ended.wait(10), "the decoder kept computing a closed request"
-    assert list(decoder.stream(c for c in "ok")) == ["o", "k"]  # and serves the next one
-
-    ended.clear()
-    decoder = Decoder(1, time_limit=0.2)  # a stream nobody closes ends at the time limit
-    started = time.monotonic()
-    assert len(list(decoder.stream(endless()))) > 0 and ended.wait(10)
-    assert 0.2 <= time.monotonic() - started < 10
+def test_the_batcher_decodes_every_request_on_its_own_thread_with_all_the_cores():
+    """One thread with the cores runs every torch op of decoding (see the module's docstring); the
+    requests that come while one decodes join its steps."""
+    from conftest import tiny_model
+    from smollm2 import engine
+    from smollm2.batching import Batcher
+    model = tiny_model().eval()
+    batcher, seen = Batcher(model, slots=4, context=64), []
+    eager = batcher.step_fn
+    batcher.step_fn = lambda idx, positions, cache: seen.append(
+        (threading.current_thread().name, torch.get_num_threads(), idx.size(0))) or eager(idx, positions, cache)
+    batcher.start(threads=2)
+    requests = [batcher.submit([i + 1, i + 2, i + 3], 30) for i in range(3)]
+    answers = [[t for t in r.tokens() if t is not None] for r in requests]
+    assert answers == [engine.generate(model, [i + 1, i + 2, i + 3], 30) for i in range(3)]
+    assert {(name, threads) for name, threads, _ in seen} == {("batcher", 2)}
+    assert max(rows for _, _, rows in seen) == 3  # the three shared decode steps
 
 
 def test_cache_sizes_follow_the_context():
