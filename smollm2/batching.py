@@ -204,7 +204,8 @@ class Batcher:
         if not ready:
             return
         n = self.rows(max(ready) + 1)
-        size = self.cache_size(max(r.length for r in ready.values()) + 1)
+        # every row in the step writes at its length: those still reading a prompt may be the longest
+        size = self.cache_size(max(r.length for slot, r in self.running.items() if slot < n) + 1)
         tokens = [0] * n
         for slot, request in ready.items():
             tokens[slot] = request.next_token

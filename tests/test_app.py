@@ -485,6 +485,50 @@ def test_eight_simultaneous_users_are_all_answered(tiny_app):
     assert time.monotonic() - start < 120
 
 
+def test_72_requests_at_once_with_hostile_ones_among_them_are_each_answered_or_refused_clearly(tiny_app):
+    """8 slots decode together and Gradio queues the rest: 64 requests beyond the slots are answered;
+    hostile ones (not a list of messages, an unknown role, 1 MB of text, a billion tokens, a negative
+    temperature) each get their one clear error or notice while the others go on."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    client = Client(tiny_app.url, verbose=False)
+    chat = dict(max_new_tokens=8, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.0, seed=0)
+    hostile = {3: ("chat", {"messages": "hello", **chat}, "messages must be a list"),
+               9: ("chat", {"messages": [{"role": "wizard", "content": "hi"}], **chat}, "role"),
+               20: ("generate", {"prompt": "x" * 1_000_000, **GREEDY}, "kept its last"),
+               30: ("generate", {"prompt": "Hi", **{**GREEDY, "max_new_tokens": 10**9}}, "max_new_tokens"),
+               40: ("generate", {"prompt": "Hi", **{**GREEDY, "temperature": -1.0}}, "temperature")}
+    jobs = {i: client.submit(**hostile[i][1], api_name=f"/{hostile[i][0]}") if i in hostile else
+            client.submit(prompt=f"User {i} says", **{**GREEDY, "max_new_tokens": 8, "seed": i}, api_name="/generate")
+            for i in range(72)}
+    answered = 0
+    for i, job in jobs.items():
+        try:
+            text, status = job.result(timeout=600)
+        except AppError as e:
+            assert i in hostile and hostile[i][2] in str(e), (i, e)
+            continue
+        assert "tokens/s" in status, (i, status)
+        if i in hostile:  # clamped or cut, with a notice
+            assert hostile[i][2] in status, (i, status)
+        answered += 1
+    assert answered >= 72 - 2
+
+
+def test_a_visitor_who_leaves_mid_answer_frees_the_slot_at_the_next_step(app, tokenizer):
+    engine = tiny_engine(app, tokenizer, slots=2)
+    answer = engine.generate("Hello there", max_new_tokens=900, temperature=0.8)
+    next(answer)  # "Generating…"
+    next(answer)  # a first piece of text: the request holds a slot
+    assert len(engine.batcher.running) == 1
+    answer.close()  # the tab closed, or Stop
+    steps = engine.batcher.steps
+    deadline = time.monotonic() + 30
+    while engine.batcher.running and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not engine.batcher.running and engine.batcher.steps - steps <= 1
+
+
 @pytest.mark.slow
 def test_page_follows_the_warm_up_and_answers_then_come_from_the_compiled_decoder(tiny_app, tiny_checkpoint,
                                                                                 tokenizer):

@@ -69,6 +69,20 @@ def test_a_long_prompt_is_read_in_chunks_while_the_others_keep_decoding(model):
     assert batcher.step() and len(drain(long)) == 2 and len(drain(busy)) == 1  # read: its first two tokens
 
 
+def test_a_decode_step_reads_enough_slots_for_a_row_further_along_its_prompt_than_any_decoding_row(model):
+    """Rows reading a prompt take part in decode steps (a dummy token where their next goes): the
+    slots a step reads must hold theirs too, not only the decoding rows'."""
+    batcher = batching.Batcher(model, slots=2, context=128, chunk=32, cache_sizes=(16, 64))
+    first, short = batcher.submit(prompt(1, 3), 1), batcher.submit(prompt(2, 3), 30)
+    batcher.step()  # the first request's one token: slot 0 is free again
+    batcher.step()
+    long = batcher.submit(prompt(3, 100), 3)  # slot 0, below the decoding row: in every decode step
+    while batcher.step():
+        pass
+    assert first.slot is None and long.slot is None and len(drain(long)) == 3
+    assert drain(short) == engine.generate(model, prompt(2, 3), 30)
+
+
 def test_a_request_whose_reader_leaves_frees_its_slot_at_the_next_step_for_the_next_in_line(model):
     batcher = batching.Batcher(model, slots=1, context=64)
     first, second = batcher.submit(prompt(1, 4), 40), batcher.submit(prompt(2, 4), 3)

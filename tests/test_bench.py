@@ -52,6 +52,19 @@ def test_bench_space_serves_a_tiny_model_and_compares_it_with_model_py(tmp_path)
     assert "eager decoder (warming up)" in run.stdout  # it was answered while the compiled decoder was built
 
 
+def test_bench_load_sends_users_at_once_and_accounts_for_every_request(tmp_path):
+    torch.manual_seed(0)
+    SmolLM2(PRESETS["tiny"]).save_pretrained(tmp_path / "tiny")
+    run = subprocess.run([sys.executable, "-m", "bench.load", "--weights", str(tmp_path / "tiny"), "--users", "3",
+                          "--tokens", "8", "--seconds", "5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    one, together, ratio, same = re.search(r"one after another: ([\d.]+) tokens/s; all at once: ([\d.]+) tokens/s "
+                                           r"\(([\d.]+)x\); the same answers: (\d) of 3", run.stdout).groups()
+    assert float(ratio) == pytest.approx(float(together) / float(one), rel=0.02) and same == "3"
+    answered, refused = re.search(r"3 users for 5 s: (\d+) answered, (\d+) refused", run.stdout).groups()
+    assert int(answered) >= 3 and refused == "0" and "first token p50" in run.stdout
+
+
 def test_bench_compiles_ours_as_train_py_would_and_transformers_only_when_asked():
     from bench import speed as bench
     auto = lambda device, model="smollm2-135m": argparse.Namespace(compile="auto", device=device, model=model)
