@@ -173,7 +173,7 @@ def adamw_flags(args, lr):
 
 def compare(args, lr, data):
     """AdamW at lr for N steps, Muon + WSD at each fraction of N; [(label, save, steps)]."""
-    adamw = os.path.join(args.out, "compare", "adamw", "ckpt.pt")
+    adamw = os.path.join(args.out, "compare", f"adamw-lr{lr:g}", "ckpt.pt")
     runs = [(f"AdamW lr {lr:g}, warmup {args.adamw_warmup} + cosine, {args.steps} steps", adamw, args.steps)]
     jobs = [(adamw, args.steps, command(adamw, args.steps, data, adamw_flags(args, lr)))]
     fracs = sorted(float(x) for x in args.fracs.split(","))
