@@ -187,6 +187,8 @@ def check_args(args, ckpt):
         raise UsageError(f"--steps {args.steps} is not above the checkpoint's step {ckpt['step']}: "
                          f"nothing to train; e.g. --steps {ckpt['step'] + 50} trains 50 more")
     check_optimizer(args, ckpt)
+    if args.decay_frac is not None and args.decay_frac > 1:
+        raise UsageError(f"--decay-frac {args.decay_frac:g}: the fraction of the steps that decays is at most 1")
     if ckpt and args.model is not None:
         problems = config_mismatch(ckpt["config"], asdict(model_config(args.model)))
         if problems:

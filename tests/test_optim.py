@@ -223,9 +223,11 @@ def test_resuming_with_another_optimizer_is_one_line_and_leaves_the_checkpoint_a
     assert (folder / "full/ckpt.pt").read_bytes() == before
 
 
-def test_fsdp_with_muon_is_refused_in_one_line_saying_why(tmp_path):
+def test_fsdp_with_muon_and_a_decay_frac_over_1_are_refused_in_one_line_saying_why(tmp_path):
     proc = run_train(tmp_path, *TINY, "--optimizer", "muon", "--fsdp", "--steps", 2, status=2)
     assert_one_line_error(proc, "train.py", "--fsdp --optimizer muon", "whole matrices")
+    proc = run_train(tmp_path, *TINY, "--schedule", "wsd", "--decay-frac", "1.5", "--steps", 2, status=2)
+    assert_one_line_error(proc, "train.py", "--decay-frac 1.5", "at most 1")
 
 
 def test_a_checkpoint_from_before_these_settings_resumes_as_adamw_and_cosine(tmp_path, corpus):
