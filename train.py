@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from model import PRESETS, SmolLM2, SmolLM2Config, flops_per_token
-from smollm2 import devices, loggers, report, sharding, speedups, zero_shot
+from model import SmolLM2, SmolLM2Config, flops_per_token
+from smollm2 import devices, loggers, optim, report, sharding, speedups, zero_shot
 from smollm2.checkpoint import Saver, check_disk_space, find_latest, load_checkpoint, restore, set_rng_state
 from smollm2.chunked_loss import ChunkedLoss
 from smollm2.cli import main_guard
@@ -34,19 +34,8 @@ from smollm2.run_lock import RunLock
 from smollm2.sampling import sample_text
 from smollm2.signals import StopSignals
 from smollm2.tokenizer import load_tokenizer
-from smollm2.train_args import DEFAULTS, build_parser, check_args, resolve_args
+from smollm2.train_args import DEFAULTS, build_parser, check_args, model_config, resolve_args
 from smollm2.training_loss import TrainingLoss
-
-
-def get_lr(step, lr, min_lr, warmup, horizon):
-    """LR of optimizer step `step` (0-based): linear warmup, cosine decay to min_lr at `horizon`
-    (the first run's --steps), min_lr after it."""
-    if step >= horizon:
-        return min_lr
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, horizon - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -94,18 +83,9 @@ def build_model(args, ckpt, proc):
             raise UsageError(f"--seq-len {args.seq_len} exceeds the context window of {args.init}, "
                              f"{model.config.max_position_embeddings}")
     else:
-        model = SmolLM2(PRESETS[args.model])
+        model = SmolLM2(model_config(args.model))  # a preset, or the shape of a config.json
     model.gradient_checkpointing = args.gradient_checkpointing
     return model.to(proc.device).train()
-
-
-def make_optimizer(model, args, proc):
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # norms: no decay
-    # fused: one kernel for every parameter (on CPU since torch 2.4: 55 ms a step at 135M against 285)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                             fused=True if proc.type in ("cuda", "cpu") else None)
 
 
 class Run:
@@ -121,14 +101,16 @@ class Run:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
         self.model = build_model(args, ckpt, proc)  # the SmolLM2 itself: what checkpoints save
         n_params = sum(p.numel() for p in self.model.parameters())
-        self.step, self.horizon, self.val_loss = 0, ckpt["lr_horizon"] if ckpt else args.steps, None
+        self.step, self.val_loss = 0, None
+        self.horizon, self.horizon_moved = optim.lr_horizon(args, ckpt)  # where the LR schedule ends
         compile_choice = devices.pick_compile(proc.type, args.compile, n_params, self.horizon)  # (on?, why)
         self.speedups = speedups.install(self.model, proc.device, self.precision.dtype, compile_choice[0],
                                          training=True, sharded=args.fsdp)  # before DDP or FSDP wrap it
         self.sharded = None  # --fsdp: the sharded root, the chunked loss around the model (sharding.py)
         if args.fsdp:
             self.sharded = sharding.shard(ChunkedLoss(self.model), self.model, proc, self.precision.dtype)
-        self.optimizer = make_optimizer(self.model, args, proc)
+        # AdamW, or Muon for the decoder's matrices and AdamW for the rest (--optimizer; smollm2/optim.py)
+        self.optimizer = optim.make_optimizer(self.model, args, fused=proc.type in ("cuda", "cpu"))
         self.history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
         if ckpt:
             self.restore(ckpt)
@@ -144,9 +126,9 @@ class Run:
         self.tokenizer = load_tokenizer() if self.tasks else None
 
     def restore(self, ckpt):
-        """Every state of the checkpoint's run: weights (sharded ones), AdamW, data position, RNG, loop."""
-        restore(ckpt, self.model, self.optimizer)  # AdamW's state; a sharded checkpoint's weights too
-        self.optimizer.param_groups[0]["weight_decay"] = self.args.weight_decay  # may be overridden
+        """Every state of the checkpoint's run: weights (sharded ones), optimizer, data position, RNG, loop."""
+        restore(ckpt, self.model, self.optimizer)  # the optimizer's state; a sharded checkpoint's weights too
+        optim.set_weight_decay(self.optimizer, self.args.weight_decay)  # may be overridden
         if ckpt["data"] is not None:  # None: the data changed since (data.change_since)
             self.loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
@@ -199,9 +181,8 @@ def train(run, saver, stop):
         loggers.record_start(run.history, *run.evaluate(), master)
     clock = loggers.Clock(run.step, run.proc.device)
     while run.step < args.steps:
-        lr = get_lr(run.step, args.lr, args.min_lr, args.warmup, run.horizon)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        lr = optim.lr_at(run.step, args, run.horizon)  # --schedule cosine or wsd
+        optim.set_lr(run.optimizer, lr, run.step)  # and Muon's momentum warm-up
         loss, norm = run.train_step()
         run.step += 1
         step, last = run.step, run.step == args.steps
@@ -254,7 +235,7 @@ def main(argv=None):
     try:
         if new_run and not args.init:  # a preset's size is known before anything is built
             with torch.device("meta"):  # no memory, no time
-                print(report.new_run_notice(args, proc, SmolLM2(PRESETS[args.model])), flush=True)
+                print(report.new_run_notice(args, proc, SmolLM2(model_config(args.model))), flush=True)
         # a missing tracker package stops the run here (MissingPackage), before anything heavy
         trackers = loggers.Loggers(args, ckpt["step"] if ckpt else 0, proc.master)
         proc.start()

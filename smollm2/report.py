@@ -5,7 +5,7 @@ import shlex
 import signal
 
 from model import flops_per_token
-from smollm2 import devices
+from smollm2 import devices, optim
 from smollm2.checkpoint import resume_names
 
 
@@ -42,7 +42,8 @@ def describe(run, data):
     if advice := devices.batch_advice(proc.type, run.tokens_per_step):
         print(f"batch advice: {advice}")
     describe_how(run)
-    print(lr_schedule(args, run.horizon, run.step))
+    print(optimizer_line(args))
+    print(lr_schedule(args, run.horizon, run.step, run.horizon_moved))
 
 
 def describe_how(run):
@@ -66,12 +67,34 @@ def describe_how(run):
               "(sample.py reads the checkpoints)")
 
 
-def lr_schedule(args, horizon, step):
-    """The LR line of the start-up log, and the one that says which steps are past the horizon."""
+def optimizer_line(args):
+    """The optimizer line of the start-up log."""
+    if args.optimizer == "muon":
+        start, end = optim.MUON_MOMENTUM
+        return (f"optimizer: Muon (Nesterov momentum {start:g} -> {end:g} over {optim.MUON_MOMENTUM_WARMUP} steps, "
+                f"update RMS matched to AdamW's) on the decoder layers' matrices, AdamW (0.9, 0.95) on the "
+                f"embedding and norms; weight decay {args.weight_decay:g} on matrices")
+    return f"optimizer: AdamW (0.9, 0.95), weight decay {args.weight_decay:g} on matrices"
+
+
+def lr_schedule(args, horizon, step, moved_from=None):
+    """The LR line of the start-up log in words, and the lines that say where a resumed wsd run moved
+    its decay and which steps are past the horizon."""
     short = (f" (warning: the warmup is longer than the run's {horizon} steps: the LR never reaches its "
              f"peak {args.lr:g}; lower --warmup)" if args.warmup > horizon else "")
-    line = (f"LR: warmup {args.warmup} steps to {args.lr:g}, cosine to {args.min_lr:g} at step {horizon} "
-            f"(the horizon set by this run's first launch), {args.min_lr:g} after it{short}")
+    origin = "the horizon set by this run's first launch" if moved_from is None else "the horizon of this launch"
+    if args.schedule == "wsd":
+        start = optim.decay_start(horizon, args.decay_frac)
+        line = (f"LR: warmup {args.warmup} steps to {args.lr:g}, flat until step {start}, then a {args.decay_shape} "
+                f"decay over the last {args.decay_frac:.0%} of the steps to {args.min_lr:g} at step {horizon} "
+                f"({origin}), {args.min_lr:g} after it{short}")
+    else:
+        line = (f"LR: warmup {args.warmup} steps to {args.lr:g}, cosine to {args.min_lr:g} at step {horizon} "
+                f"({origin}), {args.min_lr:g} after it{short}")
+    if moved_from is not None:
+        line += (f"\nwsd: the decay moved to the end of --steps {horizon}: the checkpoint's run (step {step}) "
+                 f"was to decay from step {optim.decay_start(moved_from, args.decay_frac)} to {moved_from}, "
+                 "and had not begun")
     if args.steps > horizon:
         line += (f"\nsteps {max(step, horizon) + 1}..{args.steps} are past the horizon: LR stays at "
                  f"{args.min_lr:g}")

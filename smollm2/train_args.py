@@ -4,13 +4,15 @@ was not given from its checkpoint (resolve_args); the checks that refuse an impo
 anything heavy is built (check_args).
 """
 import argparse
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from model import PRESETS, SmolLM2Config
-from smollm2 import devices
+from smollm2 import devices, optim
 from smollm2.checkpoint import run_file
 from smollm2.cli import NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT, OneLineParser
-from smollm2.errors import UsageError
+from smollm2.errors import ModelLoadError, UsageError
+from smollm2.weights import read_config_json
 
 # what makes two models the same model: a checkpoint resumes only under a --model that matches these
 ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -41,15 +43,29 @@ class Settings:
                             "files, --val-tokens of a stream)", metavar="SOURCE")
     val_tokens: int = setting(100_000, "validation tokens of an hf: stream: its first N, held out of training; "
                               "0 = none", type=NONNEG_INT)
-    model: str = setting("smollm2-135m", "model preset", choices=sorted(PRESETS))
+    model: str = setting("smollm2-135m", f"model preset ({', '.join(sorted(PRESETS))}) or the path of an HF "
+                         "config.json of a Llama-shaped model of any size, trained from scratch with that shape",
+                         metavar="PRESET|CONFIG.JSON")
     batch_size: int = setting(4, "sequences per micro-batch per process; the default suits a CPU: on a GPU "
                               "raise it and --seq-len (docs/gpu.md)", type=POS_INT)
     seq_len: int = setting(256, "tokens per sequence", type=POS_INT)
     grad_accum: int = setting(1, "micro-batches per optimizer step", type=POS_INT)
-    lr: float = setting(3e-4, "peak learning rate", type=POS_FLOAT)
-    min_lr: float = setting(3e-5, "final learning rate of the cosine decay", type=NONNEG_FLOAT)
+    optimizer: str = setting("adamw", "adamw, or muon: Muon for the decoder layers' matrices, AdamW for the "
+                             "embedding and norms, at AdamW's --lr scale and --weight-decay (docs/training.md)",
+                             choices=optim.OPTIMIZERS)
+    lr: float = setting(None, f"peak learning rate (default {optim.DEFAULT_LR['adamw']:g} with adamw, "
+                        f"{optim.DEFAULT_LR['muon']:g} with muon)", type=POS_FLOAT)
+    min_lr: float = setting(3e-5, "final learning rate, at the end of the cosine or the wsd decay",
+                            type=NONNEG_FLOAT)
     warmup: int = setting(100, "linear warmup steps", type=NONNEG_INT)
-    weight_decay: float = setting(0.1, "AdamW weight decay on matrices", type=NONNEG_FLOAT)
+    schedule: str = setting("cosine", "LR after the warmup: cosine down to --min-lr, or wsd (warmup-stable-decay, "
+                            "SmolLM2's): flat, then a decay over the last --decay-frac of the steps",
+                            choices=optim.SCHEDULES)
+    decay_frac: float = setting(0.2, "wsd: the fraction of the steps that decays", type=POS_FLOAT)
+    decay_shape: str = setting("linear", "wsd: the decay's shape, linear (SmolLM2's) or 1-sqrt",
+                               choices=optim.DECAY_SHAPES)
+    weight_decay: float = setting(0.1, "decoupled weight decay on matrices (AdamW's and Muon's)",
+                                  type=NONNEG_FLOAT)
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 = no clipping", type=NONNEG_FLOAT)
     seed: int = setting(1337, "random seed", type=int)
     device: str = setting("auto", "auto picks cuda, then mps, then cpu", resumed=False)
@@ -139,6 +155,8 @@ def resolve_args(args, saved, world):
     for k, default in DEFAULTS.items():
         if k not in given:
             setattr(args, k, saved.get(k, default) if saved else default)
+    if args.lr is None:  # neither given nor saved: the optimizer's default
+        args.lr = optim.DEFAULT_LR[args.optimizer]
     if isinstance(args.compile, bool):  # a checkpoint from before --compile auto: the flag was on or off
         args.compile = "on" if args.compile else "off"
     if saved and "grad_accum" not in given:  # keep the global batch under a new world size
@@ -168,17 +186,47 @@ def check_args(args, ckpt):
     if ckpt and args.steps <= ckpt["step"]:
         raise UsageError(f"--steps {args.steps} is not above the checkpoint's step {ckpt['step']}: "
                          f"nothing to train; e.g. --steps {ckpt['step'] + 50} trains 50 more")
+    check_optimizer(args, ckpt)
+    if args.decay_frac is not None and args.decay_frac > 1:
+        raise UsageError(f"--decay-frac {args.decay_frac:g}: the fraction of the steps that decays is at most 1")
     if ckpt and args.model is not None:
-        problems = config_mismatch(ckpt["config"], asdict(PRESETS[args.model]))
+        problems = config_mismatch(ckpt["config"], asdict(model_config(args.model)))
         if problems:
             raise UsageError(f"--ckpt {args.ckpt} holds a different model than --model {args.model} "
                              f"({problems}); drop --model to resume it as it is")
     if args.init and not ckpt:
         return  # the source's context window is checked once it is loaded
-    config = SmolLM2Config(**ckpt["config"]) if ckpt else PRESETS[args.model or DEFAULTS["model"]]
+    config = SmolLM2Config(**ckpt["config"]) if ckpt else model_config(args.model or DEFAULTS["model"])
     if (args.seq_len or 0) > config.max_position_embeddings:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context window of "
                          f"{config.max_position_embeddings}")
+
+
+def check_optimizer(args, ckpt):
+    """A run keeps its optimizer (its state is the optimizer's own); --fsdp trains with AdamW only."""
+    saved = ckpt["args"].get("optimizer", "adamw") if ckpt else None  # checkpoints before --optimizer: AdamW
+    if saved and args.optimizer and args.optimizer != saved:
+        raise UsageError(f"--ckpt {args.ckpt} was trained with --optimizer {saved}, and its state is {saved}'s: "
+                         f"resume it with --optimizer {saved} (or without --optimizer), or start a new run with "
+                         f"--init {args.ckpt} --optimizer {args.optimizer}")
+    if args.fsdp and (args.optimizer or saved) == "muon":
+        raise UsageError("--fsdp --optimizer muon: Muon orthogonalises whole matrices and --fsdp gives each "
+                         "process a shard of each; train Muon runs with DDP (torchrun without --fsdp)")
+
+
+def model_config(name):
+    """The SmolLM2Config of --model: a preset's, or an HF Llama config.json's (one line when it is neither,
+    or a config this model cannot be)."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if not name.endswith(".json") and not os.path.isfile(name):
+        raise UsageError(f"--model {name}: not a preset ({', '.join(sorted(PRESETS))}) nor an HF config.json file")
+    try:
+        fields_ = read_config_json(name, PRESETS[DEFAULTS["model"]].vocab_size)
+        return SmolLM2Config(**{f.name: fields_[f.name] for f in fields(SmolLM2Config) if f.name in fields_})
+    except (TypeError, ValueError) as e:  # ModelLoadError is a ValueError too: one line either way
+        raise UsageError(f"--model {e}" if isinstance(e, ModelLoadError) else f"--model {name}: bad config ({e})") \
+            from None
 
 
 def config_mismatch(have, want):

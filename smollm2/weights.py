@@ -140,6 +140,37 @@ def config_from_hf(hf, source):
     return {k: v for k, v in hf.items() if v is not None}  # from_pretrained takes SmolLM2Config's fields
 
 
+# a config.json's shape fields without a default here (HF's LlamaConfig has defaults for them, but a
+# config that leaves them out is a mistake, not a wish for Llama-7B's); the others take HF's defaults
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+HF_LLAMA_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "initializer_range": 0.02}
+
+
+def read_config_json(path, vocab_size):
+    """The model config fields of an HF Llama config.json that a run trains from scratch (--model
+    path): checked by config_from_hf, the shape fields required, the others HF's defaults; key/value
+    heads default to the query heads (HF's rule); the tokenizer's ids must fit its vocab_size."""
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: not a readable config.json ({reason(e)})") from None
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{path}: not an HF config.json (a JSON object of model settings)")
+    if missing := [k for k in SHAPE_FIELDS if hf.get(k) is None]:
+        raise ModelLoadError(f"{path}: no {', '.join(missing)}; a Llama config.json gives the model's shape: "
+                             f"{', '.join(SHAPE_FIELDS)}")
+    if hf.get("attention_dropout"):
+        raise ModelLoadError(f"{path}: unsupported config (attention_dropout={hf['attention_dropout']!r}); "
+                             "this model has no dropout")
+    config = {**HF_LLAMA_DEFAULTS, "num_key_value_heads": hf["num_attention_heads"], "bos_token_id": 0,
+              "eos_token_id": 0, **config_from_hf(hf, path)}
+    if not isinstance(config["vocab_size"], int) or config["vocab_size"] < vocab_size:
+        raise ModelLoadError(f"{path}: vocab_size {config['vocab_size']!r} is smaller than the tokenizer's "
+                             f"{vocab_size} tokens; use vocab_size {vocab_size}")
+    return config
+
+
 def load_weights(source):
     """(config fields as a dict, state_dict, info) from any source that from_pretrained accepts."""
     if not os.path.exists(source):

@@ -103,3 +103,24 @@ def test_bench_accelerations_times_each_speed_up_on_against_off():
     assert [r[0].split(",")[0] for r in ratios] == ["bf16 weight copy", "glibc keeps freed memory"], proc.stdout
     for _, on, off, ratio in ratios:
         assert float(on) > 0 and float(off) > 0 and float(ratio) == pytest.approx(float(on) / float(off), abs=2e-3)
+
+
+def test_bench_recipes_finds_the_steps_to_adamws_final_loss_and_counts_newton_schulz(tmp_path):
+    from bench import recipes
+    def write(name, vals):
+        save = tmp_path / name / "ckpt.pt"
+        save.parent.mkdir()
+        with open(recipes.metrics_path(str(save)), "w") as f:
+            for step, val in vals:
+                f.write(json.dumps({"step": step, "loss": val, "tok_s": 512.0, "val_loss": val}) + "\n")
+        return str(save)
+    adamw = write("adamw", [(0, 11.0), (50, 6.0), (100, 5.0)])
+    muon = write("muon", [(0, 11.0), (50, 5.5), (60, 4.9)])
+    result = recipes.report([("AdamW", adamw, 100), ("Muon", muon, 60)])
+    assert result["target_val_loss"] == 5.0
+    rows = {r["run"]: r for r in result["rows"]}
+    assert rows["Muon"]["first_step_at_target"] == 60 and rows["Muon"]["steps_vs_adamw"] == 0.6
+    assert rows["Muon"]["tokens_to_target"] == 60 * 1024 and rows["Muon"]["train_seconds_to_target"] == 120.0
+    assert rows["AdamW"]["first_step_at_target"] == 100
+    flops = recipes.newton_schulz_flops(SmolLM2(PRESETS["smollm2-135m"]))  # docs/training.md's 1.4 TFLOP
+    assert 1.3e12 < flops < 1.5e12

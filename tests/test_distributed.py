@@ -140,3 +140,19 @@ def test_compiled_ddp_matches_one_compiled_process_with_grad_accum_2(tmp_path, c
     a, b = losses(tmp_path / "ddp/c_metrics.jsonl"), losses(tmp_path / "single/c_metrics.jsonl")
     assert a.keys() == b.keys() == {1, 2, 3}
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+
+
+# ----------------------------------------------------------------------------- Muon under DDP
+def test_muon_on_two_ranks_matches_one_process_with_grad_accum_2(tmp_path, corpus):
+    """Muon orthogonalises the all-reduced gradient, the same on every rank: DDP trains as one process does."""
+    args = [*TINY, "--data", corpus, "--optimizer", "muon", "--schedule", "wsd", "--steps", 4, "--ckpt-interval", 0]
+    ddp = run_cmd(tmp_path, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  TRAIN_PY, *args, "--save", "ddp/c.pt")
+    run_train(tmp_path, *args, "--grad-accum", 2, "--save", "single/c.pt")
+    assert "optimizer: Muon" in ddp.stdout
+    a, b = losses(tmp_path / "ddp/c_metrics.jsonl"), losses(tmp_path / "single/c_metrics.jsonl")
+    assert list(a) == list(b) == [1, 2, 3, 4]
+    assert a == pytest.approx(b, abs=1e-4, rel=0) and a[4] < a[1] - 0.05
+    wa, wb = weights(tmp_path / "ddp/c.pt"), weights(tmp_path / "single/c.pt")
+    for k in wa:  # Newton-Schulz in bf16: a last-bit difference in a gradient may round one step apart
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3, msg=k)

@@ -16,7 +16,7 @@ from conftest import (ROOT, TINY, TRAIN_ENV, TRAIN_PY, load_ckpt, losses, read_m
                       train_cmd)
 from smollm2.errors import UsageError
 from smollm2.train_args import build_parser
-from train import get_lr
+from smollm2.optim import get_lr
 
 
 @pytest.fixture(scope="module")
