@@ -65,6 +65,16 @@ def test_bench_load_sends_users_at_once_and_accounts_for_every_request(tmp_path)
     assert int(answered) >= 3 and refused == "0" and "first token p50" in run.stdout
 
 
+@pytest.mark.slow
+def test_bench_decode_batch_times_eager_and_compiled_steps_per_batch_size():
+    run = subprocess.run([sys.executable, "-m", "bench.decode_batch", "--model", "tiny", "--sizes", "1,2",
+                          "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    rows = re.findall(r"^ +(\d) +([\d.]+) +([\d.]+) +([\d.]+) +\d+$", run.stdout, re.M)
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert all(float(r[3]) == pytest.approx(float(r[2]) / float(r[1]), rel=0.02) for r in rows)
+
+
 def test_bench_compiles_ours_as_train_py_would_and_transformers_only_when_asked():
     from bench import speed as bench
     auto = lambda device, model="smollm2-135m": argparse.Namespace(compile="auto", device=device, model=model)
