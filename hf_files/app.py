@@ -215,9 +215,11 @@ def as_number(name, value, low, high, integer=False, notes=None):
 class Engine:
     """The model, the tokenizer and the generate endpoint."""
 
-    def __init__(self, model, tokenizer, slots=SLOTS, threads=None, compile=False):
+    def __init__(self, model, tokenizer, slots=SLOTS, threads=None, compile=False, shared=True):
         """slots: requests decoded together (smollm2/batching.py's Batcher, on a thread of its own with
-        `threads` torch threads); compile: build the compiled decoder for a lone request (Warmup)."""
+        `threads` torch threads); compile: build the compiled decoder for a lone request (Warmup);
+        shared=False (ZeroGPU, where a GPU is attached only during each call): each request decodes
+        alone on its own call's thread."""
         self.model, self.tokenizer = model, tokenizer
         self.eos = model.config.eos_token_id
         # a chat model: an Instruct one (it ends its turns, so its text, with <|im_end|>) or weights
@@ -226,10 +228,13 @@ class Engine:
         self.chat = is_chat_model(tokenizer, self.eos) or bool(model.source_info.get("conversations"))
         self.prefix, self.suffix = [], []  # completion: the text as it is, for every model
         self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
-        self.batcher = Batcher(model, slots, self.context, cache_sizes=cache_sizes(self.context),
-                               time_limit=HOLD_LIMIT_S).start(threads)
+        self.batcher = None
+        if shared:
+            self.batcher = Batcher(model, slots, self.context, cache_sizes=cache_sizes(self.context),
+                                   time_limit=HOLD_LIMIT_S).start(threads)
         self.warmup = Warmup(model, self.context, compile, threads or 1, HOLD_LIMIT_S,
-                             on_ready=self.batcher.set_compiled)
+                             on_ready=self.batcher.set_compiled if shared else None)
+        slots = slots if shared else 1  # ZeroGPU: one cache per call
         self.kv_cache = (f"KV cache: {slots} slots x {self.context:,} tokens, "
                          f"{kv_cache_bytes(model.config, slots, self.context, model.lm_head.weight.dtype) / 2**20:,.0f} MiB")
         self.weights_markdown = describe_weights(model.source_info, model)
@@ -365,17 +370,18 @@ class Engine:
                                    notice, stop or {self.eos: "end of text"})
 
     def decode(self, ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, notice, stop):
-        request = self.batcher.submit(ids, max_new_tokens, temperature, top_k or None, top_p, repetition_penalty,
-                                      seed, stop_ids=set(stop))
+        batcher = self.batcher or Batcher(self.model, 1, self.context)  # ZeroGPU: alone, on this call's thread
+        request = batcher.submit(ids, max_new_tokens, temperature, top_k or None, top_p, repetition_penalty,
+                                 seed, stop_ids=set(stop))
         stream, text, n, reason = TextStream(self.tokenizer), "", 0, "max new tokens reached"
         start = time.perf_counter()
         first = None
-        tokens = request.tokens(poll=0.5)
+        tokens = request.tokens(poll=0.5) if self.batcher else batcher.drive(request)
         try:  # the Stop button closes this generator at a yield: the request then leaves its slot
             for token in tokens:
                 if token is None:  # no token for half a second: say where the request is
                     if first is None:
-                        ahead = self.batcher.position(request)
+                        ahead = batcher.position(request)
                         yield text, notice + (f"Waiting for a free slot: {ahead} request(s) ahead…" if ahead
                                               else "Reading the prompt…")
                     continue
@@ -509,7 +515,9 @@ def main():
     for line in speedups.install(model, device):  # the compiled CPU decoder's kernels: Warmup's build
         print(f"app.py: speed-up: {line}", file=sys.stderr)
     cpu = device == "cpu"  # one thread decodes every request, with all the cores (Batcher)
-    engine = Engine(model, load_tokenizer(), SLOTS, cpu_budget() if cpu else None, compile=cpu and COMPILE)
+    zero_gpu = spaces is not None and bool(os.environ.get("SPACES_ZERO_GPU"))  # a GPU only inside each call
+    engine = Engine(model, load_tokenizer(), SLOTS, cpu_budget() if cpu else None, compile=cpu and COMPILE,
+                    shared=not zero_gpu)
     print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
     print(f"app.py: {SLOTS} requests decode together, {QUEUE_SIZE} more wait in the queue; {engine.kv_cache}",
           file=sys.stderr, flush=True)

@@ -151,6 +151,24 @@ class Batcher:
         threading.Thread(target=run, name="batcher", daemon=True).start()
         return self
 
+    def drive(self, request):
+        """Yield request's tokens, running the steps on this thread (no start()): for a device that
+        is there only during the caller's call (a ZeroGPU Space)."""
+        try:
+            while True:
+                busy = self.step()
+                while not request.out.empty():
+                    token = request.out.get()
+                    if token is None:
+                        return
+                    if isinstance(token, Exception):
+                        raise token
+                    yield token
+                if not busy:
+                    return
+        finally:
+            request.close()
+
     # ------------------------------------------------------------------ on the batcher's thread
     @torch.inference_mode()
     def step(self):

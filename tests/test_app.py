@@ -515,6 +515,15 @@ def test_72_requests_at_once_with_hostile_ones_among_them_are_each_answered_or_r
     assert answered >= 72 - 2
 
 
+def test_on_zero_gpu_each_request_decodes_alone_on_its_own_calls_thread(app, tokenizer):
+    """A ZeroGPU Space has a GPU only inside each decorated call: no shared Batcher thread, each request
+    runs its steps itself (Batcher.drive), with the answer a shared Batcher gives."""
+    shared, alone = tiny_engine(app, tokenizer), tiny_engine(app, tokenizer, shared=False)
+    assert alone.batcher is None and alone.warmup.markdown() == ""
+    assert final(alone.generate("To be, or not to be", **GREEDY))[0] == final(shared.generate("To be, or not to be",
+                                                                                           **GREEDY))[0]
+
+
 def test_a_visitor_who_leaves_mid_answer_frees_the_slot_at_the_next_step(app, tokenizer):
     engine = tiny_engine(app, tokenizer, slots=2)
     answer = engine.generate("Hello there", max_new_tokens=900, temperature=0.8)
