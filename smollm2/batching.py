@@ -66,7 +66,6 @@ class Request:
         self.deadline = float("inf")
         self.paths = collections.Counter()  # decode steps it took by path: compiled, eager, batched eager
         self.next_token = None  # sampled, not yet in the cache
-        self.waiting_ahead = lambda: 0  # the batcher's: requests ahead of this one in the queue
 
     def tokens(self, poll=None):
         """Yield the new token ids as they come; with poll (seconds), None whenever that long passes
@@ -126,7 +125,6 @@ class Batcher:
             raise ValueError(f"a prompt of {len(ids)} tokens: give 1 to {self.context - 1}")
         request = Request(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop_ids,
                           self.device, self.model.config.vocab_size)
-        request.waiting_ahead = lambda: self.position(request)
         if self.time_limit is not None:
             request.deadline = time.monotonic() + self.time_limit
         self.inbox.put(request)
