@@ -20,7 +20,7 @@ import sys
 import torch
 
 from model import SmolLM2, SmolLM2Config, flops_per_token
-from smollm2 import devices, loggers, optim, report, sharding, speedups, zero_shot
+from smollm2 import cpu_paths, devices, loggers, optim, report, sharding, speedups, zero_shot
 from smollm2.checkpoint import Saver, check_disk_space, find_latest, load_checkpoint, restore, set_rng_state
 from smollm2.chunked_loss import ChunkedLoss
 from smollm2.cli import main_guard
@@ -104,8 +104,12 @@ class Run:
         self.step, self.val_loss = 0, None
         self.horizon, self.horizon_moved = optim.lr_horizon(args, ckpt)  # where the LR schedule ends
         compile_choice = devices.pick_compile(proc.type, args.compile, n_params, self.horizon)  # (on?, why)
+        # fp32 on CPU: MKL or oneDNN for the products, whichever measured faster here (smollm2/cpu_paths.py)
+        self.cpu_paths = cpu_paths.for_run(self.model.config, args.batch_size * args.seq_len, self.precision.dtype,
+                                           proc, ckpt and ckpt.get("cpu_paths"))
         self.speedups = speedups.install(self.model, proc.device, self.precision.dtype, compile_choice[0],
-                                         training=True, sharded=args.fsdp)  # before DDP or FSDP wrap it
+                                         training=True, sharded=args.fsdp,  # before DDP or FSDP wrap it
+                                         gemm=self.cpu_paths["route"] if self.cpu_paths else "mkl")
         self.sharded = None  # --fsdp: the sharded root, the chunked loss around the model (sharding.py)
         if args.fsdp:
             self.sharded = sharding.shard(ChunkedLoss(self.model), self.model, proc, self.precision.dtype)

@@ -25,12 +25,12 @@ from smollm2.chunked_loss import ChunkedLoss  # noqa: E402
 MODEL = "smollm2-135m"  # --model
 
 
-def step_seconds(dtype, compiled, install, weight_copy=False, steps=4):
+def step_seconds(dtype, compiled, install, weight_copy=False, steps=4, gemm="mkl"):
     """Median seconds of a training step as train.py takes it (the chunked loss, fused AdamW)."""
     torch.manual_seed(0)
     model = SmolLM2(PRESETS[MODEL]).train()
     if install:
-        speedups.install(model, "cpu", dtype, compiled, training=True, keep_memory=False)
+        speedups.install(model, "cpu", dtype, compiled, training=True, keep_memory=False, gemm=gemm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fn = ChunkedLoss(model)
     fn = torch.compile(fn) if compiled else fn
@@ -97,12 +97,8 @@ def malloc_step(keep):
 
 
 def route_step(onednn):
-    """An eager fp32 step with its products on the GEMM route forced on or off (this CPU's own pick aside)."""
-    picked, speedups.ONEDNN = speedups.ONEDNN, onednn
-    try:
-        return step_seconds("fp32", False, True)
-    finally:
-        speedups.ONEDNN = picked
+    """An eager fp32 step with its products through oneDNN or MKL (cpu_paths' choice for this CPU aside)."""
+    return step_seconds("fp32", False, True, gemm="onednn" if onednn else "mkl")
 
 
 def main():

@@ -60,7 +60,7 @@ def main():
         step_seconds(compiled, model, rows, cache, args.cache, 0)  # builds this size's graph
         build = time.perf_counter() - t0
         fast = step_seconds(compiled, model, rows, cache, args.cache, args.steps)
-        print(f"{rows:>4} {rows / results[rows]:>12.1f} {rows / fast:>15.1f} {results[rows] / fast:>15.2f} "
+        print(f"{rows:>4} {rows / results[rows]:>12.4g} {rows / fast:>15.4g} {results[rows] / fast:>15.3g} "
               f"{build:>8.0f}", flush=True)
 
 

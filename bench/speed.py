@@ -13,7 +13,7 @@ after a warm-up. On CPU every worker's glibc malloc keeps freed memory, as train
   autocast on CUDA); ours computes the loss as train.py does (smollm2/chunked_loss.py), compiled
   where train.py's --compile auto compiles a 5000-step run (CPU, 135M), with a row of ours eager
   beside it; transformers as its users run it, eager (--compile on/off: both compiled/eager). On x86
-  CPUs also ours on the fp32 GEMM route smollm2/speedups.py did not pick by vendor (MKL or oneDNN), and the
+  CPUs also ours on the fp32 GEMM library smollm2/cpu_paths.py did not choose (MKL or oneDNN), and the
   CPU's MFU: model FLOP/s over the best fp32 matmul FLOP/s measured on it (a 2048^3 product, in
   every round, the median of the rounds);
   on CPUs with native bf16 matmuls (what train.py's --dtype auto trains in there) the same in bf16:
@@ -65,10 +65,12 @@ def interleaved(workers, method, rounds, warmup, log, each_round=None, **kwargs)
     return results
 
 
-def other_route():
-    """Ours with the fp32 GEMM route smollm2/speedups.py did not pick for this CPU: the comparison row."""
-    from smollm2.speedups import ONEDNN
-    return "ours-mkl" if ONEDNN else "ours-onednn"
+def other_route(preset, rows):
+    """Ours with the fp32 GEMM library smollm2/cpu_paths.py did not choose for this CPU and model (as
+    train.py chooses it): the comparison row."""
+    from model import PRESETS
+    from smollm2 import cpu_paths
+    return "ours-mkl" if cpu_paths.choose(PRESETS[preset], rows)["route"] == "onednn" else "ours-onednn"
 
 
 def gpu_dtype():
@@ -102,7 +104,7 @@ def bench_training(args, weights, log, dtype=None):
     dtype = dtype or (gpu_dtype() if args.device == "cuda" else "fp32")
     cpu32 = args.device == "cpu" and dtype == "fp32"  # the fp32 GEMM route matters there only
     impls = ["ours"] + (["ours-eager"] if compiled(args, "ours") != compiled(args, "ours-eager") else [])
-    impls += [other_route()] if cpu32 and onednn_available() else []
+    impls += [other_route(args.model, B * T)] if cpu32 and onednn_available() else []
     impls += ["hf"]
     log(f"training: B={B}, T={T}, {dtype}, AdamW step included; compiled: "
         f"{', '.join(i for i in impls if compiled(args, i)) or 'none'}")

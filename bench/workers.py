@@ -80,13 +80,9 @@ def _setup(device, threads):
 
 
 def _load(impl, weights, device, dtype):
-    """Our SmolLM2 or transformers' LlamaForCausalLM from the same HF-format directory. "ours-mkl" and
-    "ours-onednn" are ours with its fp32 CPU training matmuls forced onto MKL or oneDNN (the route
-    smollm2.speedups.ONEDNN did not pick by CPU vendor)."""
+    """Our SmolLM2 or transformers' LlamaForCausalLM from the same HF-format directory."""
     if impl.startswith("ours"):
         import model as ours
-        from smollm2 import speedups
-        speedups.ONEDNN = {"ours-mkl": False, "ours-onednn": True}.get(impl, speedups.ONEDNN)
         model = ours.SmolLM2.from_pretrained(weights, dtype=dtype, device=device)
     else:
         from transformers import LlamaForCausalLM
@@ -124,10 +120,14 @@ class Trainer:
         if gradient_checkpointing:  # ours only: model.py's flag, as train.py sets it
             model.gradient_checkpointing = True
         self.model, self.n_params = model, sum(p.numel() for p in model.parameters())
-        from smollm2 import devices, speedups
+        from smollm2 import cpu_paths, devices, speedups
         from smollm2.chunked_loss import ChunkedLoss  # ours: the loss as train.py computes it, no (B, T, V) logits
-        if impl.startswith("ours"):  # as train.py installs them (the malloc setting is _setup's)
-            speedups.install(model, device, dtype, compile, training=True, keep_memory=False)
+        if impl.startswith("ours"):  # as train.py installs them (the malloc setting is _setup's); "ours-mkl"
+            # and "ours-onednn": the fp32 CPU products forced onto one library, ours: cpu_paths' choice
+            gemm = {"ours-mkl": "mkl", "ours-onednn": "onednn"}.get(impl) or (
+                cpu_paths.choose(model.config, batch_size * seq_len)["route"]
+                if device == "cpu" and dtype == "fp32" and cpu_paths.onednn_available() else "mkl")
+            speedups.install(model, device, dtype, compile, training=True, keep_memory=False, gemm=gemm)
         self.fwd = ChunkedLoss(model) if impl.startswith("ours") else model
         if compile and device == "cpu" and impl.startswith("ours"):
             devices.deterministic_mode("cpu")  # as train.py compiles it

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from model import SmolLM2Config
-from smollm2 import sharded_checkpoint
+from smollm2 import cpu_paths, sharded_checkpoint
 from smollm2.errors import CheckpointError, reason
 from smollm2.files import atomic_link, atomic_write, existing_folder
 
@@ -184,7 +184,8 @@ def save_checkpoint(path, run, step, best=None):
     state = {"format_version": FORMAT_VERSION, "config": asdict(run.model.config), "step": step,
              "val_loss": run.val_loss, "lr_horizon": run.horizon, "data": run.loader.state_dict(),
              "data_fingerprint": getattr(run, "data_fingerprint", None), "rng": rng_state(),
-             "args": vars(run.args), "history": run.history, "best": best, "scaler": run.precision.state_dict()}
+             "args": vars(run.args), "history": run.history, "best": best, "scaler": run.precision.state_dict(),
+             "cpu_paths": cpu_paths.record(getattr(run, "cpu_paths", None))}
     if run.sharded:
         sharded_checkpoint.save_sharded(path, run.model, run.optimizer, state, run.proc)
         return

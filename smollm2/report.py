@@ -5,7 +5,7 @@ import shlex
 import signal
 
 from model import flops_per_token
-from smollm2 import devices, optim
+from smollm2 import cpu_paths, devices, optim
 from smollm2.checkpoint import resume_names
 
 
@@ -56,6 +56,8 @@ def describe_how(run):
     notice = f"; {run.precision.notice}" if run.precision.notice else ""
     print(f"precision: {run.precision.reason}{how}{notice}")
     print(f"compile: {run.loss.compile_reason}")
+    if run.cpu_paths:
+        print(cpu_paths.describe(run.cpu_paths))
     if run.speedups:
         print(f"speed-ups (smollm2/speedups.py): {'; '.join(run.speedups)}")
     if run.tasks:

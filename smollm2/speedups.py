@@ -11,20 +11,21 @@ eval.py, the Space) or by the object that needs it (LowPrecisionWeights, in trai
 import ctypes
 import functools
 import math
-import platform
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model import ScaledDotProductAttention
-from smollm2.devices import cpu_info
 
 
-def install(model, device, dtype="fp32", compiled=False, training=False, sharded=False, keep_memory=True):
+def install(model, device, dtype="fp32", compiled=False, training=False, sharded=False, keep_memory=True,
+            gemm="mkl"):
     """Give model the speed-ups that pay for this work on this device (training: in dtype, compiled
-    or not, sharded by FSDP or not); returns one line for each installed, for the start-up log. Call
-    it before DDP or FSDP wrap the model (it swaps modules). keep_memory=False leaves malloc alone."""
+    or not, sharded by FSDP or not; gemm: the fp32 product library cpu_paths chose, "mkl" or
+    "onednn"); returns one line for each installed, for the start-up log. Call it before DDP or FSDP
+    wrap the model (it swaps modules). keep_memory=False leaves malloc alone."""
+    global ONEDNN
     device = torch.device(device)
     installed = []
     if device.type in ("cuda", "mps"):
@@ -36,9 +37,10 @@ def install(model, device, dtype="fp32", compiled=False, training=False, sharded
         return installed
     if keep_memory and not sharded and keep_freed_memory():  # FSDP frees each gathered layer: give that back
         installed.append("glibc keeps freed memory (no page faults each step)")
-    if dtype == "fp32" and ONEDNN:
+    ONEDNN = dtype == "fp32" and gemm == "onednn"
+    if ONEDNN:
         swap_modules(model, nn.Linear, linear_as(RoutedLinear))
-        installed.append("fp32 training products through oneDNN (MKL is slower on AMD CPUs)")
+        installed.append("fp32 training products through oneDNN (measured faster than MKL here)")
     if dtype == "bf16" and compiled:
         swap_modules(model, ScaledDotProductAttention, lambda old: CompiledCausalAttention())
         installed.append("attention backward as batched products Inductor fuses (compiled bf16)")
@@ -72,19 +74,11 @@ def autocast_dtype(device_type):
 
 
 # ----------------------------------------------------------------------------- the GEMM route
-# MKL picks its kernels by CPU vendor and on AMD CPUs with AVX-512 runs well below the speed that
-# oneDNN (shipped in torch, picking kernels by instruction set) reaches on the same cores; on Intel
-# CPUs MKL is the faster one. So the route follows the vendor, not the architecture: a fixed rule,
-# not a timing, so a run and its resume agree. Same fp32 arithmetic, another summation order (within
-# 1e-6 relative). Inference keeps MKL, so logits stay bit-identical to transformers'. Set
-# speedups.ONEDNN to compare (the benchmark does). Figures: docs/performance.md.
-def onednn_route(vendor, machine, mkldnn_available):
-    """True where fp32 training products should go through oneDNN: x86 CPUs by AMD (MKL's dispatch
-    slows non-Intel CPUs); MKL on Intel's and on every other CPU."""
-    return mkldnn_available and machine.lower() in ("x86_64", "amd64") and vendor == "AuthenticAMD"
-
-
-ONEDNN = onednn_route(cpu_info()[1], platform.machine(), torch.backends.mkldnn.is_available())
+# fp32 training products go through MKL (torch's own) or oneDNN (shipped in torch), whichever
+# smollm2/cpu_paths.py measured faster on this CPU for this model: install(gemm="onednn") sets the
+# route. Same fp32 arithmetic, another summation order (within 1e-6 relative). Inference keeps MKL, so
+# logits stay bit-identical to transformers'. Figures: docs/performance.md.
+ONEDNN = False  # fp32 CPU training products through oneDNN (install sets it; the benchmarks flip it)
 
 
 def onednn_ok(*tensors):

@@ -70,9 +70,9 @@ def test_bench_decode_batch_times_eager_and_compiled_steps_per_batch_size():
     run = subprocess.run([sys.executable, "-m", "bench.decode_batch", "--model", "tiny", "--sizes", "1,2",
                           "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    rows = re.findall(r"^ +(\d) +([\d.]+) +([\d.]+) +([\d.]+) +\d+$", run.stdout, re.M)
-    assert [r[0] for r in rows] == ["1", "2"]
-    assert all(float(r[3]) == pytest.approx(float(r[2]) / float(r[1]), rel=0.02) for r in rows)
+    rows = re.findall(r"^ +(\d) +([\d.e+]+) +([\d.e+]+) +([\d.e+]+) +\d+$", run.stdout, re.M)
+    assert [r[0] for r in rows] == ["1", "2"], run.stdout
+    assert all(float(r[3]) == pytest.approx(float(r[2]) / float(r[1]), rel=0.01) for r in rows), run.stdout
 
 
 def test_bench_compiles_ours_as_train_py_would_and_transformers_only_when_asked():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_CONFIG as TINY, tiny_model
 from model import ScaledDotProductAttention, SmolLM2
-from smollm2 import devices, speedups
+from smollm2 import cpu_paths, speedups
 from smollm2.chunked_loss import ChunkedLoss
 from smollm2.speedups import (CausalAttention, CompiledCausalAttention, LowPrecisionWeights, RepeatedKVAttention,
                                RoutedLinear)
@@ -77,25 +77,12 @@ def onednn_calls(fn):
     return out, sum(e.count for e in prof.key_averages() if e.key == "smollm2::onednn_matmul_nt")
 
 
-def test_gemm_route_follows_the_cpu_vendor_not_the_architecture(tmp_path):
-    route = speedups.onednn_route
-    assert route("AuthenticAMD", "x86_64", True)  # MKL's dispatch slows AMD: oneDNN
-    assert not route("GenuineIntel", "x86_64", True)  # MKL is the faster one on Intel
-    assert not route("", "x86_64", True) and not route("AuthenticAMD", "aarch64", True)
-    assert not route("AuthenticAMD", "x86_64", False)  # torch built without oneDNN
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n")
-    assert devices.cpu_info(str(cpuinfo))[1] == "AuthenticAMD"
-    assert devices.cpu_info(str(tmp_path / "missing"))[1] == ""
-
-
-needs_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and speedups.platform.machine()
-                                       .lower() in ("x86_64", "amd64")), reason="oneDNN matmuls: x86 CPUs only")
+needs_onednn = pytest.mark.skipif(not cpu_paths.onednn_available(), reason="oneDNN matmuls: x86 CPUs only")
 
 
 @needs_onednn
 def test_onednn_linear_equals_f_linear_in_value_and_gradients(monkeypatch):
-    monkeypatch.setattr(speedups, "ONEDNN", True)  # whichever route this CPU's vendor picks
+    monkeypatch.setattr(speedups, "ONEDNN", True)  # whichever library cpu_paths measures faster here
     torch.manual_seed(0)
     layer = RoutedLinear(96, 160, bias=False)
     x = torch.randn(3, 17, 96, requires_grad=True)  # 3-D, as in the model
@@ -126,9 +113,9 @@ def test_inference_and_autocast_keep_f_linear_bit_for_bit(monkeypatch):
 
 @needs_onednn
 def test_training_step_without_onednn_gives_the_same_gradients(monkeypatch):
-    monkeypatch.setattr(speedups, "ONEDNN", True)
+    monkeypatch.setattr(speedups, "ONEDNN", False)  # restored after the test: install sets it
     model = tiny_model().train()
-    installed = speedups.install(model, "cpu", "fp32", training=True, keep_memory=False)
+    installed = speedups.install(model, "cpu", "fp32", training=True, keep_memory=False, gemm="onednn")
     assert any("oneDNN" in line for line in installed)  # routes every Linear of the model, the head too
     assert all(type(m) is RoutedLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
@@ -145,9 +132,10 @@ def test_training_step_without_onednn_gives_the_same_gradients(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("onednn", [pytest.param(True, marks=needs_onednn), False])
 def test_compiled_training_step_matches_eager_loss_and_gradients(monkeypatch, onednn):
-    monkeypatch.setattr(speedups, "ONEDNN", onednn)  # each GEMM route, whichever this CPU's vendor picks
-    model = tiny_model().train()
-    speedups.install(model, "cpu", "fp32", compiled=True, training=True, keep_memory=False)
+    monkeypatch.setattr(speedups, "ONEDNN", False)  # restored after the test: install sets it
+    model = tiny_model().train()  # each GEMM library, whichever cpu_paths measures faster here
+    speedups.install(model, "cpu", "fp32", compiled=True, training=True, keep_memory=False,
+                     gemm="onednn" if onednn else "mkl")
     idx = torch.randint(0, TINY.vocab_size, (2, 33))
     loss_fn = ChunkedLoss(model)
     eager = loss_fn(idx[:, :-1], idx[:, 1:])
