@@ -41,35 +41,43 @@ def onednn_available():
     return torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
-def product_shapes(config, rows):
-    """(M, N, K) of the decoder's fp32 training products: each weight (N, K) forward (rows, K) x (K, N),
-    and backward for the input's gradient (rows, N) x (N, K) and the weight's (N, rows) x (rows, K)."""
+def weight_shapes(config):
+    """(N, K) of the decoder's weights: q/o, k/v, gate/up, down."""
     C, I, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim
-    weights = {(C, C), (kv, C), (I, C), (C, I)}  # q/o, k/v, gate/up, down
-    return sorted({s for n, k in weights for s in ((rows, n, k), (rows, k, n), (n, k, rows))})
+    return sorted({(C, C), (kv, C), (I, C), (C, I)})
 
 
-def measure(config, rows=1024, reps=2):
-    """{"mkl": FLOP/s, "onednn": FLOP/s} of the training products of config on this CPU, each the
-    fastest of reps runs (a busy machine slows some runs, rarely all)."""
-    from smollm2.speedups import onednn_matmul_nt
-    shapes = product_shapes(config, rows)
-    pairs = [(torch.randn(m, k), torch.randn(n, k)) for m, n, k in shapes]
-    flops = sum(2 * m * n * k for m, n, k in shapes)
-    libraries = {"mkl": lambda a, b: a @ b.t(), "onednn": onednn_matmul_nt}
-    out = {}
-    for name, product in libraries.items():
-        total = 0.0
-        for a, b in pairs:
-            product(a, b)  # the first call sets the kernel up
-            fastest = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                product(a, b)
-                fastest = min(fastest, time.perf_counter() - t0)
-            total += fastest
-        out[name] = flops / total
-    return out
+MEASURED_ROWS = 512  # rows of the timed products at most: a training step's shapes, in a fraction of a second
+
+
+def measure(config, rows=MEASURED_ROWS, reps=2):
+    """{"mkl": FLOP/s, "onednn": FLOP/s} of the decoder's linear layers in training on this CPU: the
+    forward product and both gradients of each weight shape, as a training step runs them (MKL:
+    F.linear; oneDNN: speedups.OneDNNLinear, its transposed copies included). Each the fastest of reps
+    runs on one thread (times the threads torch uses: a busy core delays a team of several), the two
+    libraries taking turns, so that a busy machine slows both alike."""
+    from smollm2 import speedups
+    rows = min(rows, MEASURED_ROWS)
+    layers = [(torch.randn(rows, k, requires_grad=True), torch.randn(n, k, requires_grad=True), torch.randn(rows, n))
+              for n, k in weight_shapes(config)]
+    libraries = {"mkl": torch.nn.functional.linear, "onednn": speedups.OneDNNLinear.apply}
+    fastest = {(name, i): float("inf") for name in libraries for i in range(len(layers))}
+    threads, routed = torch.get_num_threads(), speedups.ONEDNN
+    torch.set_num_threads(1)
+    speedups.ONEDNN = True  # OneDNNLinear's products through oneDNN while timed
+    try:
+        for rep in range(reps + 1):  # the first round sets the kernels up
+            for i, (x, w, grad) in enumerate(layers):
+                for name, linear in libraries.items():
+                    t0 = time.perf_counter()
+                    torch.autograd.grad(linear(x, w), (x, w), grad)
+                    if rep:
+                        fastest[name, i] = min(fastest[name, i], time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+        speedups.ONEDNN = routed
+    flops = sum(6 * rows * w.size(0) * w.size(1) for _, w, _ in layers) * threads
+    return {name: flops / sum(fastest[name, i] for i in range(len(layers))) for name in libraries}
 
 
 def pick(figures, margin=ONEDNN_MARGIN):
@@ -103,6 +111,7 @@ def choose(config, rows, saved=None, path=None, measure_fn=measure, key=None):
     key, path = key or machine_key(), path or cache_path()
     if saved and saved.get("machine") == key:
         return {**saved, "source": "checkpoint", "note": None}
+    rows = min(rows, MEASURED_ROWS)
     shape = (f"{key} | hidden {config.hidden_size}, mlp {config.intermediate_size}, "
              f"kv {config.num_key_value_heads * config.head_dim}, rows {rows}")  # the figures' own key
     figures = read_cache(path).get(shape)
