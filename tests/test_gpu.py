@@ -270,15 +270,18 @@ def test_the_135m_model_trains_at_35_percent_mfu_or_more_at_b16_t2048_bf16_compi
 
 
 @pytest.mark.skipif(capability() < (8, 0), reason="bf16 packed batches: compute capability 8.0+")
-def test_a_packed_batch_keeps_one_attention_bias_for_backward_not_one_per_layer():
-    """B=4, T=2048 of the 135M model in bf16 with doc: the (4, 1, 2048, 2048) bias is 32 MiB; a bias
-    made by each of the 30 layers and kept for backward was about 1 GiB more."""
+def test_a_packed_batch_on_cuda_keeps_one_attention_bias_for_backward_and_prints_its_memory():
+    """B=4, T=2048 of the 135M model in bf16 with doc, on the kernels a GPU runs (K/V repeated for
+    the memory-efficient kernel): one (4, 1, 2048, 2048) bias kept for backward, 32 MiB, not 30; the
+    peak memory with and without doc is printed for docs/gpu.md."""
     from model import PRESETS, SmolLM2
     from smollm2 import speedups
+    from test_model import saved_biases
     model = SmolLM2(PRESETS["smollm2-135m"]).cuda()
     speedups.install(model, "cuda", "bf16", training=True)
     ids = torch.randint(0, 49152, (4, 2048), device="cuda")
     doc = (torch.arange(2048, device="cuda") // 300).expand(4, -1)
+    assert saved_biases(model, ids, doc, "cuda") == 1
     peaks = []
     for packed in (None, doc):
         model.zero_grad(set_to_none=True)
@@ -286,8 +289,8 @@ def test_a_packed_batch_keeps_one_attention_bias_for_backward_not_one_per_layer(
         torch.cuda.reset_peak_memory_stats()
         with torch.autocast("cuda", torch.bfloat16):
             model.hidden_states(ids, doc=packed).float().square().mean().backward()
-        peaks.append(torch.cuda.max_memory_allocated())
-    assert peaks[1] - peaks[0] < 256 * 2**20, [p / 2**30 for p in peaks]
+        peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+    print(f"135M, B=4, T=2048, bf16: peak {peaks[0]:.2f} GiB unpacked, {peaks[1]:.2f} GiB packed")
 
 
 @pytest.mark.skipif(CUDA and torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -290,6 +290,31 @@ def test_packed_sequences_give_what_each_gives_alone_and_their_gradients(checkpo
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def saved_biases(model, idx, doc, device_type="cpu"):
+    """The distinct (B, 1 or H, T, T) tensors a bf16 forward of packed rows keeps for backward."""
+    T, seen = idx.size(1), set()
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[-2:] == (T, T):
+            seen.add(t.untyped_storage().data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device_type, torch.bfloat16):
+        model.hidden_states(idx, doc=doc).float().square().mean()
+    return len(seen)
+
+
+def test_a_packed_batch_keeps_one_attention_bias_for_backward_not_one_per_layer(monkeypatch):
+    """SDPA keeps its mask for backward; given a boolean mask it made a bias in every layer (30 kept: about
+    4 GB at B=16, T=2048 in bf16). The bias made once per forward is one tensor, however many layers."""
+    import model as model_module
+    model, T = tiny_model().train(), 48
+    idx, doc = torch.randint(0, TINY.vocab_size, (2, T)), (torch.arange(T) // 20).expand(2, -1)
+    assert saved_biases(model, idx, doc) == 1
+    bias = model_module.document_bias
+    monkeypatch.setattr(model_module, "document_bias", lambda doc, dtype: bias(doc, dtype) == 0)  # the old mask
+    assert saved_biases(model, idx, doc) == TINY.num_hidden_layers
+
+
 def test_under_bf16_autocast_attention_gets_bf16_q_k_v_and_one_bf16_document_bias_for_every_layer(monkeypatch):
     """Grouped K/V reach a GPU's flash kernel only as 16-bit q, k, v (speedups.flash_reads_groups);
     and a packed batch's bias is built once, in the dtype SDPA computes in (a boolean mask would be
