@@ -28,7 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model import PRESETS, SmolLM2  # noqa: E402
+from model import SmolLM2  # noqa: E402
 from smollm2 import optim  # noqa: E402
 from smollm2.train_args import model_config  # noqa: E402
 

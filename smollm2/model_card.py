@@ -9,6 +9,7 @@ import shutil
 
 import torch
 
+from smollm2 import optim
 from smollm2.checkpoint import run_file
 from smollm2.files import public_name
 from smollm2.loggers import plot_loss
@@ -105,7 +106,8 @@ def train_command(args):
     parts = ["python", "train.py"] if args.get("world_size", 1) == 1 else \
         ["torchrun", f"--nproc_per_node={args['world_size']}", "train.py"]
     save = args.get("save") or DEFAULTS["save"]
-    derived = {"plot": run_file(save, "plot"), "metrics": run_file(save, "metrics")}  # resolve_args' defaults
+    derived = {"plot": run_file(save, "plot"), "metrics": run_file(save, "metrics"),  # resolve_args' defaults
+               "lr": optim.DEFAULT_LR.get(args.get("optimizer") or "adamw")}
     for action in build_parser()._actions:
         dest, value = action.dest, args.get(action.dest)
         if not action.option_strings or dest in ("help", "export", "push_to_hub") or value is None:
