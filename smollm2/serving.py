@@ -29,11 +29,6 @@ def cache_sizes(context):
     return tuple(s for s in CACHE_SIZES if s < context) + (context,)
 
 
-def cache_size(tokens, context):
-    """The smallest of cache_sizes(context) that holds `tokens` (prompt plus answer)."""
-    return next(s for s in cache_sizes(context) if s >= min(tokens, context))
-
-
 class Warmup:
     """Builds the model's compiled decode step in a background thread at start-up, one graph per
     cache size, for one row of a Batcher's cache, so no request waits for torch.compile (15 s to 2 min
