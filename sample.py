@@ -125,6 +125,9 @@ def write_batch(model, tokenizer, prompts, chat, args, out):
     it would be alone, written one after another once all are done."""
     eos = model.config.eos_token_id
     stops = {eos, tokenizer.token_to_id(CHAT_END)} if chat else {eos}
+    kernel = engine.install_gemv(model)  # batched steps through the C decode kernel where it measured faster
+    if kernel:
+        print(f"sample.py: {kernel}", file=sys.stderr)
     answers = batching.generate_batch(model, prompts, args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k or None, top_p=args.top_p,
                                       repetition_penalty=args.repetition_penalty, seed=args.seed, stop_ids=stops)

@@ -39,7 +39,7 @@ from smollm2.weights import export_record  # noqa: E402
 from smollm2.sampling import CHAT_END, TextStream, is_chat_model  # noqa: E402
 from smollm2 import speedups  # noqa: E402
 from smollm2.batching import Batcher, kv_cache_bytes  # noqa: E402
-from smollm2.serving import Warmup, cache_sizes, cpu_budget  # noqa: E402
+from smollm2.serving import Warmup, cache_sizes, cpu_budget, install_gemv  # noqa: E402
 from smollm2.tokenizer import load_tokenizer  # noqa: E402
 
 try:  # ZeroGPU Spaces: a GPU is attached only while a function decorated with spaces.GPU runs
@@ -228,8 +228,9 @@ class Engine:
         self.chat = is_chat_model(tokenizer, self.eos) or bool(model.source_info.get("conversations"))
         self.prefix, self.suffix = [], []  # completion: the text as it is, for every model
         self.context = min(model.config.max_position_embeddings, MAX_CONTEXT)
-        self.batcher = None
+        self.batcher, self.decode_kernel = None, None
         if shared:
+            self.decode_kernel = install_gemv(model, threads or 1)  # before the build starts beside it
             self.batcher = Batcher(model, slots, self.context, cache_sizes=cache_sizes(self.context),
                                    time_limit=HOLD_LIMIT_S).start(threads)
         self.warmup = Warmup(model, self.context, compile, threads or 1, HOLD_LIMIT_S,
@@ -519,6 +520,8 @@ def main():
     engine = Engine(model, load_tokenizer(), SLOTS, cpu_budget() if cpu else None, compile=cpu and COMPILE,
                     shared=not zero_gpu)
     print(f"app.py: {engine.weights_markdown}", file=sys.stderr)
+    if engine.decode_kernel:
+        print(f"app.py: {engine.decode_kernel}", file=sys.stderr)
     print(f"app.py: {SLOTS} requests decode together, {QUEUE_SIZE} more wait in the queue; {engine.kv_cache}",
           file=sys.stderr, flush=True)
     ui = build_ui(engine)

@@ -5,7 +5,8 @@ A decode step is bound by reading the weights (540 MB in fp32 for the 135M model
 requests reads them once, where eight steps for one request each read them eight times. So:
 - the KV cache (engine.KVCache) has one row per slot, each at its own length;
 - a new request takes a free slot and its prompt is read (prefilled) between decode steps, a chunk
-  at a time, so that a long prompt holds the others back by about one step per chunk;
+  at a time, so that a long prompt holds the others back by about one step per chunk; requests that
+  arrive together read theirs in the same passes;
 - every step decodes each request that has read its prompt, its next token at its own position;
 - each request samples with its own settings and random generator (the same seed gives the same
   answer alone or batched) and stops at its own stop tokens, its token limit, a full context, or
@@ -26,6 +27,7 @@ import torch
 from smollm2.engine import KVCache, decode_step, penalise, sample
 
 PREFILL_CHUNK = {"cpu": 32, "cuda": 512}  # prompt tokens read per step, about a decode step's time on CPU
+IDLE_CHUNKS = 16  # while no request decodes, a pass reads up to this many chunks: nobody waits on it
 
 
 def prefill_chunk(device_type):
@@ -65,6 +67,7 @@ class Request:
         self.deadline = float("inf")
         self.paths = collections.Counter()  # decode steps it took by path: compiled, eager, batched eager
         self.next_token = None  # sampled, not yet in the cache
+        self.admitted = None  # its place in the order of admission to a slot
 
     def start(self):
         """On the batcher's thread: the tensors of the request. No torch op runs on the caller's thread:
@@ -117,7 +120,7 @@ class Batcher:
         self.cache_sizes = sorted(cache_sizes or ()) + [self.context]
         self.waiting, self.running = collections.deque(), {}  # slot -> Request
         self.inbox, self.wake = queue.SimpleQueue(), threading.Event()
-        self.steps = 0
+        self.steps, self.admitted = 0, 0  # decode steps run; requests admitted
 
     def set_compiled(self, step, cache_sizes):
         """From now on a decode step of one row whose tokens fit one of cache_sizes runs step (a
@@ -180,6 +183,7 @@ class Batcher:
         """One round; returns whether any request is waiting or running after it."""
         self.admit()
         try:
+            self.compact()
             self.read_prompt()
             self.decode()
         except Exception as e:  # the model's error: every request in the batch gets it, the batcher goes on
@@ -202,23 +206,60 @@ class Batcher:
         free = sorted(set(range(self.slots)) - set(self.running))  # the lowest first: the batch stays short
         while free and self.waiting:
             request, slot = self.waiting.popleft(), free.pop(0)
-            request.slot = slot
+            request.slot, request.admitted = slot, self.admitted
+            self.admitted += 1
             request.start()
             self.cache.lengths[slot] = 0
             self.running[slot] = request
 
+    def compact(self):
+        """Move the request in the highest slot to the lowest free one (its cache row copied) until the
+        requests fill slots 0..n-1: a decode step computes every row up to the highest in use, so two
+        requests left in slots 5 and 7 would cost a step of 8 rows."""
+        while self.running and max(self.running) >= len(self.running):
+            top = max(self.running)
+            free = min(set(range(top)) - set(self.running))
+            request, n = self.running.pop(top), int(self.cache.lengths[top])
+            for layer in self.cache.k + self.cache.v:
+                layer[free, :, :n] = layer[top, :, :n]
+            self.cache.lengths[free], self.cache.lengths[top] = n, 0
+            request.slot = free
+            self.running[free] = request
+
     def read_prompt(self):
-        """The next chunk of the first request still reading its prompt; at its end, its first token."""
-        request = next((r for r in self.running.values() if r.read < len(r.ids)), None)
-        if request is None:
+        """The next part of the prompts still being read, in one pass over a run of neighbouring slots
+        (requests that arrive together take neighbouring slots), the earliest admitted one's: a chunk
+        of each while other requests decode (they wait for it), IDLE_CHUNKS chunks in all while none
+        does; as many tokens from each row (a row with fewer left is padded; the padding lands in
+        slots past that row's length, which its own next tokens overwrite before anything reads
+        them). A request whose prompt ends in it gets its first token."""
+        reading = {r.slot: r for r in self.running.values() if r.read < len(r.ids)}
+        if not reading:
             return
-        part = request.ids[request.read:request.read + self.chunk]
-        row = rows_of(self.cache, request.slot, request.slot + 1, self.cache_size(request.read + len(part)))
-        hidden = self.model.hidden_states(torch.tensor([part], device=self.device), row)
-        request.read += len(part)
-        request.length = request.read
-        if request.read == len(request.ids):
-            self.emit(request, self.model.lm_head(hidden[:, -1])[0])
+        lo = hi = min(reading.values(), key=lambda r: r.admitted).slot
+        while lo - 1 in reading:
+            lo -= 1
+        while hi + 1 in reading:
+            hi += 1
+        run = [reading[slot] for slot in range(lo, hi + 1)]
+        decoding = any(r.next_token is not None for r in self.running.values())
+        t = self.chunk if decoding else self.chunk * IDLE_CHUNKS // len(run)  # 8 x 55 tokens: 5x faster at once
+        t = max(1, min(t, max(len(r.ids) - r.read for r in run),
+                       min(self.context - r.read for r in run)))  # no row may write past the context
+        parts = [r.ids[r.read:r.read + t] for r in run]
+        idx = torch.tensor([part + [0] * (t - len(part)) for part in parts], device=self.device)
+        size = self.cache_size(max(r.read for r in run) + t)
+        hidden = self.model.hidden_states(idx, rows_of(self.cache, lo, hi + 1, size))
+        for r, part in zip(run, parts):
+            r.read += len(part)
+            r.length = r.read
+            self.cache.lengths[r.slot] = r.read  # the pass added t to every row
+        done = [(i, len(part) - 1) for i, (r, part) in enumerate(zip(run, parts)) if r.read == len(r.ids)]
+        if done:
+            rows, last = zip(*done)
+            logits = self.model.lm_head(hidden[list(rows), list(last)])
+            for row, scores in zip(rows, logits):
+                self.emit(run[row], scores)
 
     def decode(self):
         """One decode step for every request whose next token is sampled: rows 0..n of the cache (n

@@ -129,6 +129,21 @@ class Warmup:
                 "request; requests that arrive together share eager batched steps.")
 
 
+def install_gemv(model, threads):
+    """engine.install_gemv (the C decode kernel at the batch sizes where it measured faster) measured
+    on a thread of its own at the decoder's `threads`, before any build starts beside it: the
+    figures are cached, and a build would skew them. Returns its log line (None: not on CPU)."""
+    line = []
+
+    def run():
+        torch.set_num_threads(threads)
+        line.append(engine.install_gemv(model))
+    thread = threading.Thread(target=run, name="decode-kernel")
+    thread.start()
+    thread.join()
+    return line[0] if line else None
+
+
 def cpu_budget(cpu_max="/sys/fs/cgroup/cpu.max"):
     """CPUs this process may use: affinity, and the cgroup quota that containers (Spaces) set."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -69,6 +69,43 @@ def test_a_long_prompt_is_read_in_chunks_while_the_others_keep_decoding(model):
     assert batcher.step() and len(drain(long)) == 2 and len(drain(busy)) == 1  # read: its first two tokens
 
 
+def test_prompts_that_arrive_together_are_read_in_shared_passes_and_answer_as_alone(model, monkeypatch):
+    """Three requests submitted together (prompts of 5, 40 and 17 tokens, chunk 30): while another
+    request decodes, their prompts are read in shared passes of 30 tokens from each row still reading
+    (a shorter rest padded); with none decoding, in one pass. Each answer is the one it gets alone."""
+    prompts = [prompt(i, n) for i, n in enumerate((5, 40, 17))]
+    passes, hidden_states = [], model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda idx, cache: passes.append(tuple(idx.shape)) or
+                        hidden_states(idx, cache))
+    for busy, expected in ((True, [(1, 3), (3, 30), (1, 10)]), (False, [(3, 40)])):
+        passes.clear()
+        batcher = batching.Batcher(model, slots=4, context=128, chunk=30)
+        if busy:
+            batcher.submit(prompt(9, 3), 40)
+            batcher.step()
+        requests = [batcher.submit(p, 6) for p in prompts]
+        while batcher.step():
+            pass
+        assert passes == expected
+        assert [drain(r) for r in requests] == [engine.generate(model, p, 6) for p in prompts]
+
+
+def test_requests_left_in_high_slots_move_down_so_a_step_computes_only_rows_in_use(model, monkeypatch):
+    """Four requests; the three in the lower slots end one after another: the last one's cache row moves
+    down each time, so each decode step computes the rows in use only (one, at the end, not four).
+    Every answer is the one it gets alone."""
+    prompts, limits = [prompt(i, 4 + i) for i in range(4)], (2, 3, 4, 12)
+    rows, decode_step = [], batching.decode_step
+    monkeypatch.setattr(batching, "decode_step", lambda m, idx, positions, cache: rows.append(idx.size(0)) or
+                        decode_step(m, idx, positions, cache))
+    batcher = batching.Batcher(model, slots=4, context=64)
+    requests = [batcher.submit(p, n) for p, n in zip(prompts, limits)]
+    while batcher.step():
+        pass
+    assert rows == [4, 3, 2] + [1] * 8  # each answer's first token comes from its prompt
+    assert [drain(r) for r in requests] == [engine.generate(model, p, n) for p, n in zip(prompts, limits)]
+
+
 def test_a_decode_step_reads_enough_slots_for_a_row_further_along_its_prompt_than_any_decoding_row(model):
     """Rows reading a prompt take part in decode steps (a dummy token where their next goes): the
     slots a step reads must hold theirs too, not only the decoding rows'."""

@@ -103,11 +103,14 @@ def test_top_k_and_top_p_only_sample_from_the_sets_hf_keeps():
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
     torch.manual_seed(0)
     scores = torch.randn(1, 300)
-    for kwargs, warper in [({"top_k": 7}, TopKLogitsWarper(7)), ({"top_p": 0.6}, TopPLogitsWarper(0.6))]:
+    scores[0, 40] = scores[0, 41] = scores.max() + 0.5  # a tie at the top
+    both = lambda ids, s: TopPLogitsWarper(0.5)(ids, TopKLogitsWarper(7)(ids, s))  # noqa: E731 HF's order
+    for kwargs, warper in [({"top_k": 7}, TopKLogitsWarper(7)), ({"top_p": 0.6}, TopPLogitsWarper(0.6)),
+                           ({"top_k": 7, "top_p": 0.5}, both), ({"top_k": 1}, TopKLogitsWarper(1))]:
         allowed = set(torch.nonzero(warper(None, scores.clone())[0] > float("-inf")).view(-1).tolist())
         g = torch.Generator().manual_seed(1)
         drawn = {sample(scores[0], 1.0, generator=g, **kwargs) for _ in range(400)}
-        assert drawn <= allowed and len(drawn) > 1
+        assert drawn <= allowed and len(drawn) > 1, (kwargs, drawn, allowed)
 
 
 def test_repetition_penalty_matches_hf_processor():
