@@ -226,7 +226,7 @@ def install_gemv(model, sizes=(1, 2, 4, 8), path=None):
         decode_step(model, torch.zeros((n, 1), dtype=torch.long), caches[n].lengths[:, None].clone(), caches[n])
 
     c = model.config
-    key = (f"decode kernel | {gemv.cpu_paths.machine_key()} | layers {c.num_hidden_layers}, hidden {c.hidden_size}, "
+    key = (f"decode kernel {gemv.LIBRARY['digest']} | {gemv.cpu_paths.machine_key()} | layers {c.num_hidden_layers}, hidden {c.hidden_size}, "
            f"mlp {c.intermediate_size}, vocab {c.vocab_size}, {weight.dtype}, {torch.get_num_threads()} threads")
     figures, won = gemv.choose(step, key, sizes, path=path)
     rows = {n for n in range(1, max(sizes) + 1) if next(s for s in sorted(sizes) if s >= n) in won}  # 3: as 4

@@ -18,12 +18,12 @@ batch size (choose below, engine.install_gemv), not assumed.
 import ctypes
 import hashlib
 import os
+import statistics
 import subprocess
 import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from smollm2 import cpu_paths
 
@@ -119,6 +119,7 @@ def build(cc=None, cache_dir=None):
         return LIBRARY["lib"]
     cc = cc or os.environ.get("CC") or "cc"
     digest = hashlib.sha256(f"{SOURCE}{FLAGS}{cc}{cpu_paths.machine_key()}".encode()).hexdigest()[:16]
+    LIBRARY["digest"] = digest  # engine.install_gemv's figures are this build's
     folder = cache_dir or os.path.dirname(cpu_paths.cache_path())
     path = os.path.join(folder, f"gemv-{digest}.so")
     lib, error = None, None
@@ -171,26 +172,27 @@ def linear(x, weight, lib=None):
     return y.to(x.dtype).view(*x.shape[:-1], weight.size(0))
 
 
-def fastest(fn, repeats=3):
-    """The fastest of `repeats` calls of fn(), in seconds."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+MARGIN = 1.05  # the kernel must be this much faster: F.linear is torch's own path, and a timing is noisy
 
 
-def choose(step, key, sizes=(1, 2, 4, 8), timer=fastest, path=None):
-    """(figures, rows): figures {rows: [seconds with F.linear, seconds with the kernel]} of a decode
-    step of the model at each batch size (step(rows, kernel) runs one), the two in turns, cached per
-    machine and key; rows, the batch sizes at which the kernel was faster."""
+def choose(step, key, sizes=(1, 2, 4, 8), reps=8, path=None, clock=time.perf_counter):
+    """(figures, rows): figures {rows: [seconds with F.linear, seconds with the kernel]}, the medians of
+    `reps` decode steps of the model at each batch size (step(rows, kernel) runs one), the two in turns
+    so that a busy machine slows both alike, cached per machine and key; rows, the batch sizes at
+    which the kernel was at least MARGIN times faster."""
     path = path or cpu_paths.cache_path()
     figures = cpu_paths.read_cache(path).get(key)
     if not figures:
         figures = {}
         for n in sizes:
-            timer(lambda: step(n, True), 1)  # first calls: set-up
-            figures[str(n)] = [timer(lambda: step(n, False)), timer(lambda: step(n, True))]
+            step(n, False), step(n, True)  # first calls: set-up
+            pairs = []
+            for _ in range(reps):
+                t0 = clock()
+                step(n, False)
+                t1 = clock()
+                step(n, True)
+                pairs.append((t1 - t0, clock() - t1))
+            figures[str(n)] = [statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)]
         cpu_paths.write_cache(path, key, figures)
-    return figures, {int(n) for n, (torch_s, kernel_s) in figures.items() if kernel_s < torch_s}
+    return figures, {int(n) for n, (torch_s, kernel_s) in figures.items() if torch_s >= MARGIN * kernel_s}

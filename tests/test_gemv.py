@@ -62,23 +62,23 @@ def test_no_compiler_means_f_linear_and_a_line_that_says_why(monkeypatch, tmp_pa
     assert not any(isinstance(m, engine.StreamingLinear) for m in model.modules())
 
 
-def test_the_kernel_serves_the_batch_sizes_where_the_model_measured_it_faster(lib, tmp_path):
-    timings = {(1, False): 2.0, (1, True): 1.0, (2, False): 1.0, (2, True): 3.0}
-    calls = []
-
-    def timer(fn, repeats=3):  # fn() runs step(n, kernel), which returns this fake clock's seconds
-        calls.append(fn)
-        return fn()
+def test_the_kernel_serves_the_batch_sizes_where_the_model_measured_it_faster(tmp_path):
+    """A fake clock: each step advances it by its size's seconds, the kernel 2x faster at 1 row, 3x
+    slower at 2, and 1.02x faster at 4 (within the margin: F.linear). Cached per key."""
+    seconds = {(1, False): 2.0, (1, True): 1.0, (2, False): 1.0, (2, True): 3.0, (4, False): 1.02, (4, True): 1.0}
+    now, calls = [0.0], []
 
     def step(n, kernel):
-        return timings[n, kernel]
+        calls.append((n, kernel))
+        now[0] += seconds[n, kernel]
     path = str(tmp_path / "paths.json")
-    figures, rows = gemv.choose(step, "machine A", sizes=(1, 2), timer=timer, path=path)
-    assert rows == {1} and figures == {"1": [2.0, 1.0], "2": [1.0, 3.0]} and len(calls) == 6
-    figures, rows = gemv.choose(lambda n, k: pytest.fail("measured again"), "machine A", sizes=(1, 2), path=path)
+    figures, rows = gemv.choose(step, "machine A", sizes=(1, 2, 4), reps=3, path=path, clock=lambda: now[0])
+    assert rows == {1} and figures == {n: pytest.approx(f) for n, f in {"1": [2.0, 1.0], "2": [1.0, 3.0], "4": [1.02, 1.0]}.items()}
+    assert calls[:8] == [(1, False), (1, True)] * 4 and len(calls) == 3 * 8  # in turns, set-up first
+    figures, rows = gemv.choose(lambda n, k: pytest.fail("measured again"), "machine A", sizes=(1, 2, 4), path=path)
     assert rows == {1}  # cached for this machine and model
-    _, rows = gemv.choose(step, "machine B", sizes=(1, 2), timer=timer, path=path)
-    assert len(calls) == 12  # another key: measured
+    gemv.choose(step, "machine B", sizes=(1, 2, 4), reps=3, path=path, clock=lambda: now[0])
+    assert len(calls) == 2 * 3 * 8  # another key: measured
 
 
 def test_batched_steps_through_the_kernel_give_each_requests_tokens_alone(lib, tmp_path):
