@@ -106,6 +106,10 @@ def bench_training(args, weights, log, dtype=None):
     impls = ["ours"] + (["ours-eager"] if compiled(args, "ours") != compiled(args, "ours-eager") else [])
     impls += [other_route(args.model, B * T)] if cpu32 and onednn_available() else []
     impls += ["hf"]
+    if cpu32 and onednn_available():  # ours takes train.py's choice: say which, from what figures
+        from model import PRESETS
+        from smollm2 import cpu_paths
+        log(f"ours: {cpu_paths.describe(cpu_paths.choose(PRESETS[args.model], B * T))}")
     log(f"training: B={B}, T={T}, {dtype}, AdamW step included; compiled: "
         f"{', '.join(i for i in impls if compiled(args, i)) or 'none'}")
     workers = [Remote("train", args.keep_memory, impl=impl, weights=weights, device=args.device,

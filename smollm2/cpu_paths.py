@@ -30,11 +30,18 @@ def cache_path():
     return os.path.join(root, "cpu_paths.json")
 
 
-def machine_key(info=None):
-    """This machine as the choice depends on it: CPU model, a digest of its feature flags, torch."""
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def machine_key(info=None, environ=None):
+    """This machine as the choice depends on it: CPU model, a digest of its feature flags, torch, and
+    the variables that hold torch's, oneDNN's or MKL's kernels to an older instruction set (an
+    AVX-512 CPU with them set to AVX2 runs as an AVX2 one, and is measured as one)."""
     name, _, flags = info or cpu_info()
+    environ = os.environ if environ is None else environ
     digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
-    return f"{name or platform.machine()} | flags {digest} | torch {torch.__version__}"
+    limits = "".join(f" | {k}={environ[k]}" for k in ISA_LIMITS if environ.get(k))
+    return f"{name or platform.machine()} | flags {digest} | torch {torch.__version__}{limits}"
 
 
 def onednn_available():

@@ -37,6 +37,14 @@ def test_the_measurement_times_both_libraries_on_the_models_layers_forward_and_b
         assert set(figures) == {"mkl", "onednn"} and all(v > 0 for v in figures.values())
 
 
+def test_a_cpu_held_to_avx2_by_torchs_onednns_or_mkls_variables_is_another_machine():
+    info = ("Some CPU", "GenuineIntel", {"avx2", "avx512f", "amx_bf16"})
+    plain = cpu_paths.machine_key(info, environ={})
+    held = cpu_paths.machine_key(info, environ={"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"})
+    assert held != plain and "ATEN_CPU_CAPABILITY=avx2" in held and "DNNL_MAX_CPU_ISA=AVX2" in held
+    assert cpu_paths.machine_key(info, environ={"UNRELATED": "1"}) == plain
+
+
 def test_a_measurement_is_cached_per_machine_and_model_shape(tmp_path):
     path, calls = str(tmp_path / "cache" / "cpu_paths.json"), []
     fake = lambda config, rows: calls.append(rows) or {"mkl": 1.0, "onednn": 2.0}  # noqa: E731
