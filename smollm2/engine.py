@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smollm2 import gemv
+from smollm2 import cpu_paths, gemv
 from smollm2.speedups import linear_as, swap_modules
 
 
@@ -189,10 +189,11 @@ class StreamingLinear(nn.Linear):
     kernel_rows = frozenset()
 
     def forward(self, x):
-        if torch.compiler.is_compiling() and x.shape[:-1].numel() == 1:
-            product = x.unsqueeze(-2).float() * self.weight.float()  # (..., 1, C) * (N, C)
-            return product.sum(-1).to(x.dtype)  # (..., N)
-        if x.shape[:-1].numel() in self.kernel_rows and gemv.fits(x, self.weight):
+        if torch.compiler.is_compiling():
+            if x.shape[:-1].numel() == 1:
+                product = x.unsqueeze(-2).float() * self.weight.float()  # (..., 1, C) * (N, C)
+                return product.sum(-1).to(x.dtype)  # (..., N)
+        elif x.shape[:-1].numel() in self.kernel_rows and gemv.fits(x, self.weight):
             return gemv.linear(x, self.weight)
         return F.linear(x, self.weight)
 
@@ -226,8 +227,9 @@ def install_gemv(model, sizes=(1, 2, 4, 8), path=None):
         decode_step(model, torch.zeros((n, 1), dtype=torch.long), caches[n].lengths[:, None].clone(), caches[n])
 
     c = model.config
-    key = (f"decode kernel {gemv.LIBRARY['digest']} | {gemv.cpu_paths.machine_key()} | layers {c.num_hidden_layers}, hidden {c.hidden_size}, "
-           f"mlp {c.intermediate_size}, vocab {c.vocab_size}, {weight.dtype}, {torch.get_num_threads()} threads")
+    key = (f"decode kernel {gemv.LIBRARY['digest']} | {cpu_paths.machine_key()} | layers {c.num_hidden_layers}, "
+           f"hidden {c.hidden_size}, mlp {c.intermediate_size}, vocab {c.vocab_size}, {weight.dtype}, "
+           f"{torch.get_num_threads()} threads")
     figures, won = gemv.choose(step, key, sizes, path=path)
     rows = {n for n in range(1, max(sizes) + 1) if next(s for s in sorted(sizes) if s >= n) in won}  # 3: as 4
     for layer in layers:

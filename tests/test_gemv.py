@@ -73,7 +73,8 @@ def test_the_kernel_serves_the_batch_sizes_where_the_model_measured_it_faster(tm
         now[0] += seconds[n, kernel]
     path = str(tmp_path / "paths.json")
     figures, rows = gemv.choose(step, "machine A", sizes=(1, 2, 4), reps=3, path=path, clock=lambda: now[0])
-    assert rows == {1} and figures == {n: pytest.approx(f) for n, f in {"1": [2.0, 1.0], "2": [1.0, 3.0], "4": [1.02, 1.0]}.items()}
+    expected = {"1": [2.0, 1.0], "2": [1.0, 3.0], "4": [1.02, 1.0]}
+    assert rows == {1} and figures == {n: pytest.approx(f) for n, f in expected.items()}
     assert calls[:8] == [(1, False), (1, True)] * 4 and len(calls) == 3 * 8  # in turns, set-up first
     figures, rows = gemv.choose(lambda n, k: pytest.fail("measured again"), "machine A", sizes=(1, 2, 4), path=path)
     assert rows == {1}  # cached for this machine and model
