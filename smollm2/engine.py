@@ -230,7 +230,12 @@ def install_gemv(model, sizes=(1, 2, 4, 8), path=None):
     key = (f"decode kernel {gemv.LIBRARY['digest']} | {cpu_paths.machine_key()} | layers {c.num_hidden_layers}, "
            f"hidden {c.hidden_size}, mlp {c.intermediate_size}, vocab {c.vocab_size}, {weight.dtype}, "
            f"{torch.get_num_threads()} threads")
-    figures, won = gemv.choose(step, key, sizes, path=path)
+    try:
+        figures, won = gemv.choose(step, key, sizes, path=path)
+    except Exception as e:  # a step through the kernel failed: decode through F.linear
+        for layer in layers:
+            layer.kernel_rows = frozenset()
+        return f"decode products: F.linear (a decode step through the C kernel failed: {type(e).__name__}: {e})"
     rows = {n for n in range(1, max(sizes) + 1) if next(s for s in sorted(sizes) if s >= n) in won}  # 3: as 4
     for layer in layers:
         layer.kernel_rows = frozenset(rows)

@@ -62,6 +62,15 @@ def test_no_compiler_means_f_linear_and_a_line_that_says_why(monkeypatch, tmp_pa
     assert not any(isinstance(m, engine.StreamingLinear) for m in model.modules())
 
 
+def test_a_kernel_that_fails_in_a_decode_step_leaves_f_linear_and_says_so(lib, monkeypatch, tmp_path):
+    model = tiny_model().eval()
+    monkeypatch.setattr(gemv, "linear", lambda x, w: (_ for _ in ()).throw(RuntimeError("bad kernel")))
+    line = engine.install_gemv(model, path=str(tmp_path / "paths.json"))
+    assert "F.linear" in line and "RuntimeError: bad kernel" in line
+    assert all(m.kernel_rows == frozenset() for m in model.modules() if isinstance(m, engine.StreamingLinear))
+    assert len(engine.generate(model, [1, 2, 3], 4)) == 4
+
+
 def test_the_kernel_serves_the_batch_sizes_where_the_model_measured_it_faster(tmp_path):
     """A fake clock: each step advances it by its size's seconds, the kernel 2x faster at 1 row, 3x
     slower at 2, and 1.02x faster at 4 (within the margin: F.linear). Cached per key."""
