@@ -41,12 +41,10 @@ def step_seconds(step, model, rows, cache, size, steps):
 
 def with_kernel(model, on):
     """An eager decode step through the C kernel at every batch size (on) or through F.linear."""
-    from smollm2 import engine
-    layers = [m for m in model.modules() if isinstance(m, engine.StreamingLinear)]
+    from smollm2 import engine, gemv
 
     def step(idx, positions, view):
-        for layer in layers:
-            layer.kernel_rows = frozenset(range(1, 9)) if on else frozenset()
+        engine.kernel_at(model, range(1, gemv.MAX_ROWS + 1) if on else ())
         return engine.decode_step(model, idx, positions, view)
     return step
 

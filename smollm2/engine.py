@@ -205,6 +205,14 @@ def install_decode_kernels(model):
     return swap_modules(model, nn.Linear, linear_as(StreamingLinear))
 
 
+def kernel_at(model, rows):
+    """Eager products of the batch sizes in rows through smollm2/gemv.py's kernel, in every
+    StreamingLinear of model (install_decode_kernels); F.linear at the others."""
+    for layer in model.modules():
+        if isinstance(layer, StreamingLinear):
+            layer.kernel_rows = frozenset(rows)
+
+
 def install_gemv(model, sizes=(1, 2, 4, 8), path=None):
     """Decode eager steps of model on CPU through smollm2/gemv.py's kernel at the batch sizes where it
     measured faster than F.linear, in decode steps of this model on this machine (cached per machine,
@@ -215,14 +223,12 @@ def install_gemv(model, sizes=(1, 2, 4, 8), path=None):
     if gemv.build() is None:
         return f"decode products: F.linear (the C kernel could not be built: {gemv.LIBRARY['error']})"
     install_decode_kernels(model)
-    layers = [m for m in model.modules() if isinstance(m, StreamingLinear)]
     size = min(256, model.config.max_position_embeddings)  # a short conversation's cache, half full
     caches = {n: KVCache(model.config, n, size, weight.device, weight.dtype) for n in sizes}
 
     @torch.inference_mode()
     def step(n, kernel):
-        for layer in layers:
-            layer.kernel_rows = frozenset(sizes) if kernel else frozenset()
+        kernel_at(model, sizes if kernel else ())
         caches[n].lengths.fill_(size // 2)
         decode_step(model, torch.zeros((n, 1), dtype=torch.long), caches[n].lengths[:, None].clone(), caches[n])
 
@@ -233,12 +239,10 @@ def install_gemv(model, sizes=(1, 2, 4, 8), path=None):
     try:
         figures, won = gemv.choose(step, key, sizes, path=path)
     except Exception as e:  # a step through the kernel failed: decode through F.linear
-        for layer in layers:
-            layer.kernel_rows = frozenset()
+        kernel_at(model, ())
         return f"decode products: F.linear (a decode step through the C kernel failed: {type(e).__name__}: {e})"
-    rows = {n for n in range(1, max(sizes) + 1) if next(s for s in sorted(sizes) if s >= n) in won}  # 3: as 4
-    for layer in layers:
-        layer.kernel_rows = frozenset(rows)
+    nearest = {n: next(s for s in sorted(sizes) if s >= n) for n in range(1, max(sizes) + 1)}  # 3 rows: as 4
+    kernel_at(model, {n for n, size in nearest.items() if size in won})
     ratios = ", ".join(f"{n}: {t / k:.2f}x" for n, (t, k) in sorted(figures.items(), key=lambda kv: int(kv[0])))
     return (f"decode products: the C kernel at {sorted(won) or 'no'} rows, F.linear elsewhere (the kernel's "
             f"speed against F.linear by rows, decode steps of this model on this machine: {ratios})")

@@ -107,7 +107,7 @@ void gemv_bf16(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N
 }
 """
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC"]
-MAX_ROWS = 8  # rows of x the kernel takes; a prompt's passes keep F.linear
+MAX_ROWS = 8  # rows of x the kernel takes (tokens of a pass); longer prompt passes keep F.linear
 LIBRARY = {}  # "lib": the loaded kernels, or None; "error": why not
 
 

@@ -97,9 +97,7 @@ def test_batched_steps_through_the_kernel_give_each_requests_tokens_alone(lib, t
     model = tiny_model().eval()
     line = engine.install_gemv(model, path=str(tmp_path / "paths.json"))
     assert line.startswith("decode products:")
-    layers = [m for m in model.modules() if isinstance(m, engine.StreamingLinear)]
-    for layer in layers:
-        layer.kernel_rows = frozenset(range(1, 9))
+    engine.kernel_at(model, range(1, gemv.MAX_ROWS + 1))
     prompts = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 9, 30, 5)]
     settings = dict(temperature=0.8, top_k=40, seed=3)
     together = batching.generate_batch(model, prompts, 12, **settings)
